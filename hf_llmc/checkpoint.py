@@ -1,0 +1,249 @@
+"""Lazy, memory-mapped access to a checkpoint's tensors by parameter name.
+
+A checkpoint is a local folder or a Hub repo id (+ revision, through huggingface_hub's cache,
+honouring ``HF_HUB_OFFLINE``) holding single or sharded safetensors. Tensors are read one at a
+time with positioned reads at the offsets of the safetensors header (not through a long-lived
+memory map, whose touched pages would count as resident memory of this process), so nothing is
+materialised until asked for and nothing stays resident after use. Pickled ``.bin`` / ``.pt``
+weights are refused unless the caller opts in (then ``torch.load(weights_only=True, mmap=True)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = ("pytorch_model.bin", "model.pt", "pytorch_model.pt")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.md"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, read or trusted; the message says what to do."""
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        source.startswith((".", "/", "~"))
+        or os.sep in source.strip("/").replace("/", "", 1)
+        or source.count("/") > 1
+    )
+
+
+def resolve_folder(
+    source: str | os.PathLike,
+    revision: str | None = None,
+    *,
+    token: str | bool | None = None,
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """Return a local folder for ``source``: the folder itself, or a Hub snapshot in the cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{source}: is a file; pass the model folder")
+    text = str(source)
+    if _looks_like_path(text):
+        raise CheckpointError(f"{source}: no such model folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            snapshot_download(
+                text,
+                revision=revision,
+                token=token,
+                allow_patterns=allow_patterns or HUB_PATTERNS,
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{source}: not a local folder, and the Hub cannot be reached (offline, or not cached); "
+            "check the path, or connect / unset HF_HUB_OFFLINE"
+        ) from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{source}: revision {revision!r} not found on the Hub") from None
+    except GatedRepoError:
+        raise CheckpointError(f"{source}: gated repository; request access and log in") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{source}: no such local folder or Hub repository") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{source}: cannot be fetched from the Hub ({type(err).__name__})") from None
+
+
+def display_name(source: str | os.PathLike) -> str:
+    """A name safe to publish: a Hub id as is, a local folder by its last component only."""
+    path = Path(source).expanduser()
+    return path.resolve().name if path.exists() else str(source)
+
+
+class LazyCheckpoint:
+    """Tensors of one checkpoint, read on demand from memory-mapped files."""
+
+    def __init__(self, folder: Path, source: str, revision: str | None, files: dict[str, Path], pickled: bool):
+        self.folder = folder
+        self.source = source
+        self.revision = revision
+        self.pickled = pickled
+        self._files = files  # tensor name -> file
+        self._handles: dict[Path, object] = {}
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        source: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        allow_pickle: bool = False,
+        token: str | bool | None = None,
+    ) -> "LazyCheckpoint":
+        folder = resolve_folder(source, revision, token=token)
+        files, pickled = cls._index(folder, allow_pickle)
+        ckpt = cls(folder, str(source), revision, files, pickled)
+        if not pickled:
+            for file in sorted(set(files.values())):
+                ckpt._handle(file)  # validates headers now: truncated files fail early
+        return ckpt
+
+    @staticmethod
+    def _index(folder: Path, allow_pickle: bool) -> tuple[dict[str, Path], bool]:
+        def from_index(index_file: Path) -> dict[str, Path]:
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{index_file}: unreadable index ({err})") from None
+            out = {name: folder / shard for name, shard in weight_map.items()}
+            for shard in sorted(set(out.values())):
+                if not shard.is_file():
+                    raise CheckpointError(f"{folder}: shard {shard.name} is listed in {index_file.name} but missing")
+            return out
+
+        if (folder / SAFE_INDEX).is_file():
+            return from_index(folder / SAFE_INDEX), False
+        if (folder / SAFE_SINGLE).is_file():
+            return {name: folder / SAFE_SINGLE for name in SafetensorsFile(folder / SAFE_SINGLE).keys()}, False
+        singles = [folder / name for name in PICKLE_SINGLE if (folder / name).is_file()]
+        if (folder / PICKLE_INDEX).is_file() or singles:
+            found = PICKLE_INDEX if (folder / PICKLE_INDEX).is_file() else singles[0].name
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{folder}: only pickled weights ({found}); refusing to unpickle. Convert them to "
+                    "safetensors, or pass --allow-pickle (allow_pickle=True) to load with weights_only=True"
+                )
+            if (folder / PICKLE_INDEX).is_file():
+                return from_index(folder / PICKLE_INDEX), True
+            state = torch.load(singles[0], map_location="cpu", weights_only=True, mmap=True)
+            return {name: singles[0] for name in state}, True
+        raise CheckpointError(f"{folder}: no model weights (model.safetensors or {SAFE_INDEX}) found")
+
+    def _handle(self, file: Path):
+        handle = self._handles.get(file)
+        if handle is None:
+            if self.pickled:
+                handle = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                handle = SafetensorsFile(file)
+            self._handles[file] = handle
+        return handle
+
+    # -- access -------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def key_for(self, name: str, aliases: dict[str, str] | None = None) -> str | None:
+        """The stored key for parameter ``name`` (tolerates a dropped/added base-model prefix and
+        tied aliases); None when absent."""
+        candidates = [name]
+        if aliases:
+            candidates.append(aliases.get(name, name))
+            candidates.extend(a for a, c in aliases.items() if c == name)
+        for cand in list(candidates):
+            head, _, rest = cand.partition(".")
+            if rest:
+                candidates.append(rest)
+        for cand in candidates:
+            if cand in self._files:
+                return cand
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return self.key_for(name) is not None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        key = self._require(name)
+        handle = self._handle(self._files[key])
+        return tuple(handle[key].shape) if self.pickled else handle.shape(key)
+
+    def get(self, name: str, aliases: dict[str, str] | None = None) -> torch.Tensor:
+        """The stored tensor for ``name`` (CPU, stored dtype, memory-mapped where possible)."""
+        key = self._require(name, aliases)
+        handle = self._handle(self._files[key])
+        return handle[key] if self.pickled else handle.get(key)
+
+    def _require(self, name: str, aliases: dict[str, str] | None = None) -> str:
+        key = self.key_for(name, aliases)
+        if key is None:
+            raise CheckpointError(f"{self.source}: tensor {name} is missing from the checkpoint")
+        return key
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """Header-indexed reader of one safetensors file; validates offsets against the file size."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if n > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error) as err:
+            raise CheckpointError(f"{self.path}: unreadable safetensors file ({err}); is it truncated?") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self._entries = header
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            if self._start + end > size or entry["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name} lies past the end of the file; is it truncated?")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(self._start + begin)
+            fh.readinto(memoryview(out.numpy()))
+        return out.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])

@@ -1,0 +1,258 @@
+"""Loss, perplexity and top-1 accuracy of the live model on fixed token blocks.
+
+Per-block sums are kept so barriers get paired standard errors. Prefix reuse: when only decoder
+blocks ``k..L-1`` (or the head) differ from the base model, the hidden states entering block ``k``
+are computed once under the base model and fed back through the model's own forward, skipping
+blocks ``0..k-1`` (each skipped block returns its input; block ``k-1`` returns the cached states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_CPU_BATCH = 8
+DEFAULT_GPU_BATCH = 32
+
+
+@dataclass
+class BlockStats:
+    """Per-block sums over the predicted positions (``tokens_per_block`` = seq_len - 1)."""
+
+    indices: torch.Tensor  # [n] block indices into the token-block tensor
+    loss_sum: torch.Tensor  # [n] float64 summed cross-entropy (nats)
+    correct: torch.Tensor  # [n] int64 top-1 hits
+    tokens_per_block: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.indices.numel()) * self.tokens_per_block
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_sum.sum() / self.tokens)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.sum()) / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if math.isfinite(self.loss) and self.loss < 700 else float("inf")
+
+    @property
+    def block_loss(self) -> torch.Tensor:
+        """Mean loss of each block (float64)."""
+        return self.loss_sum / self.tokens_per_block
+
+    @property
+    def block_error(self) -> torch.Tensor:
+        """Top-1 error rate of each block (float64)."""
+        return 1.0 - self.correct.double() / self.tokens_per_block
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+
+
+class _Stop(Exception):
+    """Aborts a forward once the wanted hidden states were captured."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the input embeddings (where input ids must go)."""
+    emb = model.get_input_embeddings()
+    return emb.weight.device if emb.weight.device.type != "meta" else torch.device("cpu")
+
+
+class Evaluator:
+    """Evaluates the live model on ``blocks`` ([N, seq_len] token ids), optionally reusing a prefix."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: torch.Tensor,
+        block_list: nn.ModuleList,
+        *,
+        batch_size: int | None = None,
+        cache_device: str | torch.device | None = None,
+    ):
+        self.model = model
+        self.blocks = blocks
+        self.block_list = block_list
+        self.device = model_device(model)
+        self.batch_size = batch_size or (DEFAULT_GPU_BATCH if self.device.type == "cuda" else DEFAULT_CPU_BATCH)
+        self.cache_device = torch.device(cache_device) if cache_device else None
+        self._formats: list[int] | None = None  # per block: 0 = tensor output, n = tuple of n
+        self._cache: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}  # batch -> (k, hidden)
+        self._state: object = None
+        self.forward_calls = 0
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _record_formats(self) -> None:
+        formats: list[int] = [0] * len(self.block_list)
+
+        def hook(i):
+            def fn(_mod, _args, out):
+                formats[i] = len(out) if isinstance(out, tuple) else 0
+
+            return fn
+
+        handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(self.block_list)]
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=self.blocks[:1, :2].to(self.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        self._formats = formats
+
+    @contextlib.contextmanager
+    def _skipping(self, start: int, hidden: torch.Tensor | None) -> Iterator[None]:
+        """Blocks < start return their input; block start-1 returns ``hidden``."""
+        if start <= 0:
+            yield
+            return
+        if self._formats is None:
+            self._record_formats()
+        patched = []
+
+        def passthrough(i, inject):
+            n = self._formats[i]
+
+            def forward(hidden_states=None, *args, **kwargs):
+                h = inject if inject is not None else hidden_states
+                return h if n == 0 else (h,) + (None,) * (n - 1)
+
+            return forward
+
+        try:
+            for i in range(start):
+                block = self.block_list[i]
+                inject = hidden if i == start - 1 else None
+                block.forward = passthrough(i, inject)
+                patched.append(block)
+            yield
+        finally:
+            for block in patched:
+                del block.forward
+
+    @contextlib.contextmanager
+    def _capturing(self, stop: int, sink: list) -> Iterator[None]:
+        """Capture the output of block stop-1 (= hidden states entering block ``stop``) and abort."""
+
+        def hook(_mod, _args, out):
+            sink.append(out[0] if isinstance(out, tuple) else out)
+            raise _Stop
+
+        handle = self.block_list[stop - 1].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # -- forward ------------------------------------------------------------------------------
+    def _logits(self, ids: torch.Tensor, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+        with self._skipping(start, hidden):
+            self.forward_calls += 1
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    def _hidden(self, ids: torch.Tensor, stop: int, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+        sink: list = []
+        with self._skipping(start, hidden), self._capturing(stop, sink):
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+        return sink[0]
+
+    def _batches(self, indices: torch.Tensor) -> Iterator[torch.Tensor]:
+        for i in range(0, indices.numel(), self.batch_size):
+            yield indices[i : i + self.batch_size]
+
+    # -- prefix cache -------------------------------------------------------------------------
+    def invalidate(self) -> None:
+        """Forget cached prefixes (call when the base state of the model changes)."""
+        self._cache = {}
+
+    def _prefix(self, k: int, idx: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering block k for the batch ``idx`` under the current (base) model.
+
+        One entry per batch; a later k continues from the cached earlier one."""
+        key = tuple(idx.tolist())
+        prev_k, prev = self._cache.get(key, (0, None))
+        if prev is not None and prev_k == k:
+            return prev.to(self.device)
+        if prev_k > k:
+            prev_k, prev = 0, None
+        ids = self.blocks[idx].to(self.device)
+        hidden = self._hidden(ids, k, prev_k, prev.to(self.device) if prev is not None else None)
+        self._cache[key] = (k, hidden.to(self.cache_device or self.device))
+        return hidden
+
+    # -- public -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(
+        self, indices: Sequence[int] | torch.Tensor | None = None, start_block: int | None = None, state: object = None
+    ) -> BlockStats:
+        """Evaluate the live model on the given blocks (default: all).
+
+        ``start_block=k`` reuses the base model's hidden states entering block k (valid only when
+        the model differs from the base in blocks >= k / final norm / head, and the base has not
+        changed since the cache was filled). ``state`` names the base state (e.g. "a"/"b"): the
+        prefix cache is dropped whenever it changes.
+        """
+        if state != self._state:
+            self.invalidate()
+            self._state = state
+        if indices is None:
+            indices = torch.arange(self.blocks.shape[0])
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        k = start_block or 0
+        while True:
+            try:
+                return self._run(indices, k)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                self.invalidate()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _run(self, indices: torch.Tensor, k: int) -> BlockStats:
+        loss_sums, corrects = [], []
+        for idx in self._batches(indices):
+            ids = self.blocks[idx].to(self.device)
+            hidden = self._prefix(k, idx) if k > 0 else None
+            logits = self._logits(ids, k, hidden)
+            ls, cs = token_stats(logits, ids)
+            loss_sums.append(ls.cpu())
+            corrects.append(cs.cpu())
+        return BlockStats(
+            indices=indices,
+            loss_sum=torch.cat(loss_sums) if loss_sums else torch.zeros(0, dtype=torch.float64),
+            correct=torch.cat(corrects) if corrects else torch.zeros(0, dtype=torch.long),
+            tokens_per_block=self.blocks.shape[1] - 1,
+        )
+
+
+def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed next-token cross-entropy (float64) and top-1 hits."""
+    logits = logits[:, :-1].float()
+    target = ids[:, 1:].to(logits.device)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    loss_sum = ce.view(target.shape).double().sum(dim=1)
+    correct = (logits.argmax(dim=-1) == target).sum(dim=1)
+    return loss_sum, correct

@@ -1,0 +1,259 @@
+"""ModelPair: one live transformers model plus lazy access to both checkpoints.
+
+Only A is instantiated. B's tensors are read on demand from its checkpoint; nothing of B is
+materialised at load time. The pair checks compatibility (architecture, parameter names and
+shapes, tokenizer vocabulary) before any number is computed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .architecture import Architecture, discover, find_block_list
+from .barrier import DEFAULT_ALPHAS, BarrierResult, barrier_from_stats, parse_alphas
+from .checkpoint import CheckpointError, LazyCheckpoint, display_name
+from .data import DataConfig, TokenBlocks, load_blocks
+from .evaluation import BlockStats, Evaluator, resolve_device
+from .interpolation import METHODS, Interpolator
+from .selection import Group, make_group, resolve, union
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PairError(ValueError):
+    """The two checkpoints cannot be compared (different architecture, shapes or vocabulary)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """An evaluation produced NaN or infinite loss; no number is reported as a result."""
+
+
+@dataclass
+class LoadConfig:
+    """How the two checkpoints are resolved and the live model is loaded."""
+
+    revision_a: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of model A."})
+    revision_b: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of model B."})
+    dtype: str | None = field(default=None, metadata={"help": "Live model dtype: float32, bfloat16 or float16 (default: as stored).", "choices": list(DTYPES)})
+    device: str = field(default="auto", metadata={"help": "Compute device: auto, cpu, cuda or cuda:N."})
+    device_map: str | None = field(default=None, metadata={"help": "transformers device_map (auto, balanced, sequential) for models larger than one device."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run custom modelling code shipped with a checkpoint (off unless you trust it)."})
+    allow_pickle: bool = field(default=False, metadata={"help": "Allow pickled .bin/.pt weights (loaded with torch.load(weights_only=True))."})
+
+
+def _load_config(folder: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise PairError(
+                f"{folder.name}: the config needs custom code; pass --trust-remote-code only if you trust it"
+            ) from None
+        raise PairError(f"{folder.name}: unreadable config ({str(err).splitlines()[0][:200]})") from None
+    except OSError as err:
+        raise PairError(f"{folder.name}: no usable config.json ({str(err).splitlines()[0][:200]})") from None
+
+
+def _load_tokenizer(folder: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+class ModelPair:
+    """A live model holding A (or B), with lazy checkpoints of both."""
+
+    def __init__(self, model, tokenizer, arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint, load: LoadConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.ckpt_a = ckpt_a
+        self.ckpt_b = ckpt_b
+        self.load = load
+        self.interp = Interpolator(model, arch, ckpt_a, ckpt_b)
+        self._endpoint_cache: dict[tuple, BlockStats] = {}
+
+    @property
+    def source_a(self) -> str:
+        return self.ckpt_a.source
+
+    @property
+    def source_b(self) -> str:
+        return self.ckpt_b.source
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        a: str | os.PathLike,
+        b: str | os.PathLike,
+        *,
+        revision_a: str | None = None,
+        revision_b: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str = "auto",
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        token: str | bool | None = None,
+    ) -> "ModelPair":
+        """Load A as the live model and open both checkpoints lazily; verify compatibility."""
+        from transformers import AutoModelForCausalLM
+
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+        load = LoadConfig(revision_a, revision_b, dtype, device, device_map, trust_remote_code, allow_pickle)
+        ckpt_a = LazyCheckpoint.open(a, revision=revision_a, allow_pickle=allow_pickle, token=token)
+        ckpt_b = LazyCheckpoint.open(b, revision=revision_b, allow_pickle=allow_pickle, token=token)
+        cfg_a = _load_config(ckpt_a.folder, trust_remote_code)
+        cfg_b = _load_config(ckpt_b.folder, trust_remote_code)
+        if (cfg_a.model_type, cfg_a.architectures) != (cfg_b.model_type, cfg_b.architectures):
+            raise PairError(
+                f"architecture mismatch: A is {cfg_a.model_type} {cfg_a.architectures}, "
+                f"B is {cfg_b.model_type} {cfg_b.architectures}"
+            )
+        kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=not ckpt_a.pickled)
+        if dtype is not None:
+            kwargs["dtype"] = DTYPES[dtype]
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ckpt_a.folder, **kwargs)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{display_name(a)}: cannot load the model ({str(err).splitlines()[0][:200]})") from None
+        model.eval()
+        if device_map is None:
+            model.to(resolve_device(device))
+        arch = discover(model)
+        pair = cls(model, _load_tokenizer(ckpt_a.folder, trust_remote_code), arch, ckpt_a, ckpt_b, load)
+        pair._check_compatible(_load_tokenizer(ckpt_b.folder, trust_remote_code))
+        return pair
+
+    def _check_compatible(self, tokenizer_b) -> None:
+        mismatches, missing = [], []
+        for name in self.arch.parameters:
+            key = self.ckpt_b.key_for(name, self.arch.aliases)
+            if key is None:
+                missing.append(name)
+                continue
+            shape_b = self.ckpt_b.shape(key)
+            if shape_b != self.arch.shapes[name]:
+                mismatches.append(f"{name} {tuple(self.arch.shapes[name])} vs {shape_b}")
+        if mismatches:
+            more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+            raise PairError(f"shape mismatch between A and B: {'; '.join(mismatches[:3])}{more}")
+        if missing:
+            more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise PairError(f"B lacks parameters of A: {', '.join(missing[:3])}{more}")
+        if self.tokenizer is not None and tokenizer_b is not None:
+            va, vb = self.tokenizer.get_vocab(), tokenizer_b.get_vocab()
+            if va != vb:
+                diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
+                raise PairError(
+                    f"different tokenizer vocabularies (A {len(va)} tokens, B {len(vb)}; first differences: "
+                    f"{', '.join(repr(t) for t, _ in diff)})"
+                )
+
+    # -- groups and data ----------------------------------------------------------------------
+    def groups(self, spec: str | None) -> list[Group]:
+        """Resolve a layer spec (None = the whole model as one group named ``full``)."""
+        if spec is None:
+            return [self.full_group()]
+        return resolve(spec, self.arch)
+
+    def full_group(self) -> Group:
+        return make_group(self.arch, "full", "full", self.arch.parameters)
+
+    def blocks(self, data: DataConfig | TokenBlocks | str | torch.Tensor) -> TokenBlocks:
+        """Token blocks from a config, a local file path, ready blocks or an id tensor."""
+        if isinstance(data, TokenBlocks):
+            return data
+        if isinstance(data, torch.Tensor):
+            return TokenBlocks(data, "tensor", "tensor")
+        if isinstance(data, (str, os.PathLike)):
+            data = DataConfig(data=str(data))
+        if self.tokenizer is None:
+            raise PairError(f"{display_name(self.source_a)}: no tokenizer; pass token blocks instead")
+        return load_blocks(self.tokenizer, data, self.model.config)
+
+    def evaluator(self, blocks: TokenBlocks, batch_size: int | None = None) -> Evaluator:
+        _, block_list = find_block_list(self.model)
+        return Evaluator(self.model, blocks.ids, block_list, batch_size=batch_size)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def endpoint(self, which: str, ev: Evaluator, blocks: TokenBlocks, indices=None) -> BlockStats:
+        """Stats of the full model ``which`` (cached per token set)."""
+        idx = torch.arange(blocks.num_blocks) if indices is None else torch.as_tensor(indices)
+        key = (which, blocks.fingerprint, tuple(idx.tolist()))
+        if key not in self._endpoint_cache:
+            self.interp.set_base(which)
+            self._endpoint_cache[key] = check_finite(ev.run(idx, state=which), f"model {which.upper()}")
+        return self._endpoint_cache[key]
+
+    def point(self, ev: Evaluator, group: Group, alpha: float, *, base: str = "a", method: str = "lerp",
+              indices=None, prefix: bool = True) -> BlockStats:
+        """Stats of the path point of ``group`` at α into ``base`` (restored afterwards)."""
+        self.interp.set_base(base)
+        start = group.first_block if prefix and group.first_block else None
+        with self.interp.at([group], alpha, method):
+            return ev.run(indices, start_block=start, state=base)
+
+    def barrier(
+        self,
+        data,
+        layers: str | None = None,
+        alphas=DEFAULT_ALPHAS,
+        base: str = "a",
+        method: str = "lerp",
+        *,
+        batch_size: int | None = None,
+        prefix: bool = True,
+        allow_extrapolation: bool = False,
+    ) -> BarrierResult:
+        """The barrier of the layer-wise path of ``layers`` (None = full model) into ``base``."""
+        if method not in METHODS:
+            raise ValueError(f"--method {method}: use one of {', '.join(METHODS)}")
+        if base not in ("a", "b"):
+            raise ValueError(f"--base {base}: use a or b")
+        alphas = parse_alphas(alphas, allow_extrapolation=allow_extrapolation)
+        blocks = self.blocks(data)
+        ev = self.evaluator(blocks, batch_size)
+        group = self.full_group() if layers is None else union(self.groups(layers), self.arch, layers)
+        # Endpoints first, ending on the base so the path points need no extra switch.
+        order = ("b", "a") if base == "a" else ("a", "b")
+        stats = {w: self.endpoint(w, ev, blocks) for w in order}
+        curve: dict[float, BlockStats] = {}
+        for alpha in alphas:
+            if alpha == 0.0 and (base == "a" or group.name == "full"):
+                curve[alpha] = stats["a"]
+            elif alpha == 1.0 and (base == "b" or group.name == "full"):
+                curve[alpha] = stats["b"]
+            else:
+                curve[alpha] = check_finite(
+                    self.point(ev, group, alpha, base=base, method=method, prefix=prefix), f"{group.name} at alpha={alpha}"
+                )
+        return barrier_from_stats(curve, stats["a"], stats["b"], layers=layers, base=base, method=method)
+
+
+def check_finite(stats: BlockStats, what: str) -> BlockStats:
+    if not math.isfinite(stats.loss):
+        raise NonFiniteLossError(
+            f"{what}: non-finite loss ({stats.loss}); a checkpoint holds NaN/inf weights or the dtype overflows"
+        )
+    return stats

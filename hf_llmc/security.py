@@ -1,0 +1,30 @@
+"""Secret handling: tokens never appear in logs, cards or errors."""
+
+from __future__ import annotations
+
+import os
+import re
+
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
+
+
+def known_tokens() -> list[str]:
+    """Tokens this process could use (environment and huggingface_hub's stored token)."""
+    tokens = [os.environ[k] for k in _TOKEN_ENV if os.environ.get(k)]
+    try:
+        from huggingface_hub import get_token
+
+        stored = get_token()
+        if stored:
+            tokens.append(stored)
+    except Exception:  # noqa: BLE001 - redaction must never fail
+        pass
+    return [t for t in tokens if len(t) >= 4]
+
+
+def redact(text: str, extra: list[str] | tuple[str, ...] = ()) -> str:
+    """Replace every known token (and anything shaped like an ``hf_`` token) by ``***``."""
+    for token in sorted({*known_tokens(), *extra}, key=len, reverse=True):
+        text = text.replace(token, "***")
+    return _TOKEN_RE.sub("***", text)
