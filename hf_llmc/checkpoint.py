@@ -110,8 +110,17 @@ class LazyCheckpoint:
         revision: str | None = None,
         allow_pickle: bool = False,
         token: str | bool | None = None,
+        base_model: str | os.PathLike | None = None,
     ) -> "LazyCheckpoint":
+        """Open ``source`` lazily. A PEFT LoRA adapter folder opens as the merged weights of its
+        base (``base_model`` overrides the recorded one) + the adapter (:mod:`hf_llmc.adapters`)."""
         folder = resolve_folder(source, revision, token=token)
+        from .adapters import AdapterCheckpoint, is_adapter_folder
+
+        if is_adapter_folder(folder):
+            return AdapterCheckpoint.open_adapter(
+                folder, str(source), revision, base_model=base_model, allow_pickle=allow_pickle, token=token
+            )
         files, pickled = cls._index(folder, allow_pickle)
         ckpt = cls(folder, str(source), revision, files, pickled)
         if not pickled:
@@ -188,11 +197,34 @@ class LazyCheckpoint:
         handle = self._handle(self._files[key])
         return tuple(handle[key].shape) if self.pickled else handle.shape(key)
 
+    def dtype(self, name: str, aliases: dict[str, str] | None = None) -> torch.dtype:
+        """The stored dtype of ``name`` (from the safetensors header; no tensor data is read)."""
+        key = self._require(name, aliases)
+        handle = self._handle(self._files[key])
+        return handle[key].dtype if self.pickled else handle.dtype(key)
+
     def get(self, name: str, aliases: dict[str, str] | None = None) -> torch.Tensor:
         """The stored tensor for ``name`` (CPU, stored dtype, memory-mapped where possible)."""
         key = self._require(name, aliases)
         handle = self._handle(self._files[key])
         return handle[key] if self.pickled else handle.get(key)
+
+    def read_into(self, name: str, out: torch.Tensor, aliases: dict[str, str] | None = None) -> bool:
+        """Read tensor ``name`` straight into ``out`` (no temporary) when ``out`` is a contiguous
+        CPU tensor of the stored dtype and shape; returns False when it cannot."""
+        key = self._require(name, aliases)
+        if self.pickled or out.device.type != "cpu" or not out.is_contiguous():
+            return False
+        return self._handle(self._files[key]).read_into(key, out)
+
+    def iter_chunks(self, name: str, chunk_bytes: int = 8 << 20, aliases: dict[str, str] | None = None):
+        """Yield ``(start, flat_tensor)`` pieces of tensor ``name`` in storage order, each at most
+        ``chunk_bytes`` large, so huge tensors never need a full-size temporary."""
+        key = self._require(name, aliases)
+        if self.pickled:
+            yield 0, self.get(name, aliases).reshape(-1)
+            return
+        yield from self._handle(self._files[key]).iter_chunks(key, chunk_bytes)
 
     def _require(self, name: str, aliases: dict[str, str] | None = None) -> str:
         key = self.key_for(name, aliases)
@@ -239,6 +271,9 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self._entries[name]["dtype"]]
+
     def get(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         begin, end = entry["data_offsets"]
@@ -247,3 +282,31 @@ class SafetensorsFile:
             fh.seek(self._start + begin)
             fh.readinto(memoryview(out.numpy()))
         return out.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def iter_chunks(self, name: str, chunk_bytes: int):
+        entry = self._entries[name]
+        dtype = _DTYPES[entry["dtype"]]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        begin, end = entry["data_offsets"]
+        total = (end - begin) // itemsize
+        step = max(1, chunk_bytes // itemsize)
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(self._start + begin)
+            for start in range(0, total, step):
+                n = min(step, total - start)
+                buf = torch.empty(n * itemsize, dtype=torch.uint8)
+                if fh.readinto(memoryview(buf.numpy())) != n * itemsize:
+                    raise CheckpointError(f"{self.path}: short read for {name}; is the file truncated?")
+                yield start, buf.view(dtype)
+
+    def read_into(self, name: str, out: torch.Tensor) -> bool:
+        entry = self._entries[name]
+        if _DTYPES[entry["dtype"]] != out.dtype or tuple(entry["shape"]) != tuple(out.shape):
+            return False
+        begin, end = entry["data_offsets"]
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(self._start + begin)
+            view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+            if fh.readinto(view) != end - begin:
+                raise CheckpointError(f"{self.path}: short read for {name}; is the file truncated?")
+        return True

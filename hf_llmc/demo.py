@@ -24,7 +24,6 @@ import copy
 import json
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -74,12 +73,13 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "num_heads": 4,
     "vocab_size": 512,
     "max_positions": 256,
-    "pretrain_steps": 150,
-    "finetune_steps": 250,
+    "pretrain_steps": 20,
+    "finetune_steps": 200,
     "seq_len": 64,
     "batch_size": 8,
     "lr": 3e-3,
     "seed": 0,
+    "replay": 0.25,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -399,14 +399,17 @@ def _blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
 
 
 def _docs_for_tokens(domain: str, n_tokens: int, seed: int) -> list[str]:
-    # Documents average well over 40 tokens with the demo tokenizers; 1 token / 3 chars
-    # is a safe over-estimate of the token count at vocab >= 257.
+    """Enough documents of ``domain`` for at least ~``n_tokens`` tokens.
+
+    The byte-level tokenizers trained here (vocab >= 257) produce at least one token
+    per two characters on this text, so ``2 * n_tokens`` characters suffice.
+    """
     docs: list[str] = []
-    rng_seed = seed
+    chunk = 0
     chars = 0
-    while chars < 4 * n_tokens:
-        batch = synthetic_documents(domain, 64, rng_seed)
-        rng_seed += 1_000_003
+    while chars < 2 * n_tokens:
+        batch = synthetic_documents(domain, 32, seed * 1_000_003 + chunk)
+        chunk += 1
         docs.extend(batch)
         chars += sum(len(d) for d in batch)
     return docs
@@ -454,6 +457,7 @@ def build_pair(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tie_word_embeddings: bool | None = None,
+    replay: float = 0.25,
     eval_blocks: int = 16,
 ) -> DemoPair:
     """Train and save a pair of models fine-tuned from one shared initialisation.
@@ -462,7 +466,12 @@ def build_pair(
     2. A ``model_type`` model (:func:`tiny_config` sizes) is initialised from ``seed``
        and pre-trained for ``pretrain_steps`` AdamW steps on mixed text.
     3. Two copies are fine-tuned for ``finetune_steps`` each: A on domain ``"a"``
-       (recipes), B on domain ``"b"`` (reports).
+       (recipes), B on domain ``"b"`` (reports). ``replay`` adds that fraction (relative
+       to the own domain's blocks) of the other domain's blocks to each fine-tuning set,
+       so both endpoints stay usable on mixed text; with a short pre-training the two
+       fine-tunes then leave the shared basin and the full-model midpoint shows a loss
+       barrier on mixed text (a long pre-training removes it, as in the LMC
+       literature).
     4. A and B (cast to ``dtype``) are saved with ``save_pretrained`` (safetensors) and
        the tokenizer into ``out_dir/"a"`` and ``out_dir/"b"``; mixed-domain evaluation
        text from a different seed, at least ``eval_blocks`` blocks of 64 tokens, goes to
@@ -472,30 +481,35 @@ def build_pair(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    if seq_len > max_positions:
+        raise ValueError("seq_len must be <= max_positions")
+    if not 0.0 <= replay <= 1.0:
+        raise ValueError("replay must be in [0, 1]")
 
-    # Training text: every token block is used at most a few times.
-    ft_tokens = max(finetune_steps, 1) * batch_size * seq_len
-    pt_tokens = max(pretrain_steps, 1) * batch_size * seq_len
-    docs_mixed = _docs_for_tokens("mixed", max(pt_tokens, 20_000) // 2, seed)
-    docs_a = _docs_for_tokens("a", max(ft_tokens, 20_000) // 2, seed + 1)
-    docs_b = _docs_for_tokens("b", max(ft_tokens, 20_000) // 2, seed + 2)
-
-    tokenizer = train_tokenizer(docs_mixed, vocab_size)
+    # One tokenizer for both models, trained on a fixed amount of mixed text.
+    tokenizer = train_tokenizer(synthetic_documents("mixed", 400, seed), vocab_size)
     n_vocab = len(tokenizer)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+
+    # Training text: about one fresh block per training sequence (at least 16 blocks).
+    min_tokens = 16 * seq_len
+    pt_tokens = max(pretrain_steps * batch_size * seq_len, min_tokens)
+    ft_tokens = max(finetune_steps * batch_size * seq_len, min_tokens)
+    blocks_mixed = _blocks(tokenizer, _docs_for_tokens("mixed", pt_tokens, seed), seq_len)
+    blocks_a = _blocks(tokenizer, _docs_for_tokens("a", ft_tokens, seed + 1), seq_len)
+    blocks_b = _blocks(tokenizer, _docs_for_tokens("b", ft_tokens, seed + 2), seq_len)
+
+    def with_replay(own: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        k = min(int(round(replay * own.shape[0])), other.shape[0])
+        return torch.cat([own, other[:k]]) if k else own
+
+    finetune_data = {"a": with_replay(blocks_a, blocks_b), "b": with_replay(blocks_b, blocks_a)}
 
     config = tiny_config(
         model_type, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
         intermediate_size=intermediate_size, vocab_size=n_vocab,
         max_positions=max_positions, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=eos_id, eos_token_id=eos_id)
-    if seq_len > max_positions:
-        raise ValueError("seq_len must be <= max_positions")
-
-    blocks_mixed = _blocks(tokenizer, docs_mixed, seq_len)
-    blocks_a = _blocks(tokenizer, docs_a, seq_len)
-    blocks_b = _blocks(tokenizer, docs_b, seq_len)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -505,7 +519,8 @@ def build_pair(
         pre_losses = _train(base, blocks_mixed, steps=pretrain_steps,
                             batch_size=batch_size, lr=lr, seed=seed)
         results: dict[str, list[float]] = {"pretrain": pre_losses}
-        for name, blocks, offset in (("a", blocks_a, 1), ("b", blocks_b, 2)):
+        for offset, name in enumerate(("a", "b"), start=1):
+            blocks = finetune_data[name]
             model = copy.deepcopy(base)
             torch.manual_seed(seed + offset)
             results[name] = _train(model, blocks, steps=finetune_steps,
@@ -517,13 +532,18 @@ def build_pair(
 
     # Evaluation text: mixed domain, a seed no training set uses.
     eval_seed = seed + 7_777_777
-    need = eval_blocks * 64 + 64
-    n_docs = 8
-    while True:
-        text = synthetic_text("mixed", n_docs, eval_seed)
-        if len(tokenizer(text)["input_ids"]) >= need:
+    need = eval_blocks * 64 + 1
+    kept: list[str] = []
+    n_tokens = 0
+    # synthetic_documents is prefix-stable: the first k documents do not depend on n.
+    for doc in synthetic_documents("mixed", max(64, 4 * eval_blocks), eval_seed):
+        kept.append(doc)
+        n_tokens = len(tokenizer("\n\n".join(kept) + "\n")["input_ids"])
+        if n_tokens >= need:
             break
-        n_docs *= 2
+    if n_tokens < need:  # pragma: no cover - documents are ~100 tokens each
+        raise RuntimeError("could not generate enough evaluation text")
+    text = "\n\n".join(kept) + "\n"
     eval_path = out / "eval.txt"
     eval_path.write_text(text, encoding="utf-8")
 
@@ -533,6 +553,7 @@ def build_pair(
         "vocab_size": n_vocab, "max_positions": max_positions,
         "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
         "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "replay": replay, "tie_word_embeddings": tie_word_embeddings,
         "dtype": str(dtype).replace("torch.", ""),
         "final_loss": {k: (v[-1] if v else None) for k, v in results.items()},
     }

@@ -87,8 +87,12 @@ class Evaluator:
         *,
         batch_size: int | None = None,
         cache_device: str | torch.device | None = None,
+        shard=None,
     ):
         self.model = model
+        # Data-parallel split (hf_llmc.distributed.DataShard): this process evaluates its share
+        # of the blocks and gathers every process's per-block sums. None = all blocks here.
+        self.shard = shard
         self.blocks = blocks
         self.block_list = block_list
         self.device = model_device(model)
@@ -141,12 +145,16 @@ class Evaluator:
             for i in range(start):
                 block = self.block_list[i]
                 inject = hidden if i == start - 1 else None
+                # An instance-level forward (accelerate's device/offload hook) is put back after.
+                patched.append((block, block.__dict__.get("forward")))
                 block.forward = passthrough(i, inject)
-                patched.append(block)
             yield
         finally:
-            for block in patched:
-                del block.forward
+            for block, previous in patched:
+                if previous is None:
+                    del block.forward
+                else:
+                    block.forward = previous
 
     @contextlib.contextmanager
     def _capturing(self, stop: int, sink: list) -> Iterator[None]:
@@ -220,9 +228,11 @@ class Evaluator:
             indices = torch.arange(self.blocks.shape[0])
         indices = torch.as_tensor(indices, dtype=torch.long)
         k = start_block or 0
+        local = indices if self.shard is None else self.shard.split(indices)
         while True:
             try:
-                return self._run(indices, k)
+                stats = self._run(local, k)
+                return stats if self.shard is None else self.shard.gather(stats, indices)
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise
@@ -249,10 +259,15 @@ class Evaluator:
 
 
 def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed next-token cross-entropy (float64) and top-1 hits."""
-    logits = logits[:, :-1].float()
+    """Per-sequence summed next-token cross-entropy (float64) and top-1 hits.
+
+    Computed one sequence at a time so the float32 temporaries stay one sequence large."""
     target = ids[:, 1:].to(logits.device)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-    loss_sum = ce.view(target.shape).double().sum(dim=1)
-    correct = (logits.argmax(dim=-1) == target).sum(dim=1)
+    loss_sum = torch.empty(ids.shape[0], dtype=torch.float64)
+    correct = torch.empty(ids.shape[0], dtype=torch.long)
+    for row in range(ids.shape[0]):
+        row_logits = logits[row, :-1].float()
+        ce = F.cross_entropy(row_logits, target[row], reduction="none")
+        loss_sum[row] = ce.double().sum().cpu()
+        correct[row] = (row_logits.argmax(dim=-1) == target[row]).sum().cpu()
     return loss_sum, correct

@@ -59,6 +59,12 @@ class Interpolator:
         self.ckpts = {"a": ckpt_a, "b": ckpt_b}
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.base = "a"
+        # Names that can differ between A and B (None = all); set when both share stored base
+        # weights, e.g. two LoRA adapters on one base (see hf_llmc.adapters.attach).
+        self.varying: set[str] | None = None
+        # Optional writer for tensors a plain ``copy_`` cannot update: disk-offloaded (meta)
+        # parameters, bitsandbytes-quantized weights (see hf_llmc.placement.ParamWriter).
+        self.writer = None
 
     # -- tensors ------------------------------------------------------------------------------
     def stored(self, which: str, name: str) -> torch.Tensor:
@@ -85,7 +91,34 @@ class Interpolator:
 
     @torch.no_grad()
     def _write(self, name: str, value: torch.Tensor) -> None:
-        self.params[name].data.copy_(value)
+        if self.writer is not None:
+            self.writer.write(name, value)
+        else:
+            self.params[name].data.copy_(value)
+
+    def _direct(self, name: str) -> bool:
+        """Whether the parameter's own storage can be written in place."""
+        return self.writer is None and self.params[name].device.type != "meta"
+
+    @torch.no_grad()
+    def _load(self, which: str, name: str) -> None:
+        """Write checkpoint ``which``'s tensor into the parameter (read in place when possible)."""
+        if not (self._direct(name) and self.ckpts[which].read_into(name, self.params[name].data, self.arch.aliases)):
+            self._write(name, self.stored(which, name).to(self._device(name)))
+
+    @torch.no_grad()
+    def _set_mix(self, name: str, alpha: float, method: str) -> None:
+        param = self.params[name]
+        if method == "lerp" and param.dtype == torch.float32 and self._direct(name):
+            # Same float32 operations as lerp(), in the parameter's own storage:
+            # param = A·(1-α) + (B·α), streaming B in small chunks.
+            self._load("a", name)
+            flat = param.data.view(-1)
+            for start, chunk in self.ckpts["b"].iter_chunks(name, aliases=self.arch.aliases):
+                piece = flat[start : start + chunk.numel()]
+                piece.mul_(1.0 - alpha).add_(chunk.to(param.device, torch.float32).mul_(alpha))
+        else:
+            self._write(name, self.point_tensor(name, alpha, method))
 
     # -- base state ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -96,7 +129,8 @@ class Interpolator:
         if base == self.base:
             return
         for name in self.arch.parameters:
-            self._write(name, self.stored(base, name).to(self._device(name)))
+            if self.varying is None or name in self.varying:
+                self._load(base, name)
         self.base = base
 
     # -- points -------------------------------------------------------------------------------
@@ -105,14 +139,14 @@ class Interpolator:
         """Set the tensors of ``groups`` to their α mix; returns the canonical names written."""
         names = self.canonical_names(groups)
         for name in names:
-            self._write(name, self.point_tensor(name, alpha, method))
+            self._set_mix(name, alpha, method)
         return names
 
     @torch.no_grad()
     def restore(self, names: Iterable[str]) -> None:
         """Copy the base checkpoint's tensors back (bitwise the loaded values)."""
         for name in names:
-            self._write(name, self.stored(self.base, name).to(self._device(name)))
+            self._load(self.base, name)
 
     @contextlib.contextmanager
     def at(self, groups: Iterable[Group], alpha: float, method: str = "lerp", base: str | None = None) -> Iterator[None]:

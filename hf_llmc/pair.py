@@ -41,9 +41,15 @@ class LoadConfig:
     revision_b: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of model B."})
     dtype: str | None = field(default=None, metadata={"help": "Live model dtype: float32, bfloat16 or float16 (default: as stored).", "choices": list(DTYPES)})
     device: str = field(default="auto", metadata={"help": "Compute device: auto, cpu, cuda or cuda:N."})
-    device_map: str | None = field(default=None, metadata={"help": "transformers device_map (auto, balanced, sequential) for models larger than one device."})
+    device_map: str | None = field(default=None, metadata={"help": "Placement across devices: auto, balanced, sequential, or a FILE.json mapping module names to devices (0, cpu, disk)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run custom modelling code shipped with a checkpoint (off unless you trust it)."})
     allow_pickle: bool = field(default=False, metadata={"help": "Allow pickled .bin/.pt weights (loaded with torch.load(weights_only=True))."})
+    base_model: str | None = field(default=None, metadata={"help": "Base model (folder or Hub id) for PEFT adapter arguments, overriding the base recorded in adapter_config.json."})
+    max_memory: str | None = field(default=None, metadata={"help": "Memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB (implies --device-map auto)."})
+    offload_folder: str | None = field(default=None, metadata={"help": "Folder for weights offloaded to disk by --device-map/--max-memory."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the weights that are not interpolated in 8 bit (bitsandbytes; pip install 'hf-llmc[quant]')."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the weights that are not interpolated in 4 bit NF4 (bitsandbytes)."})
+    keep_modules: list | None = field(default=None, metadata={"cli": False, "help": "Modules loaded unquantized (the interpolated groups' modules)."})
 
 
 def _load_config(folder: Path, trust_remote_code: bool):
@@ -82,6 +88,8 @@ class ModelPair:
         self.load = load
         self.interp = Interpolator(model, arch, ckpt_a, ckpt_b)
         self._endpoint_cache: dict[tuple, BlockStats] = {}
+        # Data-parallel evaluation across processes (hf_llmc.distributed.DataShard) or None.
+        self.shard = None
 
     @property
     def source_a(self) -> str:
@@ -110,17 +118,34 @@ class ModelPair:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         token: str | bool | None = None,
+        base_model: str | os.PathLike | None = None,
+        max_memory: str | dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
+        keep_modules: list[str] | None = None,
     ) -> "ModelPair":
-        """Load A as the live model and open both checkpoints lazily; verify compatibility."""
+        """Load A as the live model and open both checkpoints lazily; verify compatibility.
+
+        A or B may be a PEFT LoRA adapter (its base + the adapter; ``base_model`` overrides the
+        recorded base). ``device_map`` / ``max_memory`` / ``offload_folder`` place the model
+        across devices, CPU and disk; ``load_in_8bit`` / ``load_in_4bit`` quantize every weight
+        outside ``keep_modules`` (see :mod:`hf_llmc.placement`)."""
+        from .placement import load_kwargs
         from transformers import AutoModelForCausalLM
 
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
-        load = LoadConfig(revision_a, revision_b, dtype, device, device_map, trust_remote_code, allow_pickle)
-        ckpt_a = LazyCheckpoint.open(a, revision=revision_a, allow_pickle=allow_pickle, token=token)
-        ckpt_b = LazyCheckpoint.open(b, revision=revision_b, allow_pickle=allow_pickle, token=token)
+        load = LoadConfig(
+            revision_a, revision_b, dtype, device, device_map, trust_remote_code, allow_pickle,
+            base_model=None if base_model is None else str(base_model),
+            max_memory=max_memory, offload_folder=None if offload_folder is None else str(offload_folder),
+            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_modules=keep_modules,
+        )
+        ckpt_a = LazyCheckpoint.open(a, revision=revision_a, allow_pickle=allow_pickle, token=token, base_model=base_model)
+        ckpt_b = LazyCheckpoint.open(b, revision=revision_b, allow_pickle=allow_pickle, token=token, base_model=base_model)
         cfg_a = _load_config(ckpt_a.folder, trust_remote_code)
         cfg_b = _load_config(ckpt_b.folder, trust_remote_code)
         if (cfg_a.model_type, cfg_a.architectures) != (cfg_b.model_type, cfg_b.architectures):
@@ -131,18 +156,26 @@ class ModelPair:
         kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=not ckpt_a.pickled)
         if dtype is not None:
             kwargs["dtype"] = DTYPES[dtype]
-        if device_map is not None:
-            kwargs["device_map"] = device_map
+        placed = load_kwargs(
+            device=resolve_device(device), device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_modules=keep_modules,
+            dtype=kwargs.get("dtype"),
+        )
+        kwargs.update(placed)
         try:
             model = AutoModelForCausalLM.from_pretrained(ckpt_a.folder, **kwargs)
         except (OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{display_name(a)}: cannot load the model ({str(err).splitlines()[0][:200]})") from None
         model.eval()
-        if device_map is None:
+        if "device_map" not in placed:
             model.to(resolve_device(device))
         arch = discover(model)
         pair = cls(model, _load_tokenizer(ckpt_a.folder, trust_remote_code), arch, ckpt_a, ckpt_b, load)
+        from . import adapters, placement
+
+        placement.attach(pair)  # offloaded / quantized weights: a writer, checkpoint shapes
         pair._check_compatible(_load_tokenizer(ckpt_b.folder, trust_remote_code))
+        adapters.attach(pair)  # adapters: the live model holds A's merged values
         return pair
 
     def _check_compatible(self, tokenizer_b) -> None:
@@ -194,7 +227,7 @@ class ModelPair:
 
     def evaluator(self, blocks: TokenBlocks, batch_size: int | None = None) -> Evaluator:
         _, block_list = find_block_list(self.model)
-        return Evaluator(self.model, blocks.ids, block_list, batch_size=batch_size)
+        return Evaluator(self.model, blocks.ids, block_list, batch_size=batch_size, shard=self.shard)
 
     # -- evaluation ---------------------------------------------------------------------------
     def endpoint(self, which: str, ev: Evaluator, blocks: TokenBlocks, indices=None) -> BlockStats:
@@ -249,6 +282,19 @@ class ModelPair:
                     self.point(ev, group, alpha, base=base, method=method, prefix=prefix), f"{group.name} at alpha={alpha}"
                 )
         return barrier_from_stats(curve, stats["a"], stats["b"], layers=layers, base=base, method=method)
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge(self, spec):
+        """Set the live model to the merge ``spec`` (a :class:`~hf_llmc.export.MergeSpec`, or
+        ``"attn.0-3=0.5; mlp.*=0.25"``) and return it, ready for ``save_pretrained``/``push_to_hub``.
+
+        No second model is built: the returned model *is* ``self.model``, now holding the merged
+        weights. The pair's next evaluation streams its base back in first. To write a merge
+        without touching the live model (and with a model card), use :func:`hf_llmc.save_merged`.
+        """
+        from .export import merge_live
+
+        return merge_live(self, spec)
 
 
 def check_finite(stats: BlockStats, what: str) -> BlockStats:

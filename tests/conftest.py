@@ -1,0 +1,136 @@
+"""Shared pytest fixtures: tiny trained pairs and tiny random models.
+
+Fixtures (all session-scoped, all offline, all deterministic):
+
+* ``make_pair(model_type="gpt2", **overrides) -> DemoPair`` — builds (once per distinct
+  argument set) a trained pair with :func:`hf_llmc.demo.build_pair` under a session
+  temporary folder. Defaults are :data:`TINY_PAIR` (a few seconds per pair); the GPT-2
+  default pair shows a clear full-interpolation barrier on its ``eval.txt``.
+* ``gpt2_pair`` (3 blocks), ``llama_pair`` (6 blocks: ``attn.0``-``attn.5`` exist),
+  ``neox_pair`` (3 blocks) — ``make_pair`` shortcuts.
+* ``tiny_model(model_type, **config_overrides) -> PreTrainedModel`` — random init (seed
+  0) from :func:`hf_llmc.demo.tiny_config`, no training; :data:`TINY_MODEL` sizes and
+  the vocabulary of ``tiny_tokenizer``. Works for every type in ``MODEL_TYPES``.
+* ``save_tiny_model(model_type, dir, **config_overrides) -> Path`` — saves that model
+  (safetensors) and ``tiny_tokenizer`` into ``dir`` with ``save_pretrained``.
+* ``tiny_tokenizer`` — the byte-level BPE tokenizer (vocab 300) the tiny models use.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_llmc.demo import (  # noqa: E402
+    DemoPair,
+    build_pair,
+    init_model,
+    synthetic_documents,
+    tiny_config,
+    train_tokenizer,
+)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+#: Default settings of ``make_pair`` (overridable per call).
+TINY_PAIR: dict[str, Any] = {
+    "num_layers": 3,
+    "hidden_size": 64,
+    "num_heads": 4,
+    "vocab_size": 512,
+    "max_positions": 128,
+    "pretrain_steps": 5,
+    "finetune_steps": 120,
+    "seq_len": 64,
+    "batch_size": 8,
+    "lr": 5e-3,
+    "seed": 0,
+}
+
+#: Default sizes of ``tiny_model`` / ``save_tiny_model``.
+TINY_MODEL: dict[str, Any] = {
+    "num_layers": 3,
+    "hidden_size": 32,
+    "num_heads": 4,
+    "max_positions": 128,
+}
+
+
+def _key(**kwargs: Any) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+
+
+@pytest.fixture(scope="session")
+def make_pair(tmp_path_factory) -> Callable[..., DemoPair]:
+    """Factory: ``make_pair(model_type="gpt2", **overrides) -> DemoPair``, cached."""
+    cache: dict[tuple, DemoPair] = {}
+
+    def make(model_type: str = "gpt2", **overrides: Any) -> DemoPair:
+        kwargs = {**TINY_PAIR, **overrides, "model_type": model_type}
+        key = _key(**kwargs)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"pair-{model_type}")
+            cache[key] = build_pair(out, **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def gpt2_pair(make_pair) -> DemoPair:
+    """Trained GPT-2 pair, 3 blocks, width 64 (tied embeddings)."""
+    return make_pair("gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_pair(make_pair) -> DemoPair:
+    """Trained Llama pair, 6 blocks, width 32."""
+    return make_pair("llama", num_layers=6, hidden_size=32, finetune_steps=60)
+
+
+@pytest.fixture(scope="session")
+def neox_pair(make_pair) -> DemoPair:
+    """Trained GPT-NeoX pair, 3 blocks, width 32."""
+    return make_pair("gpt_neox", hidden_size=32, finetune_steps=60)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Byte-level BPE (vocab 300, bos = eos = unk = ``<|endoftext|>``) for tiny models."""
+    return train_tokenizer(synthetic_documents("mixed", 120, 0), 300)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer) -> Callable[..., torch.nn.Module]:
+    """Factory: ``tiny_model(model_type, seed=0, **config_overrides)``, random init."""
+
+    def make(model_type: str, *, seed: int = 0, **overrides: Any):
+        sizes = {**TINY_MODEL, "vocab_size": len(tiny_tokenizer), **overrides}
+        return init_model(tiny_config(model_type, **sizes), seed=seed)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def save_tiny_model(tiny_model, tiny_tokenizer) -> Callable[..., Path]:
+    """Factory: ``save_tiny_model(model_type, dir, seed=0, **overrides) -> Path``."""
+
+    def save(model_type: str, directory: str | os.PathLike, *, seed: int = 0,
+             **overrides: Any) -> Path:
+        path = Path(directory)
+        tiny_model(model_type, seed=seed, **overrides).save_pretrained(path)
+        tiny_tokenizer.save_pretrained(path)
+        return path
+
+    return save

@@ -1,0 +1,31 @@
+"""benchmarks/gpu_check.sh --smoke: the GPU check's own code path on a tiny pair, on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_smoke(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--device", "cpu",
+                           "--out", str(tmp_path / "out"), "--workdir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert len(table) > 15 and "scan speed-up" in proc.stdout and "4-bit load" in proc.stdout
+    res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert res["mode"] == "smoke" and res["device"] == "cpu"
+    # The measured paths compute the same numbers as the plain / straightforward baselines.
+    assert res["eval"]["loss_rel_diff"] < 2e-5
+    assert res["scan"]["max_loss_rel_diff_vs_naive"] < 2e-5
+    assert res["eval"]["ours_tokens_per_s"] > 0 and res["scan"]["speedup"] > 0
+    q = res["load_4bit"]
+    assert "error" not in q, q
+    assert q["quantized_weights"] > 0 and q["abs_diff_loss_a"] < 0.1
+    assert not any(p.name.startswith("hf-llmc-gpu-check-") for p in tmp_path.iterdir())  # cleaned up

@@ -1,0 +1,361 @@
+"""Merged checkpoints: every written tensor equals the straightforward mix of A and B, the folder
+loads with transformers, its perplexity equals the barrier curve, and interrupted or repeated
+merges never leave a partial output folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_llmc import MergeSpec, ModelPair, save_merged
+from hf_llmc.cli import main
+from hf_llmc.demo import init_model, synthetic_documents, synthetic_text, tiny_config, train_tokenizer
+from hf_llmc.export import DELAY_ENV, TMP_MARK, MergeSpecError, lazy_pair, parse_alpha
+
+REL = 1e-5
+
+
+def build_pair_dirs(root: Path, model_type: str = "gpt2", num_layers: int = 3, license: str | None = "mit") -> dict:
+    """A and B: one random initialisation, B = A + noise (a visible barrier); a trained tokenizer;
+    evaluation text. A carries a model card with a license."""
+    tokenizer = train_tokenizer(synthetic_documents("mixed", 120, 0), 300)
+    config = tiny_config(model_type, num_layers=num_layers, hidden_size=64, num_heads=4, vocab_size=len(tokenizer),
+                         max_positions=64)
+    model = init_model(config, seed=0)
+    paths = {"root": root, "a": root / "model-a", "b": root / "model-b", "eval": root / "eval.txt"}
+    model.save_pretrained(paths["a"])
+    tokenizer.save_pretrained(paths["a"])
+    if license:
+        (paths["a"] / "README.md").write_text(f"---\nlicense: {license}\n---\n\n# model A\n")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * (p.std() if p.numel() > 1 and p.std() > 0 else 0.02) * 0.8)
+    model.save_pretrained(paths["b"])
+    tokenizer.save_pretrained(paths["b"])
+    paths["eval"].write_text(synthetic_text("mixed", 10, 99))
+    return paths
+
+
+def state(folder) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a folder (plain safetensors reads, no hf_llmc code)."""
+    folder = Path(folder)
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as fh:
+            for key in fh.keys():
+                out[key] = fh.get_tensor(key)
+    return out
+
+
+def plain_loss(model, ids: torch.Tensor) -> float:
+    """Mean next-token loss, one block at a time with transformers' own loss."""
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss) for i in range(ids.shape[0])]
+    return sum(losses) / len(losses)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models on a shared CPU run many times faster without contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_SHARED: dict[str, dict] = {}
+
+
+def shared_pair_dirs(tmp_path_factory) -> dict:
+    """One pair for every merge / card / recipe test module of the session (built once)."""
+    if "gpt2" not in _SHARED:
+        _SHARED["gpt2"] = build_pair_dirs(tmp_path_factory.mktemp("merge-pair"))
+    return _SHARED["gpt2"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return shared_pair_dirs(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sd(dirs):
+    return {"a": state(dirs["a"]), "b": state(dirs["b"])}
+
+
+@pytest.fixture(scope="module")
+def live(dirs):
+    return ModelPair.from_pretrained(dirs["a"], dirs["b"])
+
+
+def _selected(key: str, prefixes: dict[str, float]) -> float | None:
+    return next((alpha for prefix, alpha in prefixes.items() if key.startswith(prefix)), None)
+
+
+# -- tensors -------------------------------------------------------------------------------------
+def test_cli_merge_sharded_tensors_load(dirs, sd, tmp_path, capsys):
+    out = tmp_path / "merged"
+    rc = main(["merge", str(dirs["a"]), str(dirs["b"]), "--set", "attn.0-1=0.3", "--set", "mlp.2=0.75",
+               "--out", str(out), "--max-shard-size", "40KB"])
+    assert rc == 0, capsys.readouterr().err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all((out / s).is_file() for s in shards)
+    for shard in shards:  # a shard exceeds the limit only when it holds one oversized tensor
+        with safe_open(out / shard, "pt") as fh:
+            keys = list(fh.keys())
+        assert (out / shard).stat().st_size <= 40_000 + 4096 or len(keys) == 1
+    merged = state(out)
+    assert set(merged) == set(sd["a"])  # the base's keys: no separate lm_head.weight (tied)
+    assert "lm_head.weight" not in merged
+    prefixes = {"transformer.h.0.attn.": 0.3, "transformer.h.1.attn.": 0.3, "transformer.h.2.mlp.": 0.75}
+    n_mixed = 0
+    for key, value in merged.items():
+        alpha = _selected(key, prefixes)
+        assert value.dtype == sd["a"][key].dtype
+        if alpha is None:
+            assert torch.equal(value, sd["a"][key]), key
+        else:
+            n_mixed += 1
+            expected = (1 - alpha) * sd["a"][key].double() + alpha * sd["b"][key].double()
+            torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7)
+    assert n_mixed == 12
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    torch.testing.assert_close(model.state_dict()["transformer.h.2.mlp.c_fc.weight"], merged["transformer.h.2.mlp.c_fc.weight"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(dirs["a"]).get_vocab()
+    assert {"config.json", "generation_config.json", "README.md", "hf_llmc_config.yaml"} <= {p.name for p in out.iterdir()}
+    assert not list(tmp_path.glob(f".merged{TMP_MARK}*"))
+
+
+def test_gradient_base_b_and_dtype(dirs, sd, tmp_path):
+    pair = lazy_pair(dirs["a"], dirs["b"])
+    spec = MergeSpec(layers="attn.0-2", alpha="0.1:0.9", base="b")
+    result = save_merged(pair, spec, tmp_path / "grad", dtype="bfloat16")
+    assert [(r.group, r.alpha_min) for r in result.plan.rows] == [("attn.0", 0.1), ("attn.1", 0.5), ("attn.2", 0.9)]
+    merged = state(tmp_path / "grad")
+    alphas = {f"transformer.h.{i}.attn.": 0.1 + 0.4 * i for i in range(3)}
+    for key, value in merged.items():
+        assert value.dtype == torch.bfloat16
+        alpha = _selected(key, alphas)
+        if alpha is None:
+            assert torch.equal(value, sd["b"][key].to(torch.bfloat16)), key
+        else:
+            expected = ((1 - alpha) * sd["a"][key].double() + alpha * sd["b"][key].double()).to(torch.bfloat16)
+            torch.testing.assert_close(value, expected, rtol=1e-2, atol=1e-3)
+    assert json.loads((tmp_path / "grad" / "config.json").read_text())["dtype"] == "bfloat16"
+    # the fraction of changed parameters counts the moved tensors only
+    numel = {k: v.numel() for k, v in sd["a"].items()}
+    moved = sum(n for k, n in numel.items() if _selected(k, alphas) is not None)
+    assert result.plan.numel_changed == moved and result.plan.numel_total == sum(numel.values())
+
+
+def test_slerp_matches_formula(dirs, sd, tmp_path):
+    save_merged(lazy_pair(dirs["a"], dirs["b"]), MergeSpec(layers="mlp.1", alpha=0.4, method="slerp"), tmp_path / "s")
+    merged = state(tmp_path / "s")
+    for key in [k for k in merged if k.startswith("transformer.h.1.mlp.")]:
+        a, b = sd["a"][key].double().flatten(), sd["b"][key].double().flatten()
+        if a.norm() == 0 or b.norm() == 0:  # (zero-initialised biases) slerp falls back to lerp
+            expected = 0.6 * a + 0.4 * b
+        else:
+            omega = torch.arccos(torch.clamp(a @ b / (a.norm() * b.norm()), -1, 1))
+            expected = (torch.sin(0.6 * omega) * a + torch.sin(0.4 * omega) * b) / torch.sin(omega)
+            assert not torch.allclose(expected, 0.6 * a + 0.4 * b, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(merged[key].double().flatten(), expected, rtol=1e-5, atol=1e-6)
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def test_perplexity_equals_barrier_curve(dirs, live, tmp_path):
+    out = tmp_path / "eval-merge"
+    result = save_merged(live, MergeSpec(layers="attn.0-1", alpha=0.3), out, data=str(dirs["eval"]))
+    ev = result.evaluation
+    curve = live.barrier(str(dirs["eval"]), layers="attn.0-1", alphas=[0.0, 0.3, 1.0])
+    at = curve.alphas.index(0.3)
+    assert ev["merged"]["perplexity"] == pytest.approx(curve.perplexity[at], rel=REL)
+    # independent: the written folder, loaded by transformers, evaluated block by block
+    ids = live.blocks(str(dirs["eval"])).ids
+    loss = plain_loss(AutoModelForCausalLM.from_pretrained(out), ids)
+    assert math.exp(loss) == pytest.approx(curve.perplexity[at], rel=REL)
+    assert ev["a"]["loss"] == pytest.approx(plain_loss(AutoModelForCausalLM.from_pretrained(dirs["a"]), ids), rel=REL)
+    assert ev["b"]["loss"] == pytest.approx(plain_loss(AutoModelForCausalLM.from_pretrained(dirs["b"]), ids), rel=REL)
+    assert ev["merge_barrier"] == pytest.approx(loss - (0.7 * ev["a"]["loss"] + 0.3 * ev["b"]["loss"]), rel=1e-4, abs=1e-6)
+    mid = live.barrier(str(dirs["eval"]), layers="attn.0-1", alphas=[0.0, 0.5, 1.0])
+    assert ev["barrier_mid"] == pytest.approx(mid.barrier_mid, rel=1e-6, abs=1e-9)
+
+
+def test_pair_merge_returns_the_live_model(dirs, live, tmp_path):
+    save_merged(lazy_pair(dirs["a"], dirs["b"]), "attn.0-1=0.3; mlp.2=0.75", tmp_path / "ref")
+    expected = state(tmp_path / "ref")
+    ids = live.blocks(str(dirs["eval"])).ids
+    model = live.merge(MergeSpec(sets=["attn.0-1=0.3", "mlp.2=0.75"]))
+    assert model is live.model
+    current = model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(current[key], value), key
+    merged_loss = plain_loss(model, ids)
+    # the pair stays usable: its next evaluation puts A back first
+    result = live.barrier(str(dirs["eval"]), layers="mlp.2", alphas=[0.0, 1.0])
+    assert result.loss_a == pytest.approx(plain_loss(AutoModelForCausalLM.from_pretrained(dirs["a"]), ids), rel=REL)
+    assert merged_loss != pytest.approx(result.loss_a, rel=1e-4)
+
+
+def test_auto_choice(dirs, live, tmp_path):
+    from hf_llmc.autoselect import AutoConfig, NoMergeableGroupError, auto_select
+    from hf_llmc.scan import ScanConfig, run_scan
+
+    data = str(dirs["eval"])
+    ids = live.blocks(data).ids
+    everything = auto_select(live, data, AutoConfig(auto=True, max_barrier=1e9))
+    la, lb = everything.loss_a, everything.loss_b
+    ref = 0.5 * (la + lb)
+    assert len(everything.chosen) == 6 and all(s["accepted"] for s in everything.steps)
+    singles = [c["barrier"] for c in everything.candidates]
+    assert singles == sorted(singles)
+    # independent check of one ranking entry and one set: state dicts built by hand
+    sa, sb = state(dirs["a"]), state(dirs["b"])
+
+    def loss_of(prefixes):
+        model = AutoModelForCausalLM.from_pretrained(dirs["a"])
+        mixed = {k: (0.5 * sa[k] + 0.5 * sb[k]) if any(k.startswith(p) for p in prefixes) else sa[k] for k in sa}
+        model.load_state_dict(mixed, strict=False)
+        model.tie_weights()
+        return plain_loss(model, ids)
+
+    def prefix(name):
+        kind, i = name.split(".")
+        return f"transformer.h.{i}.{'attn' if kind == 'attn' else 'mlp'}."
+
+    first = everything.candidates[0]
+    assert loss_of([prefix(first["group"])]) - ref == pytest.approx(first["barrier"], rel=1e-4, abs=1e-6)
+    two = everything.steps[1]
+    assert loss_of([prefix(s["group"]) for s in everything.steps[:2]]) - ref == pytest.approx(two["set_barrier"], rel=1e-4, abs=1e-6)
+    # a threshold between two measured set barriers stops the greedy search right there
+    barriers = [s["set_barrier"] for s in everything.steps]
+    k = next(i for i in range(1, len(barriers)) if barriers[i] > max(barriers[:i]))
+    limit = (max(barriers[:k]) + barriers[k]) / 2
+    choice = auto_select(live, data, AutoConfig(auto=True, max_barrier=limit))
+    assert choice.chosen == [s["group"] for s in everything.steps[:k]]
+    assert choice.steps[-1]["accepted"] is False and choice.steps[-1]["set_barrier"] > limit
+    assert choice.loss_merged == pytest.approx(barriers[k - 1] + ref, rel=1e-9)
+    # the same ranking read from a single-group scan folder
+    scan_dir = tmp_path / "scan"
+    run_scan(live, live.blocks(data), ScanConfig(granularity="sublayer", alphas="0.5"), scan_dir, progress=False)
+    from_scan = auto_select(live, data, AutoConfig(auto=True, max_barrier=limit, scan_dir=str(scan_dir), auto_layers="attn.*,mlp.*"))
+    assert from_scan.chosen == choice.chosen
+    for c, d in zip(from_scan.candidates, choice.candidates):
+        assert c["group"] == d["group"] and c["barrier"] == pytest.approx(d["barrier"], rel=1e-6, abs=1e-9)
+    with pytest.raises(NoMergeableGroupError, match="lowest single-group barrier"):
+        auto_select(live, data, AutoConfig(auto=True, max_barrier=singles[0] - 1e-3, scan_dir=str(scan_dir)))
+    # the CLI prints the choice and records it in the card
+    out = tmp_path / "auto"
+    assert main(["merge", str(dirs["a"]), str(dirs["b"]), "--auto", "--max-barrier", repr(limit),
+                 "--eval-data", data, "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "Automatic layer choice" in card and all(f"`{g}`" in card for g in choice.chosen)
+    merged = state(out)
+    chosen_prefixes = [prefix(g) for g in choice.chosen]
+    for key, value in merged.items():
+        if any(key.startswith(p) for p in chosen_prefixes):
+            torch.testing.assert_close(value, 0.5 * sa[key] + 0.5 * sb[key])
+        else:
+            assert torch.equal(value, sa[key])
+
+
+# -- usage errors and output folders ------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "attn.0", "--alpha", "1.5"], "outside [0, 1]"),
+    (["--set", "attn.0=-0.1"], "outside [0, 1]"),
+    (["--set", "attn.0"], "expected LAYERS=ALPHA"),
+    (["--alpha", "0.5"], "--alpha needs --layers"),
+    (["--layers", "attn.9"], "out of range"),
+    (["--layers", "bogus.1"], "unknown kind"),
+    (["--layers", "attn.0", "--alpha", "x"], "expected a number"),
+    ([], "nothing to merge"),
+    (["--auto", "--layers", "attn.0"], "--auto chooses"),
+    (["--auto"], "--auto measures barriers"),
+    (["--layers", "attn.0", "--max-shard-size", "lots"], "--max-shard-size"),
+])
+def test_usage_errors_exit_2(dirs, tmp_path, capsys, args, message):
+    rc = main(["merge", str(dirs["a"]), str(dirs["b"]), "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(f".x{TMP_MARK}*"))
+
+
+def test_extrapolation_allowed_on_request(dirs, sd, tmp_path):
+    rc = main(["merge", str(dirs["a"]), str(dirs["b"]), "--layers", "mlp.0", "--alpha", "1.5",
+               "--allow-extrapolation", "--out", str(tmp_path / "x")])
+    assert rc == 0
+    key = "transformer.h.0.mlp.c_fc.weight"
+    torch.testing.assert_close(state(tmp_path / "x")[key], -0.5 * sd["a"][key] + 1.5 * sd["b"][key])
+    assert parse_alpha("0.1:0.9") == (0.1, 0.9)
+    with pytest.raises(MergeSpecError):
+        parse_alpha("2:3")
+
+
+def test_overwrite_semantics(dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()  # an existing empty folder is fine
+    cmd = ["merge", str(dirs["a"]), str(dirs["b"]), "--layers", "attn.0", "--out", str(out)]
+    assert main(cmd) == 0
+    (out / "marker.txt").write_text("old")
+    assert main(cmd) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "marker.txt").is_file()
+    assert main(cmd + ["--overwrite"]) == 0
+    assert not (out / "marker.txt").exists() and (out / "model.safetensors").is_file()
+    (tmp_path / "file").write_text("x")
+    assert main(["merge", str(dirs["a"]), str(dirs["b"]), "--layers", "attn.0", "--out", str(tmp_path / "file")]) == 2
+    assert not list(tmp_path.glob(f".*{TMP_MARK}*"))
+
+
+def _start(dirs, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, DELAY_ENV: "0.2", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "hf_llmc", "merge", str(dirs["a"]), str(dirs["b"]), "--layers", "attn.*",
+           "--max-shard-size", "40KB", "--out", str(out), *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_midway(proc: subprocess.Popen, out: Path, timeout: float = 120) -> Path:
+    """Wait until the temporary folder holds a finished shard (the merge is midway)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for tmp in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+            if len(list(tmp.glob("model-*.safetensors"))) >= 2:
+                return tmp
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    raise AssertionError("the merge never got midway")
+
+
+def test_sigkill_never_leaves_a_partial_folder(dirs, tmp_path):
+    fresh, existing = tmp_path / "fresh", tmp_path / "existing"
+    assert main(["merge", str(dirs["a"]), str(dirs["b"]), "--layers", "mlp.0", "--out", str(existing)]) == 0
+    before = {p.name: p.read_bytes() for p in existing.iterdir()}
+    procs = {fresh: _start(dirs, fresh), existing: _start(dirs, existing, "--overwrite")}
+    for out, proc in procs.items():
+        stale = _wait_midway(proc, out)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert stale.is_dir()  # killed midway: its temporary folder is left behind...
+    assert not fresh.exists()  # ...but never a partial destination
+    assert {p.name: p.read_bytes() for p in existing.iterdir()} == before  # the old folder is intact
+    # the next run cleans the stale temporary folders and completes
+    assert main(["merge", str(dirs["a"]), str(dirs["b"]), "--layers", "attn.*", "--out", str(fresh)]) == 0
+    assert main(["merge", str(dirs["a"]), str(dirs["b"]), "--layers", "attn.*", "--out", str(existing), "--overwrite"]) == 0
+    assert not list(tmp_path.glob(f".*{TMP_MARK}*"))
+    assert AutoModelForCausalLM.from_pretrained(fresh) is not None
+    assert state(fresh).keys() == state(existing).keys()

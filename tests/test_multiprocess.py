@@ -1,0 +1,75 @@
+"""Two real processes (torchrun, accelerate launch) give the single-process numbers:
+``--parallel data`` (blocks split, per-block sums gathered) and ``--parallel points`` (scan
+points split, per-process results files merged by process 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_llmc.cli import main
+
+from scale_utils import assert_same_result, build_full_pair, close, eval_ids, write_eval_text
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    a, b = build_full_pair(root, "gpt2", num_layers=2, hidden_size=32)
+    text = write_eval_text(root / "eval.txt", eval_ids(n_blocks=5, seq_len=16))  # 5 blocks: uneven split
+    return root, a, b, text
+
+
+def _launch(prefix: list[str], args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(prefix + ["-m", "hf_llmc", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_torchrun_scan_points_matches_single_process(tiny, tmp_path, capsys):
+    root, a, b, text = tiny
+    common = ["scan", str(a), str(b), "--data", str(text), "--seq-len", "16", "--base", "both", "--alphas", "0.25,0.5"]
+    assert main(common + ["--out", str(tmp_path / "single")]) == 0
+    capsys.readouterr()
+    proc = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517"],
+                   common + ["--out", str(tmp_path / "par"), "--parallel", "points"], tmp_path)
+    assert proc.stdout.count("results:") == 1  # only process 0 reports
+    single = {(r["group"], r["base"], r["alpha"]): r for r in map(json.loads, open(tmp_path / "single/results.jsonl"))}
+    par = {(r["group"], r["base"], r["alpha"]): r for r in map(json.loads, open(tmp_path / "par/results.jsonl"))}
+    assert single.keys() == par.keys() and len(par) > 8
+    for key, row in single.items():
+        for field in ("loss", "accuracy", "barrier", "barrier_se", "error_barrier"):
+            if row[field] is not None:
+                assert close(par[key][field], row[field]), (key, field)
+    manifest = json.loads((tmp_path / "par/scan.json").read_text())
+    assert manifest["status"] == "complete" and manifest["parallel"] == {"mode": "points", "processes": 2}
+    assert not list((tmp_path / "par").glob("results.rank*.jsonl"))  # merged and removed
+
+
+def test_accelerate_launch_barrier_data_matches_single_process(tiny, tmp_path, capsys):
+    root, a, b, text = tiny
+    common = ["barrier", str(a), str(b), "--data", str(text), "--seq-len", "16", "--layers", "mlp.1", "--base", "b"]
+    assert main(common + ["--json-out", str(tmp_path / "single.json")]) == 0
+    capsys.readouterr()
+    proc = _launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518"],
+                   common + ["--parallel", "data", "--json-out", str(tmp_path / "par.json")], tmp_path)
+    assert proc.stdout.count("barrier_mid =") == 1
+    single = json.loads((tmp_path / "single.json").read_text())
+    par = json.loads((tmp_path / "par.json").read_text())
+    assert par["parallel"] == {"mode": "data", "processes": 2}
+    assert_same_result(par, single)
+    assert par["tokens"] == single["tokens"] == 5 * 15
+
