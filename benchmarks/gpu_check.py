@@ -38,8 +38,8 @@ if str(ROOT) not in sys.path:
 
 FULL = dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=16, num_kv_heads=8,
             vocab_size=32000, seq_len=512, blocks=64, batch_size=16, naive_points=3)
-SMOKE = dict(hidden_size=64, intermediate_size=176, num_layers=3, num_heads=4, num_kv_heads=2,
-             vocab_size=320, seq_len=32, blocks=8, batch_size=4, naive_points=2)
+SMOKE = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2,
+             vocab_size=320, seq_len=32, blocks=4, batch_size=2, naive_points=1)
 
 
 def llama_config(s: dict):

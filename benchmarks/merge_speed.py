@@ -8,10 +8,12 @@ about 1.2 GB of float32 weights each), then merges ``attn.0-11`` at α = 0.5 wit
 * the straightforward method: ``from_pretrained`` A and B, average the selected parameters of A
   in place, ``save_pretrained``.
 
-Each method runs in its own subprocess; its peak resident memory is that process's
-``ru_maxrss`` and its wall time is measured by the parent (imports included) and inside the
-process (the work alone). A third subprocess measures the import baseline. The outputs are
-compared tensor by tensor.
+Each method runs in its own subprocess; its peak resident memory is that process's high-water
+mark (``VmHWM``; ``ru_maxrss`` elsewhere) and its wall time is measured by the parent (imports
+included) and inside the process (the work alone). A third subprocess measures the import
+baseline. The outputs are compared tensor by tensor. Runs start from a synced disk, either with
+the two checkpoints evicted from the page cache (``cold``: the first merge after a download, or
+models larger than the cache) or read once beforehand (``warm``).
 
     python benchmarks/merge_speed.py            # full size (~5 GB of disk in the work folder)
     python benchmarks/merge_speed.py --quick    # tiny sizes, seconds
@@ -79,7 +81,19 @@ def worker(kind: str, a: str, b: str, out: str, layers: str, alpha: float) -> di
         model_a.save_pretrained(out)
     else:
         raise ValueError(kind)
-    return {"work_s": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"work_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM is reset at exec, unlike ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- driver --------------------------------------------------------------------------------------
@@ -98,6 +112,7 @@ def build_pair(folder: Path, sizes: dict, seed: int = 0) -> tuple[Path, Path]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives every parameter its own storage; GPT-2's head is the embedding
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -117,6 +132,18 @@ def build_pair(folder: Path, sizes: dict, seed: int = 0) -> tuple[Path, Path]:
     del model
     print(f"built pair: {n / 1e6:.1f} M parameters, {n * 4 / 1e9:.2f} GB float32 each")
     return a, b
+
+
+def set_cache(files: list[Path], state: str) -> None:
+    """Sync the disk, then evict ``files`` from the page cache (cold) or read them once (warm)."""
+    os.sync()
+    for f in files:
+        with open(f, "rb") as fh:
+            if state == "warm":
+                while fh.read(1 << 24):
+                    pass
+            else:
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def run_worker(kind: str, a: Path, b: Path, out: Path, layers: str, alpha: float) -> dict:
@@ -161,6 +188,8 @@ def compare(x: Path, y: Path) -> dict:
 
 
 def main() -> None:
+    from safetensors import safe_open
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke test).")
     parser.add_argument("--workdir", help="Where the pair and the outputs go (default: a temporary folder).")
@@ -168,6 +197,7 @@ def main() -> None:
     parser.add_argument("--layers", default="attn.0-11")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--repeat", type=int, default=1, help="Runs of each method (alternating); medians are reported.")
+    parser.add_argument("--cache", choices=["cold", "warm", "both"], default="both", help="Page-cache state of the two checkpoints at the start of each run.")
     parser.add_argument("--json-out", help="Also write the results as JSON to this file.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--a", help=argparse.SUPPRESS)
@@ -183,47 +213,48 @@ def main() -> None:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hf-llmc-merge-bench-"))
     try:
         a, b = build_pair(work / "pair", sizes)
-        for f in list(a.glob("*.safetensors")) + list(b.glob("*.safetensors")):  # same warm page cache for both
-            with open(f, "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
+        inputs = sorted(a.glob("*.safetensors")) + sorted(b.glob("*.safetensors"))
         baseline = run_worker("baseline", a, b, work / "none", layers, args.alpha)
-        runs: dict[str, list[dict]] = {"hf-llmc": [], "straightforward": []}
-        for i in range(args.repeat):
-            order = ("hf-llmc", "straightforward") if i % 2 == 0 else ("straightforward", "hf-llmc")
-            for kind in order:
-                runs[kind].append(run_worker(kind, a, b, work / f"out-{kind}", layers, args.alpha))
-        check = compare(work / "out-hf-llmc", work / "out-straightforward")
-        med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "work_s", "peak_rss_mb")} for k, v in runs.items()}
-        import torch
-
-        result = {
-            "sizes": sizes, "layers": layers, "alpha": args.alpha, "repeat": args.repeat,
-            "baseline_rss_mb": baseline["peak_rss_mb"], "runs": runs, "median": med,
-            "rss_ratio": med["hf-llmc"]["peak_rss_mb"] / med["straightforward"]["peak_rss_mb"],
-            "wall_ratio": med["hf-llmc"]["wall_s"] / med["straightforward"]["wall_s"],
-            "work_ratio": med["hf-llmc"]["work_s"] / med["straightforward"]["work_s"],
-            "equal": not check["mismatched"], "compare": {**check, "mismatched": check["mismatched"][:10]},
-            "python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
-        }
-        from safetensors import safe_open
-
-        with safe_open(next(a.glob("*.safetensors")), "pt") as fh:
-            result["params_m"] = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()) / 1e6
-        print(f"pair: {result['params_m']:.1f} M parameters per model; merge {layers} at alpha={args.alpha:g}; "
+        with safe_open(inputs[0], "pt") as fh:
+            params_m = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()) / 1e6
+        print(f"pair: {params_m:.1f} M parameters per model; merge {layers} at alpha={args.alpha:g}; "
               f"import baseline {baseline['peak_rss_mb']:.0f} MB")
-        print("| method | wall time (s) | work time (s) | peak RSS (MB) |")
-        print("|---|---:|---:|---:|")
-        for kind, m in med.items():
-            print(f"| {kind} | {m['wall_s']:.1f} | {m['work_s']:.1f} | {m['peak_rss_mb']:.0f} |")
-        if check["mismatched"]:
-            print("mismatched:", ", ".join(check["mismatched"][:10]))
-        print(f"hf-llmc / straightforward: peak RSS x{result['rss_ratio']:.3f}, wall time x{result['wall_ratio']:.3f} "
-              f"(work only x{result['work_ratio']:.3f}); outputs equal: {result['equal']} "
-              f"({check['tensors']} tensors, max abs diff {check['max_abs_diff']:g})")
+        result = {"sizes": sizes, "params_m": params_m, "layers": layers, "alpha": args.alpha, "repeat": args.repeat,
+                  "baseline_rss_mb": baseline["peak_rss_mb"], "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                  "conditions": {}}
+        equal = True
+        for cache in (("cold", "warm") if args.cache == "both" else (args.cache,)):
+            runs: dict[str, list[dict]] = {"hf-llmc": [], "straightforward": []}
+            for i in range(args.repeat):
+                order = ("hf-llmc", "straightforward") if i % 2 == 0 else ("straightforward", "hf-llmc")
+                for kind in order:
+                    set_cache(inputs, cache)
+                    runs[kind].append(run_worker(kind, a, b, work / f"out-{kind}", layers, args.alpha))
+            check = compare(work / "out-hf-llmc", work / "out-straightforward")
+            med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "work_s", "cpu_s", "peak_rss_mb")} for k, v in runs.items()}
+            cond = {
+                "runs": runs, "median": med,
+                "rss_ratio": med["hf-llmc"]["peak_rss_mb"] / med["straightforward"]["peak_rss_mb"],
+                "wall_ratio": med["hf-llmc"]["wall_s"] / med["straightforward"]["wall_s"],
+                "work_ratio": med["hf-llmc"]["work_s"] / med["straightforward"]["work_s"],
+                "cpu_ratio": med["hf-llmc"]["cpu_s"] / med["straightforward"]["cpu_s"],
+                "equal": not check["mismatched"], "compare": {**check, "mismatched": check["mismatched"][:10]},
+            }
+            result["conditions"][cache] = cond
+            equal = equal and cond["equal"]
+            print(f"\n{cache} page cache ({args.repeat} run(s) each, medians):")
+            print("| method | wall time (s) | work time (s) | CPU time (s) | peak RSS (MB) |")
+            print("|---|---:|---:|---:|---:|")
+            for kind, m in med.items():
+                print(f"| {kind} | {m['wall_s']:.1f} | {m['work_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_mb']:.0f} |")
+            if check["mismatched"]:
+                print("mismatched:", ", ".join(check["mismatched"][:10]))
+            print(f"hf-llmc / straightforward: peak RSS x{cond['rss_ratio']:.3f}, wall time x{cond['wall_ratio']:.3f} "
+                  f"(work only x{cond['work_ratio']:.3f}, CPU x{cond['cpu_ratio']:.3f}); outputs equal: {cond['equal']} "
+                  f"({check['tensors']} tensors, max abs diff {check['max_abs_diff']:g})")
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-        if not result["equal"]:
+        if not equal:
             raise SystemExit(1)
     finally:
         if not args.keep and not args.workdir:

@@ -53,6 +53,8 @@ class AutoChoice:
     loss_a: float
     loss_b: float
     loss_merged: float
+    auto_layers: str | None = None
+    scan_dir: str | None = None
 
     @property
     def perplexity_merged(self) -> float:
@@ -183,4 +185,18 @@ def auto_select(pair, data, cfg: AutoConfig, *, alpha: float = 0.5, base: str = 
         candidates=candidates, steps=steps, chosen=[g.name for g in chosen],
         items=[spec_item(g.name, arch) for g in chosen],
         loss_a=ends["a"].loss, loss_b=ends["b"].loss, loss_merged=loss_merged,
+        auto_layers=cfg.auto_layers, scan_dir=Path(cfg.scan_dir).name if cfg.scan_dir else None,
     )
+
+
+def auto_merge(pair, data, out_dir, *, max_barrier: float = DEFAULT_MAX_BARRIER, alpha: float = 0.5, base: str = "a",
+               method: str = "lerp", candidates: str | None = None, scan_dir: str | None = None,
+               batch_size: int | None = None, **save_kwargs):
+    """:func:`auto_select` then :func:`~hf_llmc.export.save_merged` with the choice recorded in the
+    card (what ``hf-llmc merge --auto`` does); returns ``(choice, MergeResult)``."""
+    from .export import save_merged
+
+    cfg = AutoConfig(auto=True, scan_dir=scan_dir, max_barrier=max_barrier, auto_layers=candidates)
+    choice = auto_select(pair, data, cfg, alpha=alpha, base=base, method=method, batch_size=batch_size)
+    result = save_merged(pair, choice.spec(), out_dir, data=data, batch_size=batch_size, auto=choice, **save_kwargs)
+    return choice, result

@@ -209,6 +209,14 @@ class LazyCheckpoint:
         handle = self._handle(self._files[key])
         return handle[key] if self.pickled else handle.get(key)
 
+    def location(self, name: str, aliases: dict[str, str] | None = None) -> tuple[Path, int, int] | None:
+        """(file, byte offset, byte length) of the stored bytes of ``name`` in a safetensors file,
+        for copying them unchanged (e.g. ``os.copy_file_range``); None for pickled weights."""
+        key = self._require(name, aliases)
+        if self.pickled:
+            return None
+        return self._handle(self._files[key]).location(key)
+
     def read_into(self, name: str, out: torch.Tensor, aliases: dict[str, str] | None = None) -> bool:
         """Read tensor ``name`` straight into ``out`` (no temporary) when ``out`` is a contiguous
         CPU tensor of the stored dtype and shape; returns False when it cannot."""
@@ -298,6 +306,10 @@ class SafetensorsFile:
                 if fh.readinto(memoryview(buf.numpy())) != n * itemsize:
                     raise CheckpointError(f"{self.path}: short read for {name}; is the file truncated?")
                 yield start, buf.view(dtype)
+
+    def location(self, name: str) -> tuple[Path, int, int]:
+        begin, end = self._entries[name]["data_offsets"]
+        return self.path, self._start + begin, end - begin
 
     def read_into(self, name: str, out: torch.Tensor) -> bool:
         entry = self._entries[name]

@@ -231,7 +231,7 @@ def cmd_sweep_report(args) -> int:
     for label, values in zip(sweep["rows"], sweep["barrier_mid"]):
         table.add_row(label, *("" if v is None else f"{v:+.3f}" for v in values))
     console.print(table)
-    console.print(f"wrote {written['json']} and {written['heatmap']}")
+    print(f"wrote {written['json']} and {written['heatmap']}")  # plain print: paths are never wrapped
     return 0
 
 
@@ -364,7 +364,7 @@ def cmd_run(args) -> int:
             print(f"  {row['step']} ({row['kind']}) -> {row['output']}")
         print("recipe is valid")
         return 0
-    run_recipe(recipe, out=args.out, overwrite=args.overwrite, echo=console.print)
+    run_recipe(recipe, out=args.out, overwrite=args.overwrite, echo=print)
     return 0
 
 

@@ -415,6 +415,11 @@ def _docs_for_tokens(domain: str, n_tokens: int, seed: int) -> list[str]:
     return docs
 
 
+def _lr_factor(step: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant."""
+    return min(1.0, (step + 1) / warmup)
+
+
 def _train(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: float,
            seed: int) -> list[float]:
     """Plain AdamW loop on random batches of ``blocks``; returns the per-step losses."""
@@ -426,7 +431,7 @@ def _train(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: floa
     losses: list[float] = []
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+            group["lr"] = lr * _lr_factor(step, warmup)
         idx = torch.randint(blocks.shape[0], (batch_size,), generator=gen)
         x = blocks[idx]
         loss = model(input_ids=x, labels=x).loss
@@ -437,6 +442,32 @@ def _train(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: floa
         losses.append(float(loss.detach()))
     model.eval()
     return losses
+
+
+def _train_pair(config, out: Path, blocks_mixed: torch.Tensor,
+                finetune_data: dict[str, torch.Tensor], tokenizer, *, pretrain_steps: int,
+                finetune_steps: int, batch_size: int, lr: float, seed: int,
+                dtype: torch.dtype) -> dict[str, list[float]]:
+    """Pre-train the shared initialisation, fine-tune and save A and B; return losses."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        pre_losses = _train(base, blocks_mixed, steps=pretrain_steps,
+                            batch_size=batch_size, lr=lr, seed=seed)
+        results: dict[str, list[float]] = {"pretrain": pre_losses}
+        for offset, name in enumerate(("a", "b"), start=1):
+            blocks = finetune_data[name]
+            model = copy.deepcopy(base)
+            torch.manual_seed(seed + offset)
+            results[name] = _train(model, blocks, steps=finetune_steps,
+                                   batch_size=batch_size, lr=lr, seed=seed + offset)
+            target = out / name
+            model.to(dtype).save_pretrained(target)
+            tokenizer.save_pretrained(target)
+            del model
+    return results
 
 
 def build_pair(
@@ -459,6 +490,7 @@ def build_pair(
     tie_word_embeddings: bool | None = None,
     replay: float = 0.25,
     eval_blocks: int = 16,
+    num_threads: int | None = 1,
 ) -> DemoPair:
     """Train and save a pair of models fine-tuned from one shared initialisation.
 
@@ -477,7 +509,11 @@ def build_pair(
        text from a different seed, at least ``eval_blocks`` blocks of 64 tokens, goes to
        ``out_dir/"eval.txt"``; training settings and losses to ``out_dir/"demo.json"``.
 
-    Training runs in float32 on CPU and is deterministic given the arguments.
+    Training runs in float32 on CPU with ``num_threads`` torch threads (restored
+    afterwards; ``None`` keeps the caller's setting). One thread is the default because
+    these models are too small to gain from intra-op parallelism, it is robust on a
+    busy machine, and it makes the saved weights independent of the core count: the
+    output is then byte-for-byte deterministic given the arguments.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -511,24 +547,15 @@ def build_pair(
         max_positions=max_positions, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=eos_id, eos_token_id=eos_id)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        pre_losses = _train(base, blocks_mixed, steps=pretrain_steps,
-                            batch_size=batch_size, lr=lr, seed=seed)
-        results: dict[str, list[float]] = {"pretrain": pre_losses}
-        for offset, name in enumerate(("a", "b"), start=1):
-            blocks = finetune_data[name]
-            model = copy.deepcopy(base)
-            torch.manual_seed(seed + offset)
-            results[name] = _train(model, blocks, steps=finetune_steps,
-                                   batch_size=batch_size, lr=lr, seed=seed + offset)
-            target = out / name
-            model.to(dtype).save_pretrained(target)
-            tokenizer.save_pretrained(target)
-            del model
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        results = _train_pair(config, out, blocks_mixed, finetune_data, tokenizer,
+                              pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
+                              batch_size=batch_size, lr=lr, seed=seed, dtype=dtype)
+    finally:
+        torch.set_num_threads(previous_threads)
 
     # Evaluation text: mixed domain, a seed no training set uses.
     eval_seed = seed + 7_777_777

@@ -88,8 +88,14 @@ class Evaluator:
         batch_size: int | None = None,
         cache_device: str | torch.device | None = None,
         shard=None,
+        prefix_store_bytes: int = 0,
     ):
         self.model = model
+        # Hidden states entering every block, recorded per base state during a full forward
+        # run with ``record=True`` while they fit in ``prefix_store_bytes`` (0 = off).
+        self.prefix_store_bytes = prefix_store_bytes
+        self._store: dict[tuple, list[torch.Tensor]] = {}  # (state, batch) -> [h_1 .. h_{L-1}]
+        self._store_bytes = 0
         # Data-parallel split (hf_llmc.distributed.DataShard): this process evaluates its share
         # of the blocks and gathers every process's per-block sums. None = all blocks here.
         self.shard = shard
@@ -193,12 +199,43 @@ class Evaluator:
     def invalidate(self) -> None:
         """Forget cached prefixes (call when the base state of the model changes)."""
         self._cache = {}
+        self._store, self._store_bytes = {}, 0
+
+    @contextlib.contextmanager
+    def _recording(self, idx: torch.Tensor) -> Iterator[None]:
+        """Keep every block's output (the hidden states entering the next block) for batch
+        ``idx`` under the current state, unless that would exceed ``prefix_store_bytes``."""
+        outs: list[torch.Tensor] = []
+        used = [self._store_bytes, True]
+
+        def hook(_mod, _args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            size = h.numel() * h.element_size()
+            if not used[1] or used[0] + size > self.prefix_store_bytes:
+                used[1] = False
+                outs.clear()
+                return
+            outs.append(h.detach().clone().to(self.cache_device or self.device))
+            used[0] += size
+
+        handles = [b.register_forward_hook(hook) for b in self.block_list[:-1]]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        if used[1] and len(outs) == len(self.block_list) - 1:
+            self._store[(self._state, tuple(idx.tolist()))] = outs
+            self._store_bytes = used[0]
 
     def _prefix(self, k: int, idx: torch.Tensor) -> torch.Tensor:
         """Hidden states entering block k for the batch ``idx`` under the current (base) model.
 
         One entry per batch; a later k continues from the cached earlier one."""
         key = tuple(idx.tolist())
+        stored = self._store.get((self._state, key))
+        if stored is not None and 0 < k <= len(stored):
+            return stored[k - 1].to(self.device)
         prev_k, prev = self._cache.get(key, (0, None))
         if prev is not None and prev_k == k:
             return prev.to(self.device)
@@ -212,7 +249,8 @@ class Evaluator:
     # -- public -------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(
-        self, indices: Sequence[int] | torch.Tensor | None = None, start_block: int | None = None, state: object = None
+        self, indices: Sequence[int] | torch.Tensor | None = None, start_block: int | None = None, state: object = None,
+        record: bool = False,
     ) -> BlockStats:
         """Evaluate the live model on the given blocks (default: all).
 
@@ -220,9 +258,14 @@ class Evaluator:
         the model differs from the base in blocks >= k / final norm / head, and the base has not
         changed since the cache was filled). ``state`` names the base state (e.g. "a"/"b"): the
         prefix cache is dropped whenever it changes.
+
+        ``record=True`` promises that the live model holds exactly the base ``state``: a full
+        forward then keeps the hidden states entering every block (within
+        ``prefix_store_bytes``), so later prefixes of that state cost no forward at all. The
+        recorded states are kept per ``state`` until :meth:`invalidate`.
         """
         if state != self._state:
-            self.invalidate()
+            self._cache = {}  # the incremental cache follows one state; the store is per state
             self._state = state
         if indices is None:
             indices = torch.arange(self.blocks.shape[0])
@@ -231,7 +274,7 @@ class Evaluator:
         local = indices if self.shard is None else self.shard.split(indices)
         while True:
             try:
-                stats = self._run(local, k)
+                stats = self._run(local, k, record and k == 0 and self.prefix_store_bytes > 0)
                 return stats if self.shard is None else self.shard.gather(stats, indices)
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
@@ -241,12 +284,13 @@ class Evaluator:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    def _run(self, indices: torch.Tensor, k: int) -> BlockStats:
+    def _run(self, indices: torch.Tensor, k: int, record: bool = False) -> BlockStats:
         loss_sums, corrects = [], []
         for idx in self._batches(indices):
             ids = self.blocks[idx].to(self.device)
             hidden = self._prefix(k, idx) if k > 0 else None
-            logits = self._logits(ids, k, hidden)
+            with self._recording(idx) if record else contextlib.nullcontext():
+                logits = self._logits(ids, k, hidden)
             ls, cs = token_stats(logits, ids)
             loss_sums.append(ls.cpu())
             corrects.append(cs.cpu())

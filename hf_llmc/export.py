@@ -18,10 +18,12 @@ import fnmatch
 import json
 import math
 import os
+import queue
 import shlex
 import shutil
 import struct
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -334,12 +336,28 @@ def _lerp_owned(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return a32.add_(b32)
 
 
-def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor:
+def _stored_bytes(ckpt, key: str) -> ByteRange | None:
+    """Where ``key``'s bytes lie unchanged in a safetensors file (None: pickled, adapter-modified)."""
+    from .adapters import AdapterCheckpoint
+
+    if isinstance(ckpt, AdapterCheckpoint):
+        if key in ckpt.modified_keys():
+            return None
+        ckpt = ckpt.base
+    where = ckpt.location(key) if hasattr(ckpt, "location") else None
+    return ByteRange(*where) if where is not None else None
+
+
+def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor | ByteRange:
     aliases = pair.arch.aliases
-    base, other = ("a", "b") if plan.base == "a" else ("b", "a")
+    base = plan.base
     ckpts = {"a": pair.ckpt_a, "b": pair.ckpt_b}
     keep = 0.0 if plan.base == "a" else 1.0
     if job.param is None or job.alpha is None or job.alpha == keep:
+        if ckpts[base].dtype(job.key) == job.dtype:
+            stored = _stored_bytes(ckpts[base], job.key)
+            if stored is not None:
+                return stored
         value = ckpts[base].get(job.key)
     else:
         a = ckpts["a"].get(job.param, aliases)
@@ -350,6 +368,72 @@ def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor:
     if tuple(value.shape) != job.shape:
         raise RuntimeError(f"{job.key}: shape {tuple(value.shape)} differs from the base's {job.shape}")
     return value.to(job.dtype)
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """Stored bytes of an unchanged tensor, copied file to file by the kernel (no user buffer)."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def copy_to(self, fh) -> None:
+        """Append the bytes to the unbuffered file ``fh`` (``copy_file_range``, else ``pread``)."""
+        with open(self.path, "rb", buffering=0) as src:
+            done = 0
+            if hasattr(os, "copy_file_range"):
+                try:
+                    while done < self.length:
+                        n = os.copy_file_range(src.fileno(), fh.fileno(), self.length - done, self.offset + done)
+                        if n == 0:
+                            break
+                        done += n
+                except OSError:
+                    pass  # e.g. across file systems on old kernels: copy through memory below
+            while done < self.length:
+                chunk = os.pread(src.fileno(), min(self.length - done, 1 << 24), self.offset + done)
+                if not chunk:
+                    raise RuntimeError(f"{self.path}: short read; is the file truncated?")
+                fh.write(chunk)
+                done += len(chunk)
+
+
+class _BackgroundWriter:
+    """Writes byte tensors to a file in a second thread, so reading and mixing the next tensor
+    overlaps the (usually disk-bound) write of this one; at most ``depth`` tensors wait."""
+
+    def __init__(self, fh, depth: int = 1):
+        self.fh = fh
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="hf-llmc-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    if isinstance(item, ByteRange):
+                        item.copy_to(self.fh)
+                    else:
+                        self.fh.write(memoryview(item.numpy()) if isinstance(item, torch.Tensor) else item)
+                except BaseException as err:  # noqa: BLE001 - re-raised in the producing thread
+                    self.error = err
+
+    def write(self, data) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(data)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _write_shard(path: Path, jobs: list[TensorJob], produce, advance) -> None:
@@ -363,19 +447,29 @@ def _write_shard(path: Path, jobs: list[TensorJob], produce, advance) -> None:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     delay = float(os.environ.get(DELAY_ENV) or 0)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
-        for job in jobs:
-            value = produce(job).contiguous().reshape(-1)
-            data = value.view(torch.uint8) if value.numel() else torch.empty(0, dtype=torch.uint8)
-            if data.numel() != job.nbytes:
-                raise RuntimeError(f"{job.key}: {data.numel()} bytes, expected {job.nbytes}")
-            fh.write(memoryview(data.numpy()))
-            del value, data
-            advance()
-            if delay:
-                time.sleep(delay)
+    with open(path, "wb", buffering=0) as fh:
+        writer = _BackgroundWriter(fh)
+        try:
+            writer.write(struct.pack("<Q", len(raw)) + raw)
+            for job in jobs:
+                value = produce(job)
+                if isinstance(value, ByteRange):
+                    if value.length != job.nbytes:
+                        raise RuntimeError(f"{job.key}: {value.length} stored bytes, expected {job.nbytes}")
+                    writer.write(value)
+                else:
+                    value = value.contiguous().reshape(-1)
+                    data = value.view(torch.uint8) if value.numel() else torch.empty(0, dtype=torch.uint8)
+                    if data.numel() != job.nbytes:
+                        raise RuntimeError(f"{job.key}: {data.numel()} bytes, expected {job.nbytes}")
+                    writer.write(data)
+                    del data
+                del value
+                advance()
+                if delay:
+                    time.sleep(delay)
+        finally:
+            writer.close()
 
 
 def shard_size_bytes(size: int | str) -> int:
@@ -615,12 +709,14 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
                   push: PushConfig | None = None, auto=None) -> str:
     """The ``hf-llmc merge`` command that reproduces this merge (local paths by their name only)."""
     argv = ["hf-llmc", "merge", _public(source_a), _public(source_b)]
-    if auto is not None and getattr(auto, "auto", False):
-        argv += ["--auto", "--max-barrier", f"{auto.max_barrier:g}", "--auto-layers", auto.auto_layers]
-        if spec.single_alpha is not None and spec.single_alpha != DEFAULT_ALPHA:
-            argv += ["--alpha", f"{spec.single_alpha:g}"]
+    if auto is not None:  # the automatic choice (an AutoChoice), as the user asked for it
+        argv += ["--auto", "--max-barrier", _num(auto.max_barrier)]
+        if auto.alpha != DEFAULT_ALPHA:
+            argv += ["--alpha", _num(auto.alpha)]
+        if auto.auto_layers:
+            argv += ["--auto-layers", auto.auto_layers]
         if auto.scan_dir:
-            argv += ["--scan-dir", _public(auto.scan_dir)]
+            argv += ["--scan-dir", Path(auto.scan_dir).name]
     else:
         if spec.layers:
             argv += ["--layers", spec.layers]
@@ -638,8 +734,12 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
         for name in ("revision_a", "revision_b"):
             if getattr(load, name, None):
                 argv += ["--" + name.replace("_", "-"), str(getattr(load, name))]
+        if getattr(load, "base_model", None):
+            argv += ["--base-model", _public(load.base_model)]
         if getattr(load, "trust_remote_code", False):
             argv.append("--trust-remote-code")
+        if getattr(load, "allow_pickle", False):
+            argv.append("--allow-pickle")
     if data is not None:
         if data.data:
             argv += ["--eval-data", _public(data.data)]
@@ -689,7 +789,10 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
                    "b": {"model": _public(source_b), "revision": revision_b}}],
     }
     if load is not None:
-        loading = {k: getattr(load, k) for k in ("dtype", "trust_remote_code", "allow_pickle") if getattr(load, k, None)}
+        loading = {k: getattr(load, k) for k in ("dtype", "trust_remote_code", "allow_pickle", "base_model")
+                   if getattr(load, k, None)}
+        if "base_model" in loading:
+            loading["base_model"] = _public(loading["base_model"])
         if loading:
             recipe["load"] = loading
     if data is not None:
@@ -799,7 +902,10 @@ def save_merged(
     if data_cfg is not None and not hasattr(data_cfg, "max_tokens"):
         data_cfg = None  # token blocks / tensors: nothing reproducible to record
     base_ckpt = pair.ckpt_a if spec.base == "a" else pair.ckpt_b
-    command = merge_command(pair.source_a, pair.source_b, spec, export, load=pair.load, data=data_cfg, push=push, auto=auto)
+    command = merge_command(pair.source_a, pair.source_b, spec, export, load=pair.load, data=data_cfg, push=push)
+    if auto is not None:
+        auto = {**auto.to_dict(), "command": merge_command(pair.source_a, pair.source_b, spec, export, load=pair.load,
+                                                           data=data_cfg, push=push, auto=auto)}
     recipe = reproduction_recipe(pair.source_a, pair.source_b, pair.ckpt_a.revision, pair.ckpt_b.revision, spec, export,
                                  load=pair.load, data=data_cfg)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

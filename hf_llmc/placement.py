@@ -127,14 +127,19 @@ def load_kwargs(
     if quant is not None:
         kwargs["quantization_config"] = quant
         if device_map is None:
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
             device_map = {"": str(device)}
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
     if offload_folder is not None:
-        Path(offload_folder).mkdir(parents=True, exist_ok=True)
-        kwargs["offload_folder"] = str(offload_folder)
+        folder = Path(offload_folder)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # processes write path points there: one folder each
+            folder = folder / f"rank{os.environ.get('RANK', '0')}"
+        folder.mkdir(parents=True, exist_ok=True)
+        kwargs["offload_folder"] = str(folder)
     return kwargs
 
 
@@ -260,7 +265,10 @@ def attach(pair) -> None:
     """Give the pair's interpolator a writer when offloaded or quantized weights need one;
     report the checkpoint shapes of packed quantized weights; re-write quantized weights once so
     that every later restore is bitwise the evaluated state."""
-    writer = ParamWriter(pair.model, pair.arch.aliases, scratch=pair.load.offload_folder and Path(pair.load.offload_folder) / "hf-llmc")
+    scratch = None
+    if pair.load.offload_folder:
+        scratch = Path(pair.load.offload_folder) / f"hf-llmc-rank{os.environ.get('RANK', '0')}"
+    writer = ParamWriter(pair.model, pair.arch.aliases, scratch=scratch)
     if not writer.needed:
         return
     pair.interp.writer = writer

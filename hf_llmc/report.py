@@ -174,8 +174,7 @@ def plot_heatmap(summary: dict, path: Path, block_prefix: str | None = None) -> 
     half = float(np.max(np.abs(finite))) if finite.size else 1.0
     half = half if half > 0 else 1e-6
     norm = TwoSlopeNorm(vmin=-half, vcenter=0.0, vmax=half)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#d9d9d9")
     n_rows, n_cols = data.shape
     fig_w = min(3.2 + 1.15 * n_cols + max(len(short_name(n, block_prefix)) for n in names) * 0.075, 22)
     fig_h = min(1.6 + 0.34 * n_rows, 40)

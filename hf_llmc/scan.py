@@ -483,6 +483,18 @@ def _progress(enabled: bool):
 Evaluate = Callable[["ScanRunner", ScanPoint], BlockStats]
 
 
+def prefix_store_budget(device: torch.device) -> int:
+    """Bytes the evaluator may keep for per-block base hidden states: a tenth of the free device
+    memory (CPU: of the available RAM, at most 4 GiB). When they do not fit, prefixes are
+    computed incrementally instead (one pass over the blocks per base)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.1 * free)
+    import psutil
+
+    return int(min(4 << 30, 0.1 * psutil.virtual_memory().available))
+
+
 class ScanRunner:
     """Plans, orders and executes one scan into an output folder (see the module docstring).
 
@@ -494,7 +506,7 @@ class ScanRunner:
 
     def __init__(self, pair, blocks: TokenBlocks, cfg: ScanConfig, out_dir: str | os.PathLike, *,
                  progress: bool = True, evaluate: Evaluate | None = None, plan: ScanPlan | None = None,
-                 points: list[ScanPoint] | None = None):
+                 points: list[ScanPoint] | None = None, prefix_store_bytes: int | None = None):
         cfg.validate()
         self.pair = pair
         self.blocks = blocks
@@ -506,11 +518,18 @@ class ScanRunner:
         self.full = pair.full_group()
         self.points = points if points is not None else plan_points(self.plan, self.full, cfg)
         self.ev = pair.evaluator(blocks, cfg.batch_size)
+        if cfg.prefix:  # the endpoint runs record every block's input, so prefixes cost no forward
+            self.ev.prefix_store_bytes = prefix_store_budget(self.ev.device) if prefix_store_bytes is None else prefix_store_bytes
         self.ends: dict[str, BlockStats] = {}
 
     # -- identity -----------------------------------------------------------------------------
     def hashed(self) -> dict:
         """Everything that changes the numbers: settings, model fingerprints, data, dtype."""
+        if getattr(self, "_hashed", None) is None:
+            self._hashed = self._identity()
+        return self._hashed
+
+    def _identity(self) -> dict:
         pair = self.pair
         dtype = next(iter(pair.model.parameters())).dtype
         return {
@@ -555,7 +574,11 @@ class ScanRunner:
 
     # -- evaluation ---------------------------------------------------------------------------
     def endpoint(self, which: str) -> BlockStats:
-        return self.pair.endpoint(which, self.ev, self.blocks)
+        """The full model ``which``; its run records the base hidden states for prefix reuse."""
+        from .pair import check_finite
+
+        self.pair.interp.set_base(which)
+        return check_finite(self.ev.run(None, state=which, record=self.cfg.prefix), f"model {which.upper()}")
 
     def evaluate_point(self, point: ScanPoint) -> BlockStats:
         """The path point evaluated on the live model, with prefix reuse unless disabled."""

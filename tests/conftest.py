@@ -5,7 +5,8 @@ Fixtures (all session-scoped, all offline, all deterministic):
 * ``make_pair(model_type="gpt2", **overrides) -> DemoPair`` — builds (once per distinct
   argument set) a trained pair with :func:`hf_llmc.demo.build_pair` under a session
   temporary folder. Defaults are :data:`TINY_PAIR` (a few seconds per pair); the GPT-2
-  default pair shows a clear full-interpolation barrier on its ``eval.txt``.
+  default pair shows a clear full-interpolation barrier on its ``eval.txt`` (midpoint
+  0.39 nats above the endpoints' mean for seed 0; 0.26-0.39 for seeds 0-2).
 * ``gpt2_pair`` (3 blocks), ``llama_pair`` (6 blocks: ``attn.0``-``attn.5`` exist),
   ``neox_pair`` (3 blocks) — ``make_pair`` shortcuts.
 * ``tiny_model(model_type, **config_overrides) -> PreTrainedModel`` — random init (seed
@@ -50,8 +51,8 @@ TINY_PAIR: dict[str, Any] = {
     "num_heads": 4,
     "vocab_size": 512,
     "max_positions": 128,
-    "pretrain_steps": 5,
-    "finetune_steps": 120,
+    "pretrain_steps": 2,
+    "finetune_steps": 150,
     "seq_len": 64,
     "batch_size": 8,
     "lr": 5e-3,

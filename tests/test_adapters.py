@@ -100,7 +100,9 @@ def test_adapter_pair_matches_merged_checkpoints(lora):
 
 def test_adapter_midpoint_against_plain_forward(lora):
     """Independent check: a fresh model loaded with the averaged merged state dict."""
-    _, root, ids = lora
+    model_type, root, ids = lora
+    if model_type != "llama":
+        pytest.skip("Llama has the most adapter features (embedding LoRA, modules_to_save)")
     ad = ModelPair.from_pretrained(root / "a", root / "b")
     result = ad.barrier(ids, alphas="0,0.5,1")
     sa = AutoModelForCausalLM.from_pretrained(str(root / "a") + "_merged").state_dict()
@@ -128,6 +130,8 @@ def test_mixed_pair_full_vs_adapter(lora):
 
 def test_base_model_override_and_different_bases(lora, tmp_path):
     model_type, root, ids = lora
+    if model_type != "gpt2":
+        pytest.skip("one architecture is enough for base resolution")
     # An adapter whose recorded base is gone: a clear error, then --base-model fixes it.
     moved = tmp_path / "moved_base"
     shutil.copytree(root / "base", moved)

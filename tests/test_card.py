@@ -92,7 +92,7 @@ def test_card_without_evaluation_or_license(dirs, tmp_path):
     assert card.data.license is None and not card.data.eval_results
     assert "model-index" not in (tmp_path / "m" / "README.md").read_text()
     assert "## Evaluation" not in card.text
-    assert "every other tensor, the\nconfig and the tokenizer come from **model-b**" in card.text
+    assert "the config and the tokenizer come from\n**model-b**" in card.text
     assert "--base b" in card.text and "--method slerp" in card.text
 
 

@@ -139,7 +139,7 @@ def test_pair_builds_and_loads(gpt2_pair):
         assert model.config.vocab_size == pair.tokenizer_vocab_size
         assert model.config.eos_token_id == tok.eos_token_id
     meta = json.loads((pair.a.parent / "demo.json").read_text())
-    assert meta["finetune_steps"] == 120
+    assert meta["finetune_steps"] == 150
     _eval_blocks(pair)  # at least 16 blocks of 64 tokens
     with pytest.raises(Exception):  # frozen dataclass
         pair.a = pair.b  # type: ignore[misc]

@@ -198,9 +198,13 @@ def test_perplexity_equals_barrier_curve(dirs, live, tmp_path):
 
 
 def test_pair_merge_returns_the_live_model(dirs, live, tmp_path):
-    save_merged(lazy_pair(dirs["a"], dirs["b"]), "attn.0-1=0.3; mlp.2=0.75", tmp_path / "ref")
+    # several α: the card's perplexity comes from the live model set to the merge
+    result = save_merged(live, "attn.0-1=0.3; mlp.2=0.75", tmp_path / "ref", data=str(dirs["eval"]))
     expected = state(tmp_path / "ref")
     ids = live.blocks(str(dirs["eval"])).ids
+    reloaded = plain_loss(AutoModelForCausalLM.from_pretrained(tmp_path / "ref"), ids)
+    assert result.evaluation["merged"]["loss"] == pytest.approx(reloaded, rel=REL)
+    assert "merge_barrier" not in result.evaluation
     model = live.merge(MergeSpec(sets=["attn.0-1=0.3", "mlp.2=0.75"]))
     assert model is live.model
     current = model.state_dict()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,20 @@ import pytest
 
 from hf_llmc.cli import main
 
-from scale_utils import assert_same_result, build_full_pair, close, eval_ids, write_eval_text
+from scale_utils import assert_same_result, close
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun not installed")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mp")
-    a, b = build_full_pair(root, "gpt2", num_layers=2, hidden_size=32)
-    text = write_eval_text(root / "eval.txt", eval_ids(n_blocks=5, seq_len=16))  # 5 blocks: uneven split
-    return root, a, b, text
+def tiny(gpt2_pair):
+    """The shared trained GPT-2 pair (a real barrier), evaluated on 5 blocks of 48 tokens
+    (5 blocks: an uneven split between 2 processes)."""
+    return gpt2_pair.a.parent, gpt2_pair.a, gpt2_pair.b, gpt2_pair.eval_text
+
+
+DATA = ["--seq-len", "48", "--max-tokens", "240"]
 
 
 def _launch(prefix: list[str], args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -40,7 +41,7 @@ def _launch(prefix: list[str], args: list[str], cwd: Path) -> subprocess.Complet
 
 def test_torchrun_scan_points_matches_single_process(tiny, tmp_path, capsys):
     root, a, b, text = tiny
-    common = ["scan", str(a), str(b), "--data", str(text), "--seq-len", "16", "--base", "both", "--alphas", "0.25,0.5"]
+    common = ["scan", str(a), str(b), "--data", str(text), *DATA, "--base", "both", "--alphas", "0.25,0.5"]
     assert main(common + ["--out", str(tmp_path / "single")]) == 0
     capsys.readouterr()
     proc = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517"],
@@ -60,7 +61,7 @@ def test_torchrun_scan_points_matches_single_process(tiny, tmp_path, capsys):
 
 def test_accelerate_launch_barrier_data_matches_single_process(tiny, tmp_path, capsys):
     root, a, b, text = tiny
-    common = ["barrier", str(a), str(b), "--data", str(text), "--seq-len", "16", "--layers", "mlp.1", "--base", "b"]
+    common = ["barrier", str(a), str(b), "--data", str(text), *DATA, "--layers", "mlp.1", "--base", "b"]
     assert main(common + ["--json-out", str(tmp_path / "single.json")]) == 0
     capsys.readouterr()
     proc = _launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -71,5 +72,6 @@ def test_accelerate_launch_barrier_data_matches_single_process(tiny, tmp_path, c
     par = json.loads((tmp_path / "par.json").read_text())
     assert par["parallel"] == {"mode": "data", "processes": 2}
     assert_same_result(par, single)
-    assert par["tokens"] == single["tokens"] == 5 * 15
+    assert par["tokens"] == single["tokens"] == 5 * 47
+    assert single["barrier_max"] > 0.01  # a trained pair: a visible barrier to agree on
 

@@ -30,6 +30,7 @@ from hf_llmc.pair import ModelPair
 from hf_llmc.scan import (
     RESULTS,
     ScanConfig,
+    ScanRunner,
     ScanError,
     ScanSettingsError,
     build_plan,
@@ -191,32 +192,37 @@ def test_prefix_reuse_gives_identical_numbers_and_skips_prefix_blocks(gpt2, tmp_
     _, block_list = find_block_list(pair.model)
     for j, block in enumerate(block_list):  # a skipped block never calls its attention module
         handles.append(block.attn.register_forward_pre_hook(lambda *_a, j=j: counts.__setitem__(j, counts.get(j, 0) + 1)))
+    batches = math.ceil(blocks.num_blocks / pair.evaluator(blocks).batch_size)
+    # "store": base hidden states recorded during the endpoint runs; "chain": prefixes computed
+    # incrementally (store disabled); "off": every point runs the whole model.
+    settings = {"store": (True, None), "chain": (True, 0), "off": (False, None)}
+    results = {}
     try:
-        results = {}
-        for prefix in (True, False):
+        for label, (prefix, store) in settings.items():
             counts.clear()
-            pair._endpoint_cache.clear()
             cfg = ScanConfig(granularity="block", base="a", alphas="0.5", prefix=prefix)
-            results[prefix] = run_scan(pair, blocks, cfg, tmp_path / f"p{prefix}", progress=False)
-            batches = math.ceil(blocks.num_blocks / pair.evaluator(blocks).batch_size)
+            runner = ScanRunner(pair, blocks, cfg, tmp_path / label, progress=False, prefix_store_bytes=store)
+            results[label] = runner.run()
             for j in range(n):
-                # endpoints (2) + full row (1) + the block groups starting at or before j; with
-                # reuse, one pass through j while building the next group's prefix, plus the
-                # evaluator's one-off 2-token probe of the block output formats.
-                if prefix:
-                    expected = (3 + (j + 1) + (1 if j < n - 1 else 0)) * batches + 1
-                else:
-                    expected = (3 + n) * batches
-                assert counts.get(j, 0) == expected, (prefix, j, counts)
+                # endpoints (2) + full row (1) + the block groups starting at or before j; with the
+                # chain, one more pass through j while building the next group's prefix; with
+                # reuse, the evaluator's one-off 2-token probe of the block output formats.
+                expected = {
+                    "store": (3 + (j + 1)) * batches + 1,
+                    "chain": (3 + (j + 1) + (1 if j < n - 1 else 0)) * batches + 1,
+                    "off": (3 + n) * batches,
+                }[label]
+                assert counts.get(j, 0) == expected, (label, j, counts)
     finally:
         for h in handles:
             h.remove()
-    on = {row_key(r): r for r in results[True]}
-    off = {row_key(r): r for r in results[False]}
-    assert on.keys() == off.keys()
-    for key in on:
-        assert _close(on[key]["loss"], off[key]["loss"], 1e-9), key
-        assert on[key]["accuracy"] == off[key]["accuracy"]
+    off = {row_key(r): r for r in results["off"]}
+    for label in ("store", "chain"):
+        on = {row_key(r): r for r in results[label]}
+        assert on.keys() == off.keys()
+        for key in on:
+            assert _close(on[key]["loss"], off[key]["loss"], 1e-9), (label, key)
+            assert on[key]["accuracy"] == off[key]["accuracy"]
 
 
 def test_plans(gpt2, llama):

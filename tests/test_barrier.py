@@ -1,0 +1,157 @@
+"""Barriers: in-place path points vs freshly built interpolated models."""
+
+import math
+
+import pytest
+import torch
+
+from hf_llmc.barrier import parse_alphas
+from hf_llmc.data import DataConfig
+from hf_llmc.pair import ModelPair
+
+from reference import interpolated_state, plain_eval, rel, state_dict
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def llama(llama_pair):
+    pair = ModelPair.from_pretrained(llama_pair.a, llama_pair.b, device="cpu")
+    blocks = pair.blocks(DataConfig(data=str(llama_pair.eval_text), seq_len=32, max_tokens=32 * 6))
+    return llama_pair, pair, blocks, state_dict(llama_pair.a), state_dict(llama_pair.b)
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_pair):
+    pair = ModelPair.from_pretrained(gpt2_pair.a, gpt2_pair.b, device="cpu")
+    blocks = pair.blocks(DataConfig(data=str(gpt2_pair.eval_text), seq_len=32, max_tokens=32 * 6))
+    return gpt2_pair, pair, blocks, state_dict(gpt2_pair.a), state_dict(gpt2_pair.b)
+
+
+def _names(pair, layers):
+    return None if layers is None else [p for g in pair.groups(layers) for p in g.parameters]
+
+
+@pytest.mark.parametrize(
+    "layers,base,method",
+    [
+        (None, "a", "lerp"),
+        (None, "b", "slerp"),
+        ("block.2", "a", "lerp"),
+        ("block.2", "b", "lerp"),
+        ("attn.1", "a", "slerp"),
+        ("attn.4", "b", "lerp"),
+        ("mlp.0", "a", "lerp"),
+        ("mlp.5", "b", "slerp"),
+        ("attn.0-1,mlp.3", "a", "lerp"),
+        ("final_norm,head", "b", "lerp"),
+    ],
+)
+def test_in_place_path_equals_fresh_model(llama, layers, base, method):
+    demo, pair, blocks, sd_a, sd_b = llama
+    result = pair.barrier(blocks, layers=layers, alphas=[0.3, 0.5], base=base, method=method)
+    if layers is None:  # endpoints once is enough
+        loss_a, _ = plain_eval(demo.a, sd_a, blocks.ids)
+        loss_b, _ = plain_eval(demo.b, sd_b, blocks.ids)
+        assert rel(result.loss_a, loss_a) < TOL and rel(result.loss_b, loss_b) < TOL
+    for alpha in (0.3, 0.5):
+        state = interpolated_state(sd_a, sd_b, _names(pair, layers), alpha, base, method, pair.arch.tied)
+        loss, acc = plain_eval(demo.a, state, blocks.ids)
+        i = result.alphas.index(alpha)
+        assert rel(result.loss[i], loss) < TOL, (layers, base, alpha)
+        assert abs(result.accuracy[i] - acc) < 1e-9
+    mid = result.loss[result.alphas.index(0.5)]
+    assert result.barrier_mid == pytest.approx(mid - (result.loss_a + result.loss_b) / 2, abs=1e-12)
+
+
+def test_gpt2_tied_embedding_moves_the_head(gpt2):
+    demo, pair, blocks, sd_a, sd_b = gpt2
+    (group,) = pair.groups("embed")
+    assert "transformer.wte.weight" in group.parameters and group.first_block is None
+    result = pair.barrier(blocks, layers="embed", alphas=[0.5])
+    state = interpolated_state(sd_a, sd_b, group.parameters, 0.5, "a", "lerp", pair.arch.tied)
+    assert torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])
+    loss, _ = plain_eval(demo.a, state, blocks.ids)
+    assert rel(result.loss[result.alphas.index(0.5)], loss) < TOL
+    # the head group is the same tensor: same number
+    head = pair.barrier(blocks, layers="head", alphas=[0.5])
+    other = pair.barrier(blocks, layers="re:transformer\\.wte\\.weight", alphas=[0.5])
+    assert head.loss == other.loss
+
+
+def test_full_barrier_is_positive_on_the_demo_pair(gpt2):
+    _, pair, blocks, _, _ = gpt2
+    result = pair.barrier(blocks)
+    assert result.alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert result.loss[0] == result.loss_a and result.loss[-1] == result.loss_b
+    assert result.barrier_mid > 3 * result.barrier_mid_se > 0
+    assert result.barrier_max >= result.barrier_mid
+    assert result.perplexity[2] == pytest.approx(math.exp(result.loss[2]))
+
+
+def test_paired_standard_error(llama):
+    demo, pair, blocks, sd_a, sd_b = llama
+    result = pair.barrier(blocks, layers="mlp.2", alphas=[0.5])
+    names = _names(pair, "mlp.2")
+    mid_state = interpolated_state(sd_a, sd_b, names, 0.5, "a", "lerp")
+    la, _ = plain_eval(demo.a, sd_a, blocks.ids, per_block=True)
+    lb, _ = plain_eval(demo.b, sd_b, blocks.ids, per_block=True)
+    lm, _ = plain_eval(demo.a, mid_state, blocks.ids, per_block=True)
+    d = torch.tensor([m - (x + y) / 2 for m, x, y in zip(lm, la, lb)], dtype=torch.float64)
+    assert result.barrier_mid == pytest.approx(float(d.mean()), rel=1e-4, abs=1e-7)
+    assert result.barrier_mid_se == pytest.approx(float(d.std() / math.sqrt(len(d))), rel=1e-3, abs=1e-7)
+
+
+def test_restore_is_bitwise(llama):
+    _, pair, blocks, _, _ = llama
+    before = {n: p.detach().clone() for n, p in pair.model.named_parameters()}
+    for layers, base in ((None, "a"), ("attn.2", "b"), ("mlp.1", "a")):
+        pair.barrier(blocks, layers=layers, alphas=[0.5], base=base, method="slerp")
+    pair.interp.set_base("a")
+    for name, param in pair.model.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_restore_after_an_error_inside_the_point(llama):
+    _, pair, _, _, _ = llama
+    before = {n: p.detach().clone() for n, p in pair.model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with pair.interp.at(pair.groups("block.1"), 0.5):
+            raise RuntimeError("boom")
+    assert all(torch.equal(p, before[n]) for n, p in pair.model.named_parameters())
+
+
+def test_prefix_reuse_gives_identical_numbers(llama):
+    _, pair, blocks, _, _ = llama
+    for layers in ("attn.3", "mlp.5", "block.1", "final_norm"):
+        on = pair.barrier(blocks, layers=layers, alphas=[0.5], prefix=True)
+        off = pair.barrier(blocks, layers=layers, alphas=[0.5], prefix=False)
+        assert on.loss == pytest.approx(off.loss, rel=1e-6)
+
+
+def test_bf16_live_model_uses_float32_arithmetic(llama_pair):
+    pair = ModelPair.from_pretrained(llama_pair.a, llama_pair.b, device="cpu", dtype="bfloat16")
+    name = pair.groups("attn.1")[0].parameters[0]
+    a, b = pair.ckpt_a.get(name), pair.ckpt_b.get(name)
+    with pair.interp.at(pair.groups("attn.1"), 0.3):
+        value = dict(pair.model.named_parameters())[name].detach().clone()
+    expected = (a.float() * 0.7 + b.float() * 0.3).to(torch.bfloat16)
+    assert value.dtype == torch.bfloat16 and torch.equal(value, expected)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("0,0.25,1", [0.0, 0.25, 0.5, 1.0]), ("5", [0.0, 0.25, 0.5, 0.75, 1.0]), ("0.5", [0.5]), ([0.1], [0.1, 0.5])],
+)
+def test_parse_alphas(text, expected):
+    assert parse_alphas(text) == expected
+
+
+@pytest.mark.parametrize("text,message", [("", "empty"), ("a,b", "not a comma-separated"), ("1.5", "outside"), ("-0.1", "outside"), ("nan", "finite")])
+def test_parse_alphas_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_alphas(text)
+
+
+def test_extrapolation_opt_in():
+    assert parse_alphas("-0.5,1.5", allow_extrapolation=True) == [-0.5, 0.5, 1.5]
