@@ -100,12 +100,12 @@ def straightforward(model, sd: dict, ids: torch.Tensor, points, batch_size: int)
     return losses, forwards
 
 
-def run(sizes: dict, threads: int | None) -> dict:
+def run(sizes: dict, threads: int | None, store: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="hf-llmc-scan-speed-") as tmp:
-        return _run(sizes, threads, Path(tmp))
+        return _run(sizes, threads, Path(tmp), store)
 
 
-def _run(sizes: dict, threads: int | None, tmp: Path) -> dict:
+def _run(sizes: dict, threads: int | None, tmp: Path, store: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from hf_llmc.pair import ModelPair
@@ -128,13 +128,14 @@ def _run(sizes: dict, threads: int | None, tmp: Path) -> dict:
     full_f = n_blocks * block_f + head_f
 
     pair.evaluator(blocks, batch_size).run(state="a")  # warm-up
-    report = {"sizes": sizes, "threads": torch.get_num_threads(),
+    report = {"sizes": sizes, "threads": torch.get_num_threads(), "prefix_store": store,
               "block_flops_per_token": block_f, "head_flops_per_token": head_f, "scans": {}}
     for label, cfg in (("single-block", ScanConfig(granularity="block", base="both", alphas="0.5")),
                        ("cumulative-deep", ScanConfig(mode="cumulative", order="deep", base="both", alphas="0.5"))):
         out = tmp / f"scan-{label}"
         pair._endpoint_cache.clear()  # both methods evaluate the endpoints inside the timing
-        runner = ScanRunner(pair, blocks, dataclasses.replace(cfg, batch_size=batch_size), out, progress=False)
+        runner = ScanRunner(pair, blocks, dataclasses.replace(cfg, batch_size=batch_size), out, progress=False,
+                            prefix_store_bytes=None if store else 0)
         with Timer() as t_hf:
             rows = runner.run(overwrite=True)
 
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
     parser.add_argument("--blocks", type=int, default=None, help="Token blocks (default: 4).")
     parser.add_argument("--seq-len", type=int, default=None, help="Tokens per block (default: 128; quick: 32).")
+    parser.add_argument("--no-store", action="store_true", help="Do not keep the base hidden states of every block from the endpoint runs (prefixes are then built incrementally, one pass over the blocks per base).")
     parser.add_argument("--json-out", help="Also write the numbers as JSON to this file.")
     args = parser.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
@@ -201,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    report = run(sizes, args.threads)
+    report = run(sizes, args.threads, store=not args.no_store)
     report["total_s"] = time.perf_counter() - t0
     s = sizes
     print(f"Llama-shaped pair: {s['num_layers']} blocks, hidden {s['hidden_size']}, vocab {s['vocab_size']}; "
-          f"{s['blocks']} x {s['seq_len']} tokens; {report['threads']} thread(s)")
+          f"{s['blocks']} x {s['seq_len']} tokens; {report['threads']} thread(s); "
+          f"prefix store {'on' if report['prefix_store'] else 'off'}")
     ok = True
     for label, r in report["scans"].items():
         print(f"{label:16s} points {r['points']:3d}  CPU s: hf-llmc {r['t_hf_llmc_s']:7.2f}  straightforward "

@@ -1,10 +1,37 @@
-"""hf-llmc: layer-wise linear mode connectivity for Hugging Face transformer checkpoints."""
+"""hf-llmc: layer-wise linear mode connectivity for Hugging Face transformer checkpoints.
 
-from .barrier import BarrierResult
-from .export import MergeSpec, save_merged
-from .pair import LoadConfig, ModelPair
-from .selection import Group, parse_spec, resolve
+Public names are imported lazily so that ``import hf_llmc`` (and CLI commands that need no
+model, such as ``hf-llmc push``) stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["BarrierResult", "Group", "LoadConfig", "MergeSpec", "ModelPair", "parse_spec", "resolve", "save_merged", "__version__"]
+_EXPORTS = {
+    "BarrierResult": "barrier",
+    "Group": "selection",
+    "LoadConfig": "pair",
+    "MergeSpec": "export",
+    "ModelPair": "pair",
+    "parse_spec": "selection",
+    "resolve": "selection",
+    "save_merged": "export",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .barrier import BarrierResult
+    from .export import MergeSpec, save_merged
+    from .pair import LoadConfig, ModelPair
+    from .selection import Group, parse_spec, resolve
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_llmc' has no attribute {name!r}")

@@ -94,6 +94,12 @@ def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyChec
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         del a, b
+        m = per_tensor[name]
+        if not all(math.isfinite(v) for v in (m.sq_a, m.sq_b, m.dot, m.sq_diff)):  # never report a nan distance
+            from .export import NonFiniteTensorError
+
+            which = " and ".join(w for w, v in (("A", m.sq_a), ("B", m.sq_b)) if not math.isfinite(v)) or "A or B"
+            raise NonFiniteTensorError(f"{name}: non-finite values (NaN/inf) in {which}; no distance is reported")
     rows = []
     for g in groups:
         total = TensorMoments()

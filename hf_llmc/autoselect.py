@@ -64,8 +64,11 @@ class AutoChoice:
         """The :class:`~hf_llmc.export.MergeSpec` of the chosen groups at α."""
         from .export import MergeSpec, format_alpha
 
-        return MergeSpec(sets=[f"{item}={format_alpha(self.alpha, None)}" for item in self.items],
-                         method=self.method, base=self.base)
+        alpha = format_alpha(self.alpha, None)
+        plain = [item for item in self.items if not item.startswith("re:")]  # one comma list
+        sets = ([f"{','.join(plain)}={alpha}"] if plain else []) + [
+            f"{item}={alpha}" for item in self.items if item.startswith("re:")]
+        return MergeSpec(sets=sets, method=self.method, base=self.base)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"perplexity_merged": self.perplexity_merged}

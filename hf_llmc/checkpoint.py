@@ -90,6 +90,22 @@ def display_name(source: str | os.PathLike) -> str:
     return path.resolve().name if path.exists() else str(source)
 
 
+def _load_pickle(file: Path) -> dict:
+    """``torch.load(weights_only=True)``: tensors only; a pickle that would run code or build other
+    objects is refused with a :class:`CheckpointError` (never unpickled with full rights)."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...
+        lines = [line.strip() for line in str(err).splitlines() if "Unsupported" in line]
+        why = lines[0][:160] if lines else type(err).__name__
+        raise CheckpointError(
+            f"{file.name}: refused by torch.load(weights_only=True) ({why}); only plain tensors are loaded"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file.name}: not a state dict of tensors")
+    return state
+
+
 class LazyCheckpoint:
     """Tensors of one checkpoint, read on demand from memory-mapped files."""
 
@@ -131,11 +147,22 @@ class LazyCheckpoint:
     @staticmethod
     def _index(folder: Path, allow_pickle: bool) -> tuple[dict[str, Path], bool]:
         def from_index(index_file: Path) -> dict[str, Path]:
+            from .security import UnsafePathError, safe_join
+
             try:
                 weight_map = json.loads(index_file.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
+            except (ValueError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index_file}: unreadable index ({err})") from None
-            out = {name: folder / shard for name, shard in weight_map.items()}
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_file}: unreadable index (weight_map is not a mapping of names to files)")
+            out = {}
+            for name, shard in weight_map.items():
+                try:  # a shard name must not lead outside the folder (../x, /abs/path)
+                    out[name] = safe_join(folder, shard)
+                except UnsafePathError:
+                    raise CheckpointError(
+                        f"{index_file.name} names shard {shard}, which lies outside the model folder; refusing to read it"
+                    ) from None
             for shard in sorted(set(out.values())):
                 if not shard.is_file():
                     raise CheckpointError(f"{folder}: shard {shard.name} is listed in {index_file.name} but missing")
@@ -155,7 +182,7 @@ class LazyCheckpoint:
                 )
             if (folder / PICKLE_INDEX).is_file():
                 return from_index(folder / PICKLE_INDEX), True
-            state = torch.load(singles[0], map_location="cpu", weights_only=True, mmap=True)
+            state = _load_pickle(singles[0])
             return {name: singles[0] for name in state}, True
         raise CheckpointError(f"{folder}: no model weights (model.safetensors or {SAFE_INDEX}) found")
 
@@ -163,7 +190,7 @@ class LazyCheckpoint:
         handle = self._handles.get(file)
         if handle is None:
             if self.pickled:
-                handle = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                handle = _load_pickle(file)
             else:
                 handle = SafetensorsFile(file)
             self._handles[file] = handle

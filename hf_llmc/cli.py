@@ -115,6 +115,22 @@ def data_config(args):
     return cfg
 
 
+def sequential_config(args):
+    """SequentialConfig from --target-se/--decide/... (None when neither --target-se nor --decide)."""
+    from .sequential import SequentialConfig
+
+    cfg = from_args(SequentialConfig, args)
+    if not cfg.enabled:
+        return None
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if getattr(args, "parallel", "none") != "none":
+        raise UsageError("--target-se/--decide (sequential estimation) cannot be combined with --parallel yet")
+    return cfg
+
+
 def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
@@ -183,6 +199,11 @@ def cmd_barrier(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     data = data_config(args)
+    sequential = sequential_config(args)
+    if args.json_out:
+        from .export import check_writable
+
+        check_writable(Path(args.json_out).parent, f"--json-out {args.json_out}")  # before any work
     from .distributed import is_main_process, setup_parallel
 
     shard = setup_parallel(args)
@@ -190,7 +211,8 @@ def cmd_barrier(args) -> int:
     pair.shard = shard
     if args.layers:
         pair.groups(args.layers)  # validate the spec before any data work
-    result = pair.barrier(data, layers=args.layers, alphas=alphas, base=args.base, method=args.method, batch_size=args.batch_size)
+    result = pair.barrier(data, layers=args.layers, alphas=alphas, base=args.base, method=args.method, batch_size=args.batch_size,
+                          sequential=sequential)
     if not is_main_process():
         return 0  # only process 0 prints and writes
     table = Table(title=f"barrier of {args.layers or 'the full model'} (base {args.base.upper()}, {args.method})")
@@ -205,6 +227,15 @@ def cmd_barrier(args) -> int:
         f"(perplexity x{result.barrier_mid_ratio:.4f}); barrier_max = {result.barrier_max:+.4f}; "
         f"tokens = {result.tokens:,}"
     )
+    if sequential is not None:
+        x = result.extra
+        low, high = x["barrier_mid_interval"] or (float("nan"), float("nan"))
+        verdict = f"decision {x['decision']} (T = {sequential.decide:g}); " if sequential.decide is not None else ""
+        console.print(
+            f"sequential: {verdict}{100 * sequential.confidence:g}% interval [{low:+.4f}, {high:+.4f}] "
+            f"({x['interval_method']}); tokens used {result.tokens:,} of {x['tokens_ceiling']:,} "
+            f"(stop: {x['stop_reason']}; endpoints on {x['endpoint_blocks']} blocks)"
+        )
     if args.json_out:
         from .checkpoint import display_name
 
@@ -238,7 +269,12 @@ def cmd_sweep_report(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), overwrite=args.overwrite)
+    try:
+        parts = run_demo(Path(args.out), overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise UsageError(str(err)) from None
+    for name, path in parts.items():
+        console.print(f"{name}: {path}")
     return 0
 
 
@@ -377,6 +413,9 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise UsageError(f"--out {out}: exists and is not a folder")
     if not resume and not overwrite and out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out}: folder is not empty; pass --overwrite to replace it or --resume to continue")
+    from .export import check_writable
+
+    check_writable(out, f"--out {out}")
 
 
 def _print_scan_summary(summary: dict) -> None:
@@ -398,7 +437,7 @@ def cmd_scan(args) -> int:
     from .report import render
     from .scan import ScanConfig, run_scan
 
-    cfg = from_args(ScanConfig, args, prefix=not args.no_prefix)
+    cfg = from_args(ScanConfig, args, prefix=not args.no_prefix, sequential=sequential_config(args))
     try:
         cfg.validate()
     except ValueError as err:
@@ -444,6 +483,10 @@ def cmd_report(args) -> int:
 def cmd_distance(args) -> int:
     from .analysis import distances
 
+    if args.json_out:
+        from .export import check_writable
+
+        check_writable(Path(args.json_out).parent, f"--json-out {args.json_out}")  # before any work
     result = distances(
         args.model_a, args.model_b, granularity=args.granularity, layers=args.layers, revision_a=args.revision_a,
         revision_b=args.revision_b, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
@@ -485,8 +528,17 @@ def cmd_robustness(args) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are short (no usage dump) and never echo a token (exit code 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        from .security import redact
+
+        self.exit(2, f"{self.prog}: error: {redact(message)}\n(see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-llmc", description="Layer-wise linear mode connectivity for Hugging Face checkpoints.")
+    parser = _Parser(prog="hf-llmc", description="Layer-wise linear mode connectivity for Hugging Face checkpoints.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks on errors.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -508,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-extrapolation", action="store_true", help="Allow α outside [0, 1].")
     p.add_argument("--json-out", help="Write the result as JSON to this file.")
     p.add_argument("--parallel", choices=["none", "data"], default="none", help="Under torchrun / accelerate launch: 'data' splits the token blocks across processes (per-block sums gathered).")
+    from .sequential import SequentialConfig
+
+    add_fields(p, SequentialConfig, group="sequential estimation (stop once the error bar allows)")
     p.set_defaults(func=cmd_barrier)
 
     p = sub.add_parser("demo", help="Build a small demo pair and run a scan, a merge and a model card on it.")
@@ -561,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pair_args(p)
     _add_data_args(p)
     add_fields(p, ScanConfig, group="scan")
+    add_fields(p, SequentialConfig, group="sequential estimation (stop each point once its error bar allows)")
     p.add_argument("--no-prefix", action="store_true", help="Run every point through the whole model (no prefix reuse; same numbers, slower).")
     p.add_argument("--out", default="hf-llmc-scan", help="Output folder (results.jsonl, scan.json, summary.json, report.md/html, PNGs).")
     p.add_argument("--resume", action="store_true", help="Continue an interrupted scan in --out (refused if its settings differ).")
@@ -633,9 +689,13 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("interrupted")
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI maps every failure to a one-line message
-        if args.debug:
-            raise
         from .security import redact
+
+        if args.debug:  # the full traceback, with any token in it redacted
+            import traceback
+
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
+            return _classify(err)
 
         message = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
         print(f"hf-llmc {args.command}: error: {message}", file=sys.stderr)

@@ -65,7 +65,10 @@ MODEL_TYPES = (
     "gemma",
 )
 
-#: Settings of the demo pair built by :func:`build_demo_pair` (GPT-2, 4 blocks, width 128).
+#: Settings of the demo pair built by :func:`build_demo_pair` (GPT-2, 4 blocks, width 128;
+#: ~40 CPU-seconds on one thread). On its ``eval.txt`` the endpoints reach 1.30 / 1.31
+#: nats per token and the full-model midpoint 1.64: a barrier of +0.33 nats (seed 0;
+#: +0.26 for seed 1).
 DEMO_DEFAULTS: dict[str, Any] = {
     "model_type": "gpt2",
     "num_layers": 4,
@@ -427,6 +430,10 @@ def _train(model, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: floa
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
     warmup = max(1, min(10, steps // 10))
+    if getattr(model, "loss_type", None) is None:
+        # transformers 5 derives the loss from the class name; GPT2LMHeadModel has no
+        # match and would log a warning on the first call with labels.
+        model.loss_type = "ForCausalLM"
     model.train()
     losses: list[float] = []
     for step in range(steps):
@@ -593,3 +600,44 @@ def build_demo_pair(out_dir: str | Path, **overrides: Any) -> DemoPair:
     """Build the default demo pair (:data:`DEMO_DEFAULTS`, overridable) into ``out_dir``."""
     kwargs = {**DEMO_DEFAULTS, **overrides}
     return build_pair(out_dir, **kwargs)
+
+
+def run_demo(out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
+             **pair_overrides: Any) -> dict[str, Path]:
+    """``hf-llmc demo``: build the demo pair, scan every sublayer for both bases (with its
+    report), choose the mergeable groups automatically from that scan, and write the merged
+    model with its card. Everything goes to ``out_dir`` (built beside it, renamed at the end);
+    returns the paths of the parts."""
+    import os
+    import shutil
+
+    from .autoselect import AutoConfig, auto_select
+    from .data import DataConfig
+    from .export import save_merged
+    from .pair import ModelPair
+    from .report import render
+    from .scan import ScanConfig, run_scan
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    work = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        demo = build_demo_pair(work / "pair", **pair_overrides)
+        pair = ModelPair.from_pretrained(demo.a, demo.b, device="cpu")
+        data = DataConfig(data=str(demo.eval_text), seq_len=64)
+        blocks = pair.blocks(data)
+        run_scan(pair, blocks, ScanConfig(granularity="sublayer", base="both"), work / "scan", progress=progress)
+        render(work / "scan")
+        choice = auto_select(pair, data, AutoConfig(auto=True, scan_dir=str(work / "scan")), alpha=0.5)
+        save_merged(pair, choice.spec(), work / "merged", data=data, auto=choice, progress=progress)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return {"pair": out / "pair", "scan": out / "scan", "report": out / "scan" / "report.html",
+            "merged": out / "merged", "card": out / "merged" / "README.md"}

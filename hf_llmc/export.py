@@ -64,6 +64,10 @@ class OutputExistsError(ValueError):
     """The output folder exists and is not empty, and ``overwrite`` was not given (usage error)."""
 
 
+class NonFiniteTensorError(RuntimeError):
+    """A merged (or compared) tensor holds NaN or inf; nothing is written or reported."""
+
+
 # -- merge spec ----------------------------------------------------------------------------------
 def parse_alpha(value: str | float | int, *, allow_extrapolation: bool = False, what: str = "--alpha") -> tuple[float, float | None]:
     """``0.5`` -> (0.5, None); ``"0.1:0.9"`` -> (0.1, 0.9), a linear gradient over the selected blocks."""
@@ -365,6 +369,12 @@ def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor | ByteRange:
         owned = not (pair.ckpt_a.pickled or pair.ckpt_b.pickled)  # pickled reads are shared memory maps
         value = _lerp_owned(a, b, job.alpha) if plan.method == "lerp" and owned else mix(a, b, job.alpha, plan.method)
         del a, b
+        value = value.to(job.dtype)
+        if value.is_floating_point() and not math.isfinite(float(value.sum(dtype=torch.float64))):
+            raise NonFiniteTensorError(
+                f"{job.key}: non-finite values (NaN/inf) at alpha={job.alpha:g}; A or B holds NaN/inf weights"
+                + (" or the output dtype overflows" if job.dtype != torch.float32 else "")
+            )
     if tuple(value.shape) != job.shape:
         raise RuntimeError(f"{job.key}: shape {tuple(value.shape)} differs from the base's {job.shape}")
     return value.to(job.dtype)
@@ -522,13 +532,29 @@ def _progress(enabled: bool, total: int, label: str):
 
 
 # -- output folder -------------------------------------------------------------------------------
+def check_writable(folder: str | os.PathLike, shown: str | os.PathLike | None = None) -> None:
+    """Raise :class:`OutputExistsError` (a usage error) unless files can be created in ``folder``
+    (or, where it does not exist yet, in its nearest existing parent): checked before any work,
+    so a result is never computed and then lost."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    where = shown if shown is not None else folder
+    if not path.is_dir():
+        raise OutputExistsError(f"{where}: {path.name} is not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"{where}: cannot write there ({path.name or path} is not writable)")
+
+
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Raise :class:`OutputExistsError` for an existing non-empty ``out_dir`` without ``overwrite``."""
+    """Raise :class:`OutputExistsError` for an existing non-empty ``out_dir`` without ``overwrite``,
+    or one that cannot be created (the folder is written beside it, then renamed into place)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    check_writable(out.absolute().parent, out)
     return out
 
 

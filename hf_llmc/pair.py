@@ -258,8 +258,13 @@ class ModelPair:
         batch_size: int | None = None,
         prefix: bool = True,
         allow_extrapolation: bool = False,
+        sequential=None,
     ) -> BarrierResult:
-        """The barrier of the layer-wise path of ``layers`` (None = full model) into ``base``."""
+        """The barrier of the layer-wise path of ``layers`` (None = full model) into ``base``.
+
+        ``sequential`` (a :class:`~hf_llmc.sequential.SequentialConfig`) stops as soon as the
+        α=0.5 point's error bar allows, on a seeded random subset of the blocks (see
+        :mod:`hf_llmc.sequential`); None evaluates every block."""
         if method not in METHODS:
             raise ValueError(f"--method {method}: use one of {', '.join(METHODS)}")
         if base not in ("a", "b"):
@@ -268,6 +273,11 @@ class ModelPair:
         blocks = self.blocks(data)
         ev = self.evaluator(blocks, batch_size)
         group = self.full_group() if layers is None else union(self.groups(layers), self.arch, layers)
+        if sequential is not None:
+            from .sequential import sequential_barrier
+
+            return sequential_barrier(self, ev, group, alphas, sequential, base=base, method=method, prefix=prefix,
+                                      layers=layers)
         # Endpoints first, ending on the base so the path points need no extra switch.
         order = ("b", "a") if base == "a" else ("a", "b")
         stats = {w: self.endpoint(w, ev, blocks) for w in order}

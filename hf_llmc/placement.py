@@ -256,7 +256,7 @@ class ParamWriter:
         return {"offloaded_parameters": len(self.offloaded), "quantized_parameters": len(self.quantized)}
 
 
-def module_names(names: list[str], params: dict[str, nn.Parameter] | None = None) -> list[str]:
+def module_names(names: list[str]) -> list[str]:
     """The modules owning the parameter ``names`` (``x.y.weight`` -> ``x.y``)."""
     return sorted({n.rsplit(".", 1)[0] for n in names if "." in n})
 

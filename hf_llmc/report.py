@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from .scan import MANIFEST, RESULTS, ScanError, read_rows, write_json_atomic
+from .sequential import curve_fields, is_sequential, mark_undecided, summary_fields
 
 MID = 0.5
 MAX_ANNOTATED_CELLS = 1500
@@ -86,8 +87,9 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
                 "barrier_max_ratio": _exp(top["barrier"]) if top else None,
                 "error_barrier_mid": mid.get("error_barrier") if mid else None,
                 "error_barrier_max": max((r["error_barrier"] for r in interior), default=None),
-                "curve": [{"alpha": r["alpha"], "loss": r["loss"], "accuracy": r["accuracy"], "barrier": r["barrier"]}
-                          for r in rs],
+                "curve": [{"alpha": r["alpha"], "loss": r["loss"], "accuracy": r["accuracy"], "barrier": r["barrier"],
+                           **curve_fields(r)} for r in rs],
+                **summary_fields(mid),  # sequential estimation: tokens used, interval, decision
             }
         groups.append(entry)
     summary = {
@@ -101,6 +103,8 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
         "endpoints": _endpoints(rows),
         "groups": groups,
     }
+    if manifest.get("sequential"):
+        summary["sequential"] = manifest["sequential"]
     sequences = manifest.get("plan", {}).get("sequences") or {}
     if sequences:
         lookup = {g["group"]: g for g in groups}
@@ -196,12 +200,14 @@ def plot_heatmap(summary: dict, path: Path, block_prefix: str | None = None) -> 
                 text = "n/a" if not np.isfinite(v) else f"{v:+.3f}"
                 dark = np.isfinite(v) and abs(norm(v) - 0.5) > 0.32
                 ax.text(j, i, text, ha="center", va="center", fontsize=size, color="white" if dark else "black")
+    undecided = mark_undecided(ax, summary, cols)
     cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     cbar.set_label("barrier: loss − R(α) (nats)", fontsize=9)
     models = summary.get("models") or {}
     title = f"Layer-wise barrier: {models.get('a', {}).get('name', 'A')} ↔ {models.get('b', {}).get('name', 'B')}"
     ax.set_title(title, fontsize=10, pad=12)
-    ax.set_xlabel("R(α) = (1−α)·L_A + α·L_B with the full endpoint models; full-model row may saturate the colours",
+    ax.set_xlabel("R(α) = (1−α)·L_A + α·L_B with the full endpoint models; full-model row may saturate the colours"
+                  + ("\nhatched: undecided (sequential estimation stopped with T inside the interval)" if undecided else ""),
                   fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -292,8 +298,11 @@ def _f(x, fmt: str = "{:+.4f}") -> str:
 def group_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     bases = sorted({b for g in summary["groups"] for b in g["bases"]})
     header = ["group", "kind", "blocks"]
+    sequential = is_sequential(summary)
     for b in bases:
         header += [f"barrier_mid ({b.upper()})", f"barrier_max ({b.upper()})", f"ppl ratio ({b.upper()})"]
+        if sequential:
+            header += [f"interval ({b.upper()})", f"decision ({b.upper()})", f"tokens ({b.upper()})"]
     body = []
     for g in summary["groups"]:
         blocks = g["blocks"]
@@ -307,6 +316,10 @@ def group_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             cells.append(f"{_f(s['barrier_mid'])} ± {_f(s['barrier_mid_se'], '{:.4f}')}")
             cells.append(f"{_f(s['barrier_max'])} (α={_f(s['barrier_max_alpha'], '{:g}')})")
             cells.append(_f(s["barrier_mid_ratio"], "{:.4f}"))
+            if sequential:
+                low, high = s.get("barrier_mid_interval") or (None, None)
+                cells += [f"[{_f(low)}, {_f(high)}]", str(s.get("decision") or s.get("stop_reason") or ""),
+                          _f(s.get("tokens"), "{:,}")]
         body.append(cells)
     return header, body
 
@@ -315,8 +328,9 @@ def compact_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     """Group, then per base: barrier_mid ± SE and barrier_max (terminal width)."""
     bases = sorted({b for g in summary["groups"] for b in g["bases"]})
     header = ["group"]
+    sequential = is_sequential(summary)
     for b in bases:
-        header += [f"mid {b.upper()} ± se", f"max {b.upper()}"]
+        header += [f"mid {b.upper()} ± se", f"max {b.upper()}"] + ([f"decision {b.upper()}", f"tokens {b.upper()}"] if sequential else [])
     body = []
     for g in summary["groups"]:
         cells = [g["group"]]
@@ -324,6 +338,8 @@ def compact_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             s = g["bases"].get(b)
             cells += ["", ""] if s is None else [
                 f"{_f(s['barrier_mid'], '{:+.3f}')} ± {_f(s['barrier_mid_se'], '{:.3f}')}", _f(s["barrier_max"], "{:+.3f}")]
+            if sequential:
+                cells += ["", ""] if s is None else [str(s.get("decision") or s.get("stop_reason") or ""), _f(s.get("tokens"), "{:,}")]
         body.append(cells)
     return header, body
 

@@ -72,6 +72,7 @@ class ScanConfig:
     method: str = field(default="lerp", metadata={"help": "Interpolation method per tensor.", "choices": list(METHODS)})
     prefix: bool = field(default=True, metadata={"help": "Reuse the base model's hidden states before a group's first block.", "cli": False})
     batch_size: int | None = field(default=None, metadata={"help": "Blocks per forward (default: automatic).", "cli": False})
+    sequential: _sequential.SequentialConfig | None = field(default=None, metadata={"help": "Sequential estimation: stop each point once its error bar allows (hf_llmc.sequential.SequentialConfig; None = every block).", "cli": False})
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -102,6 +103,11 @@ class ScanConfig:
             raise ScanError(f"--window {self.window}: must be at least 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise ScanError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.sequential is not None:
+            try:
+                self.sequential.validate()
+            except ValueError as err:
+                raise ScanError(str(err)) from None
         try:
             self.alpha_list()
         except ValueError as err:
@@ -118,6 +124,8 @@ class ScanConfig:
                 out["seed"] = self.seed
         if self.mode == "window":
             out["window"] = self.window
+        if self.sequential is not None:  # absent otherwise: fixed-budget hashes stay as they were
+            out["sequential"] = self.sequential.result_settings()
         return out
 
 
@@ -672,4 +680,10 @@ def run_scan(pair, blocks: TokenBlocks, cfg: ScanConfig, out_dir: str | os.PathL
     dropped) and raises :class:`ScanSettingsError` if the folder holds a scan of other settings,
     models or data. Without ``resume`` a non-empty folder needs ``overwrite=True``.
     """
-    return ScanRunner(pair, blocks, cfg, out_dir, progress=progress).run(resume=resume, overwrite=overwrite)
+    runner = ScanRunner if cfg.sequential is None else _sequential.SequentialScanRunner
+    return runner(pair, blocks, cfg, out_dir, progress=progress).run(resume=resume, overwrite=overwrite)
+
+
+# Sequential estimation builds on this module (its runner subclasses ScanRunner); imported last so
+# that either module can be imported first. ScanConfig.sequential is annotated through it.
+from . import sequential as _sequential  # noqa: E402

@@ -1,9 +1,11 @@
-"""Secret handling: tokens never appear in logs, cards or errors."""
+"""Secret handling (tokens never appear in logs, cards or errors) and safe file names (a name
+read from a checkpoint or recipe never leads outside its folder)."""
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 _TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
@@ -28,3 +30,18 @@ def redact(text: str, extra: list[str] | tuple[str, ...] = ()) -> str:
     for token in sorted({*known_tokens(), *extra}, key=len, reverse=True):
         text = text.replace(token, "***")
     return _TOKEN_RE.sub("***", text)
+
+
+class UnsafePathError(ValueError):
+    """A file name from a checkpoint, index or recipe would lead outside its folder."""
+
+
+def safe_join(root: str | os.PathLike, name: str) -> Path:
+    """``root / name`` for a *relative* ``name`` that stays inside ``root``; else
+    :class:`UnsafePathError`. Checked on the text (absolute paths, drive letters, ``..`` parts),
+    not by resolving links: Hub cache snapshots are links into the cache's blob store."""
+    text = str(name)
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if not text or text.startswith(("/", "\\")) or PureWindowsPath(text).drive or ".." in parts or "\x00" in text:
+        raise UnsafePathError(f"{name}: lies outside {Path(root).name or root}")
+    return Path(root) / text

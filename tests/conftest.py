@@ -7,8 +7,9 @@ Fixtures (all session-scoped, all offline, all deterministic):
   temporary folder. Defaults are :data:`TINY_PAIR` (a few seconds per pair); the GPT-2
   default pair shows a clear full-interpolation barrier on its ``eval.txt`` (midpoint
   0.39 nats above the endpoints' mean for seed 0; 0.26-0.39 for seeds 0-2).
-* ``gpt2_pair`` (3 blocks), ``llama_pair`` (6 blocks: ``attn.0``-``attn.5`` exist),
-  ``neox_pair`` (3 blocks) — ``make_pair`` shortcuts.
+* ``gpt2_pair`` (3 blocks, width 64, barrier), ``llama_pair`` (6 blocks: ``attn.0``-
+  ``attn.5`` exist) and ``neox_pair`` (3 blocks) — ``make_pair`` shortcuts; the last
+  two are width 32 with a short training run (cheap; no barrier promised).
 * ``tiny_model(model_type, **config_overrides) -> PreTrainedModel`` — random init (seed
   0) from :func:`hf_llmc.demo.tiny_config`, no training; :data:`TINY_MODEL` sizes and
   the vocabulary of ``tiny_tokenizer``. Works for every type in ``MODEL_TYPES``.
@@ -59,6 +60,9 @@ TINY_PAIR: dict[str, Any] = {
     "seed": 0,
 }
 
+#: Shorter training for the llama / gpt_neox pairs (trained, but no barrier promised).
+_SMALL_RUN: dict[str, Any] = {"finetune_steps": 25, "batch_size": 4, "seq_len": 32}
+
 #: Default sizes of ``tiny_model`` / ``save_tiny_model``.
 TINY_MODEL: dict[str, Any] = {
     "num_layers": 3,
@@ -96,14 +100,14 @@ def gpt2_pair(make_pair) -> DemoPair:
 
 @pytest.fixture(scope="session")
 def llama_pair(make_pair) -> DemoPair:
-    """Trained Llama pair, 6 blocks, width 32."""
-    return make_pair("llama", num_layers=6, hidden_size=32, finetune_steps=60)
+    """Trained Llama pair, 6 blocks (``attn.0``-``attn.5``), width 32, short training."""
+    return make_pair("llama", num_layers=6, hidden_size=32, **_SMALL_RUN)
 
 
 @pytest.fixture(scope="session")
 def neox_pair(make_pair) -> DemoPair:
-    """Trained GPT-NeoX pair, 3 blocks, width 32."""
-    return make_pair("gpt_neox", hidden_size=32, finetune_steps=60)
+    """Trained GPT-NeoX pair, 3 blocks, width 32, short training."""
+    return make_pair("gpt_neox", hidden_size=32, **_SMALL_RUN)
 
 
 @pytest.fixture(scope="session")

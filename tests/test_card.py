@@ -32,8 +32,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return shared_pair_dirs(tmp_path_factory)
+def dirs(tmp_path_factory, tiny_model, tiny_tokenizer):
+    return shared_pair_dirs(tmp_path_factory, tiny_model, tiny_tokenizer)
 
 
 def test_card_round_trips_with_evaluation(dirs, tmp_path):

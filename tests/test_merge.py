@@ -20,19 +20,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_llmc import MergeSpec, ModelPair, save_merged
 from hf_llmc.cli import main
-from hf_llmc.demo import init_model, synthetic_documents, synthetic_text, tiny_config, train_tokenizer
+from hf_llmc.demo import synthetic_text
 from hf_llmc.export import DELAY_ENV, TMP_MARK, MergeSpecError, lazy_pair, parse_alpha
 
 REL = 1e-5
 
 
-def build_pair_dirs(root: Path, model_type: str = "gpt2", num_layers: int = 3, license: str | None = "mit") -> dict:
-    """A and B: one random initialisation, B = A + noise (a visible barrier); a trained tokenizer;
-    evaluation text. A carries a model card with a license."""
-    tokenizer = train_tokenizer(synthetic_documents("mixed", 120, 0), 300)
-    config = tiny_config(model_type, num_layers=num_layers, hidden_size=64, num_heads=4, vocab_size=len(tokenizer),
-                         max_positions=64)
-    model = init_model(config, seed=0)
+def build_pair_dirs(root: Path, model, tokenizer, license: str | None = "mit") -> dict:
+    """A and B from one random initialisation (``model``), B = A + noise (a visible change); the
+    tokenizer; evaluation text. A carries a model card with a license."""
     paths = {"root": root, "a": root / "model-a", "b": root / "model-b", "eval": root / "eval.txt"}
     model.save_pretrained(paths["a"])
     tokenizer.save_pretrained(paths["a"])
@@ -79,16 +75,17 @@ def one_thread():
 _SHARED: dict[str, dict] = {}
 
 
-def shared_pair_dirs(tmp_path_factory) -> dict:
-    """One pair for every merge / card / recipe test module of the session (built once)."""
+def shared_pair_dirs(tmp_path_factory, tiny_model, tiny_tokenizer) -> dict:
+    """One GPT-2 pair (3 blocks, width 64) for the merge / card / recipe test modules, built once."""
     if "gpt2" not in _SHARED:
-        _SHARED["gpt2"] = build_pair_dirs(tmp_path_factory.mktemp("merge-pair"))
+        model = tiny_model("gpt2", hidden_size=64, max_positions=64)
+        _SHARED["gpt2"] = build_pair_dirs(tmp_path_factory.mktemp("merge-pair"), model, tiny_tokenizer)
     return _SHARED["gpt2"]
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return shared_pair_dirs(tmp_path_factory)
+def dirs(tmp_path_factory, tiny_model, tiny_tokenizer):
+    return shared_pair_dirs(tmp_path_factory, tiny_model, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

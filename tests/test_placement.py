@@ -7,7 +7,6 @@ import hashlib
 import json
 
 import pytest
-import torch
 
 from hf_llmc.cli import main
 from hf_llmc.pair import ModelPair

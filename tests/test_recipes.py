@@ -153,8 +153,8 @@ def test_schema_comes_from_the_settings_dataclasses():
 
 # -- running -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return shared_pair_dirs(tmp_path_factory)
+def dirs(tmp_path_factory, tiny_model, tiny_tokenizer):
+    return shared_pair_dirs(tmp_path_factory, tiny_model, tiny_tokenizer)
 
 
 def test_run_recipe_end_to_end(dirs, monkeypatch, capsys):

@@ -1,0 +1,655 @@
+"""Sequential estimation: evaluate each barrier on as few token blocks as its error bar needs.
+
+A barrier is the mean of *paired* per-block differences d_i = L_i(θ_G(α)) − ((1−α)·L_A,i + α·L_B,i)
+(the same token blocks at the path point and at both endpoints). Instead of a fixed budget per
+point, blocks are visited in one seeded random order shared by every point and both endpoints (so
+the differences stay paired), and each point stops at the first *look* where
+
+* its standard error is <= ``target_se``, or
+* its confidence interval excludes the threshold ``decide`` (decision ``above`` / ``below``), or
+* every block is used (``--max-tokens`` is the ceiling; decision ``undecided``), or no block the
+  point could still add can decide it (``futile``; decision ``undecided``).
+
+Endpoint per-block losses are computed lazily, only on the blocks some point uses, and cached for
+the whole run. Prefix reuse keeps working: looks fall on fixed multiples of ``chunk_blocks``
+(default: the batch size), so every point evaluates the same batches of block indices.
+
+**Estimator.** For a layer-wise path most of the per-block variance of d_i comes from the reference
+line, i.e. from g_i = L_A,i − L_B,i (A and B differ most on different texts), not from the point
+itself. A point therefore uses its own n blocks plus the m >= n blocks on which the endpoints are
+already known (shared by every point) through the regression (two-phase sampling) estimator
+
+    barrier = mean_n(d) − β·(mean_n(g) − mean_m(g)),   β = cov_n(d, g) / var_n(g),
+    SE² = s_r²/n + β²·s_g²/m   (s_r: residual standard deviation of d on g; s_g on the m blocks),
+
+with Welch–Satterthwaite degrees of freedom. With m = n it is the plain paired mean with
+SE = sd(d)/√n and n − 1 degrees of freedom (then the interval is exactly Student's t for Gaussian
+differences); at the ceiling (n = m = all blocks) it equals the fixed-budget number. Each look
+extends whichever of n (cost: one block) or m (cost: a block of A and of B) shrinks the variance
+most per block evaluated.
+
+**Interval valid under optional stopping** (``interval_method = "student-t-union-bound"``):
+n and m only take values on one fixed geometric schedule s_1 < s_2 < ... (s_1 = ``min_blocks``
+rounded up to the chunk, then at least ``growth`` times the previous value, on chunk multiples, the
+last at the ceiling). The interval at the grid cell (n, m) = (s_i, s_j), j >= i, is the Student-t
+interval estimate ± t_df(1 − α_ij/2)·SE with α_ij = α·w_i·w_(j−i+1), w_k = 1/(k(k+1)),
+α = 1 − confidence. Since Σ_ij α_ij = α, the union bound gives P(some cell's interval misses the
+mean) <= α, so the interval at *any* data-dependent stopping cell — also one reached because other
+points extended the shared endpoint blocks — covers the mean with probability >= ``confidence``
+(exact for Gaussian differences at cells with m = n, CLT-approximate otherwise). The geometric
+schedule keeps the number of cells small, so this costs a factor of about 1.5-2 in blocks compared
+with one fixed-n interval. A confidence sequence for bounded variables (Hoeffding or empirical
+Bernstein) would need a known range of the per-block differences, which losses do not have.
+``tests/test_sequential.py`` checks the coverage by simulation, also for skewed and heavy-tailed
+differences and for points sharing endpoint blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from statistics import NormalDist
+from typing import Protocol
+
+import torch
+
+from .evaluation import BlockStats
+from .scan import RESULTS, RowWriter, ScanError, ScanPoint, ScanRunner, endpoint_row, point_row
+
+INTERVAL_METHOD = "student-t-union-bound"
+INTERVAL_DESCRIPTION = (
+    "Regression (two-phase sampling) estimate of the mean paired difference with the endpoint gap "
+    "L_A - L_B as control variate; Student-t interval (Welch df) at each cell (n, m) = (s_i, s_j) of a "
+    "fixed geometric look grid at level 1 - alpha*w_i*w_(j-i+1), w_k = 1/(k(k+1)), alpha = 1 - confidence; "
+    "the cell levels sum to alpha, so by the union bound the interval at a data-dependent stopping time "
+    "covers the mean with probability >= confidence (exact for Gaussian differences when m = n, "
+    "CLT-approximate otherwise)."
+)
+DECISIONS = ("above", "below", "undecided")
+STOP_REASONS = ("decided", "target_se", "ceiling", "futile", "exact", "nonfinite")
+
+
+@dataclass
+class SequentialConfig:
+    """When a point may stop early (set ``target_se`` and/or ``decide``) and how blocks are visited."""
+
+    target_se: float | None = field(default=None, metadata={"help": "Sequential estimation: stop a point once the standard error of its barrier is <= X nats."})
+    decide: float | None = field(default=None, metadata={"help": "Sequential estimation: stop a point once the confidence interval of its barrier excludes T nats (decision above/below; undecided at the --max-tokens ceiling), or --target-se is met."})
+    confidence: float = field(default=0.95, metadata={"help": "Confidence of the sequential intervals (valid at the data-dependent stopping time)."})
+    min_blocks: int = field(default=8, metadata={"help": "Blocks every point evaluates before its first look (at least 2)."})
+    block_seed: int = field(default=0, metadata={"help": "Seed of the random block order shared by every point and both endpoints."})
+    chunk_blocks: int | None = field(default=None, metadata={"help": "Looks fall on multiples of this many blocks (default: the batch size, so batches repeat across points and prefixes are reused)."})
+    growth: float = field(default=1.5, metadata={"help": "Look schedule: each look has at least GROWTH times the blocks of the previous one (fewer looks spend less of the error rate)."})
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_se is not None or self.decide is not None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a one-line message on any bad value."""
+        if not self.enabled:
+            raise ValueError("sequential estimation needs --target-se X and/or --decide T")
+        if self.target_se is not None and not (math.isfinite(self.target_se) and self.target_se > 0):
+            raise ValueError(f"--target-se {self.target_se}: must be a positive number")
+        if self.decide is not None and not math.isfinite(self.decide):
+            raise ValueError(f"--decide {self.decide}: must be a finite number")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"--confidence {self.confidence}: must be between 0 and 1 (e.g. 0.95)")
+        if self.min_blocks < 2:
+            raise ValueError(f"--min-blocks {self.min_blocks}: must be at least 2 (a standard error needs two blocks)")
+        if self.chunk_blocks is not None and self.chunk_blocks < 1:
+            raise ValueError(f"--chunk-blocks {self.chunk_blocks}: must be at least 1")
+        if not (math.isfinite(self.growth) and self.growth > 1.0):
+            raise ValueError(f"--growth {self.growth}: must be greater than 1")
+
+    def result_settings(self) -> dict:
+        """Everything that changes the numbers (hashed for resume), with the interval method."""
+        return {**asdict(self), "interval_method": INTERVAL_METHOD}
+
+
+# -- Student's t without SciPy ------------------------------------------------------------------------
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 1e-15
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+def _t_pdf(t: float, df: float) -> float:
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+
+
+@lru_cache(maxsize=8192)
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t: Newton steps from the normal quantile, kept inside a
+    bracket (bisection when a step leaves it)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"quantile level {p}: must be in (0, 1)")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    if p == 0.5:
+        return 0.0
+    tail = 1.0 - p
+    lo = NormalDist().inv_cdf(p)  # t quantiles lie above the normal one
+    hi = 2.0 * lo
+    while t_sf(hi, df) > tail:
+        lo, hi = hi, 2.0 * hi
+    t = lo
+    for _ in range(100):
+        f = t_sf(t, df) - tail  # decreasing in t
+        if f > 0:
+            lo = t
+        else:
+            hi = t
+        step = t + f / _t_pdf(t, df)
+        if abs(step - t) <= 1e-13 * t:
+            return step
+        t = step if lo < step < hi else 0.5 * (lo + hi)
+        if hi - lo <= 1e-12 * hi:
+            break
+    return t
+
+
+def _df_floor(df: float) -> int:
+    """Degrees of freedom rounded *down* onto a coarse grid (exact up to 30, then 5 % steps up to
+    10^4): a slightly wider interval, and few distinct quantiles to compute."""
+    if df <= 30:
+        return max(1, math.floor(df))
+    k = math.floor(math.log(min(df, 1e4) / 30) / math.log(1.05))
+    return math.floor(30 * 1.05**k)
+
+
+# -- looks --------------------------------------------------------------------------------------------
+def look_schedule(num_blocks: int, min_blocks: int = 8, chunk: int = 8, growth: float = 1.5) -> list[int]:
+    """Block counts a point (n) or the endpoints (m) may have at a look: fixed in advance (the union
+    bound needs that), on chunk multiples, geometric with ratio >= ``growth``, the last at
+    ``num_blocks`` (the ceiling)."""
+    if num_blocks < 2:
+        raise ValueError(f"sequential estimation needs at least 2 token blocks, got {num_blocks}")
+    first = min(num_blocks, max(2, math.ceil(min_blocks / chunk) * chunk))
+    sizes = [first]
+    while sizes[-1] < num_blocks:
+        n = sizes[-1]
+        sizes.append(min(max(n + chunk, math.ceil(n * growth / chunk) * chunk), num_blocks))
+    return sizes
+
+
+def cell_alpha(i: int, j: int, confidence: float) -> float:
+    """Error rate of grid cell (i, j), 1-based, j >= i: α·w_i·w_(j−i+1) with w_k = 1/(k(k+1)).
+    Summed over every cell it is α = 1 − confidence."""
+    if not 1 <= i <= j:
+        raise ValueError(f"look cell ({i}, {j}): need 1 <= i <= j")
+    k = j - i + 1
+    return (1.0 - confidence) / (i * (i + 1) * k * (k + 1))
+
+
+def block_order(num_blocks: int, seed: int) -> torch.Tensor:
+    """The seeded random visiting order of the token blocks (one for the whole run)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(num_blocks, generator=gen)
+
+
+@dataclass
+class Look:
+    """The estimate of a point after n own blocks and m endpoint blocks, at grid cell (i, j)."""
+
+    i: int
+    j: int
+    n: int
+    m: int
+    mean: float
+    se: float
+    low: float
+    high: float
+    df: float
+    beta: float = 0.0
+    point_var: float = 0.0  # s_r²/n: shrinks with n
+    control_var: float = 0.0  # β²·s_g²/m: shrinks with m
+
+
+def estimate(d: torch.Tensor, g: torch.Tensor | None, i: int, j: int, confidence: float) -> Look:
+    """Estimate and interval at grid cell (i, j) from the differences ``d`` of the first n blocks and
+    the endpoint gaps ``g`` = L_A − L_B of the first m >= n blocks (None: the plain paired mean)."""
+    d = d.double()
+    n = int(d.numel())
+    m = n if g is None else int(g.numel())
+    dbar = float(d.mean())
+    gc = None
+    if g is not None and n >= 4:
+        g = g.double()
+        gc = g[:n] - g[:n].mean()
+        sxx = float(gc @ gc)
+        gc = gc if sxx > 0.0 else None
+    if gc is None:  # no control variate: the plain paired mean
+        var = float(d.var(unbiased=True)) if n > 1 else math.inf
+        a, b, beta, mean, df = var / n, 0.0, 0.0, dbar, n - 1
+        se2 = a
+    else:
+        beta = float(gc @ (d - dbar)) / sxx
+        r = d - dbar - beta * gc
+        a = float(r @ r) / (n - 2) / n
+        b = beta * beta * float(g.var(unbiased=True)) / m
+        if m > n:
+            mean = dbar - beta * (float(g[:n].mean()) - float(g.mean()))
+            denom = a * a / (n - 2) + b * b / (m - 1)
+            df = (a + b) ** 2 / denom if denom > 0 else n - 2
+            se2 = a + b
+        else:  # m = n: the plain paired mean (exact t); a and b only say which blocks to add next
+            mean, df, se2 = dbar, n - 1, float(d.var(unbiased=True)) / n
+    se = math.sqrt(se2)
+    if not math.isfinite(se):
+        return Look(i, j, n, m, mean, se, -math.inf, math.inf, df, beta, a, b)
+    half = t_quantile(1.0 - cell_alpha(i, j, confidence) / 2.0, _df_floor(df)) * se if se > 0 else 0.0
+    return Look(i, j, n, m, mean, se, mean - half, mean + half, df, beta, a, b)
+
+
+def decision(look: Look, threshold: float | None) -> str | None:
+    """``above`` (interval > T), ``below`` (interval < T), ``undecided``; None without a threshold."""
+    if threshold is None:
+        return None
+    if look.low > threshold:
+        return "above"
+    if look.high < threshold:
+        return "below"
+    return "undecided"
+
+
+@dataclass
+class Outcome:
+    """Where a point stopped and why (``stop_reason``: one of :data:`STOP_REASONS`)."""
+
+    look: Look | None
+    stop_reason: str
+    decision: str | None
+    blocks_available: int
+    looks: int = 0
+
+    def fields(self, tokens_per_block: int) -> dict:
+        """Per-point result fields (results.jsonl rows, barrier JSON)."""
+        look = self.look
+        finite = look is not None and math.isfinite(look.low) and math.isfinite(look.high)
+        return {
+            "interval": [look.low, look.high] if finite else None,
+            "decision": self.decision,
+            "stop_reason": self.stop_reason,
+            "looks": self.looks,
+            "blocks_used": look.n if look is not None else None,
+            "endpoint_blocks": look.m if look is not None else None,
+            "control_beta": look.beta if look is not None else None,
+            "tokens_ceiling": self.blocks_available * tokens_per_block,
+            "interval_method": INTERVAL_METHOD,
+        }
+
+
+class Stream(Protocol):
+    """Per-block data of one point in visiting order (the model, or a simulation in the tests)."""
+
+    def available(self) -> int:
+        """Blocks on which both endpoints are known (shared by every point)."""
+
+    def extend(self, m: int) -> None:
+        """Make both endpoints known on the first ``m`` blocks."""
+
+    def control(self, m: int) -> torch.Tensor:
+        """g = L_A − L_B per block, first ``m`` blocks."""
+
+    def point(self, lo: int, hi: int) -> torch.Tensor:
+        """d of blocks lo..hi−1 (the endpoints are known there)."""
+
+
+def _futile(look: Look, cfg: SequentialConfig, last: int) -> bool:
+    """With every endpoint block in, the control part of the variance is fixed: no further point
+    block can meet the stopping rule when even a zero point variance would leave T inside (the
+    estimate may still move by about 2·sqrt(point variance)) and the SE above ``target_se``."""
+    floor_se = math.sqrt(look.control_var)
+    if cfg.target_se is not None and floor_se <= cfg.target_se:
+        return False
+    if cfg.decide is None:
+        return True
+    q = t_quantile(1.0 - cell_alpha(last + 1, last + 1, cfg.confidence) / 2.0, _df_floor(look.m - 1))
+    return abs(look.mean - cfg.decide) + 2.0 * math.sqrt(look.point_var) < q * floor_se
+
+
+def run_looks(stream: Stream, schedule: list[int], cfg: SequentialConfig, *, endpoint_cost: float = 2.0) -> Outcome:
+    """The sequential loop of one point: look at cell (n, m) = (s_i, s_j); stop by ``cfg``'s rule;
+    otherwise extend n (cost 1 per block) or m (``endpoint_cost`` per block), whichever removes more
+    variance per cost. Endpoint blocks other points already paid for are used at once."""
+    s, last = schedule, len(schedule) - 1
+
+    def index(count: int) -> int:  # largest schedule index with s[idx] <= count
+        return max((k for k, v in enumerate(s) if v <= count), default=-1)
+
+    i, j = 0, max(0, index(stream.available()))
+    stream.extend(s[j])
+    parts = [stream.point(0, s[0]).double()]
+    looks = 0
+    while True:
+        looks += 1
+        j = max(j, index(stream.available()))
+        d = torch.cat(parts)
+        if not bool(torch.isfinite(d).all()):
+            return Outcome(None, "nonfinite", None, s[-1], looks)
+        look = estimate(d, stream.control(s[j]), i + 1, j + 1, cfg.confidence)
+        verdict = decision(look, cfg.decide)
+        if verdict in ("above", "below"):
+            return Outcome(look, "decided", verdict, s[-1], looks)
+        if cfg.target_se is not None and look.se <= cfg.target_se:
+            return Outcome(look, "target_se", verdict, s[-1], looks)
+        if i == last:
+            return Outcome(look, "ceiling", verdict, s[-1], looks)
+        if j == last and _futile(look, cfg, last):
+            return Outcome(look, "futile", verdict, s[-1], looks)
+
+        def drop(var: float, k: int) -> float:  # variance removed by going from s[k] to s[k+1] blocks
+            return var * (1.0 - s[k] / s[k + 1])
+
+        grow_m = j < last and drop(look.control_var, j) / (endpoint_cost * (s[j + 1] - s[j])) > (
+            (drop(look.point_var, i) + (drop(look.control_var, j) if i == j else 0.0))
+            / ((s[i + 1] - s[i]) + (endpoint_cost * (s[j + 1] - s[j]) if i == j else 0.0)))
+        if grow_m:
+            j += 1
+            stream.extend(s[j])
+        else:
+            i += 1
+            j = max(i, j)
+            stream.extend(s[j])
+            parts.append(stream.point(s[i - 1], s[i]).double())
+
+
+def _cat(parts: list[BlockStats]) -> BlockStats:
+    return BlockStats(indices=torch.cat([p.indices for p in parts]), loss_sum=torch.cat([p.loss_sum for p in parts]),
+                      correct=torch.cat([p.correct for p in parts]), tokens_per_block=parts[0].tokens_per_block)
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+class SequentialEstimator:
+    """Per-point sequential loops on the live model, with lazily computed, shared endpoint blocks.
+
+    ``order`` is the seeded block order and ``schedule`` the look grid. The endpoint caches hold the
+    per-block sums of A and B on ``order[:m]``, extended (ending on the point's base) only when a
+    point asks for more. ``blocks_evaluated`` counts every block fed to a forward (endpoints too).
+    """
+
+    def __init__(self, pair, ev, num_blocks: int, cfg: SequentialConfig, *, record: bool = False):
+        cfg.validate()
+        self.pair, self.ev, self.cfg = pair, ev, cfg
+        self.order = block_order(num_blocks, cfg.block_seed)
+        self.chunk = cfg.chunk_blocks or ev.batch_size
+        self.schedule = look_schedule(num_blocks, cfg.min_blocks, self.chunk, cfg.growth)
+        self.record = record
+        self._ends: dict[str, list[BlockStats]] = {"a": [], "b": []}
+        self.blocks_evaluated = 0
+
+    def have(self, which: str | None = None) -> int:
+        """Blocks on which endpoint ``which`` (None: both) is known."""
+        if which is None:
+            return min(self.have("a"), self.have("b"))
+        return sum(p.indices.numel() for p in self._ends[which])
+
+    def endpoint(self, which: str, n: int) -> BlockStats:
+        """Stats of the full model ``which`` on ``order[:n]`` (computed now if missing)."""
+        self._extend(which, n)
+        stats = _cat(self._ends[which])
+        if stats.indices.numel() == n:
+            return stats
+        return BlockStats(stats.indices[:n], stats.loss_sum[:n], stats.correct[:n], stats.tokens_per_block)
+
+    def _extend(self, which: str, n: int) -> None:
+        from .pair import check_finite
+
+        have = self.have(which)
+        if have >= n:
+            return
+        self.pair.interp.set_base(which)
+        stats = self.ev.run(self.order[have:n], state=which, record=self.record)
+        self._ends[which].append(check_finite(stats, f"model {which.upper()}"))
+        self.blocks_evaluated += n - have
+
+    def ensure(self, n: int, last: str) -> None:
+        """Both endpoints on ``order[:n]``; the live model ends on ``last``."""
+        for which in ("b", "a") if last == "a" else ("a", "b"):
+            self._extend(which, n)
+
+    def block_losses(self, which: str, lo: int, hi: int) -> torch.Tensor:
+        return _cat(self._ends[which]).block_loss[lo:hi]
+
+    def evaluate(self, group, alpha: float, base: str = "a", method: str = "lerp",
+                 prefix: bool = True) -> tuple[BlockStats, Outcome]:
+        """Run the point (group at α into ``base``) look by look; its stats on the blocks it used and
+        the outcome. The path point stays set between looks unless endpoint blocks must be added."""
+        est = self
+        parts: list[BlockStats] = []
+
+        class PointStream:
+            def __init__(self):
+                self.stack = contextlib.ExitStack()
+                self.at_point = False  # the path point is set in the live model
+
+            def available(self) -> int:
+                return est.have()
+
+            def extend(self, m: int) -> None:
+                if est.have() < m:
+                    self.stack.close()  # back to the base: the endpoints run on the plain models
+                    self.at_point = False
+                    est.ensure(m, base)
+
+            def control(self, m: int) -> torch.Tensor:
+                return est.block_losses("a", 0, m) - est.block_losses("b", 0, m)
+
+            def point(self, lo: int, hi: int) -> torch.Tensor:
+                if not self.at_point:
+                    est.pair.interp.set_base(base)
+                    self.stack.enter_context(est.pair.interp.at([group], alpha, method))
+                    self.at_point = True
+                start = group.first_block if prefix and group.first_block else None
+                stats = est.ev.run(est.order[lo:hi], start_block=start, state=base)
+                est.blocks_evaluated += hi - lo
+                parts.append(stats)
+                ref = (1.0 - alpha) * est.block_losses("a", lo, hi) + alpha * est.block_losses("b", lo, hi)
+                return stats.block_loss - ref
+
+        stream = PointStream()
+        try:
+            outcome = run_looks(stream, self.schedule, self.cfg)
+        finally:
+            stream.stack.close()
+        return _cat(parts), outcome
+
+    def evaluate_fixed(self, group, alpha: float, n: int, base: str = "a", method: str = "lerp",
+                       prefix: bool = True) -> BlockStats:
+        """The point on ``order[:n]`` (no stopping rule): the other α of a sequential barrier."""
+        self.ensure(n, base)
+        start = group.first_block if prefix and group.first_block else None
+        with self.pair.interp.at([group], alpha, method, base=base):
+            stats = self.ev.run(self.order[:n], start_block=start, state=base)
+        self.blocks_evaluated += n
+        return stats
+
+    def differences(self, stats: BlockStats, alpha: float) -> torch.Tensor:
+        n = stats.indices.numel()
+        return stats.block_loss - ((1.0 - alpha) * self.block_losses("a", 0, n) + alpha * self.block_losses("b", 0, n))
+
+    def exact(self, n: int) -> Outcome:
+        """Outcome of a point that is an endpoint itself (its differences are exactly 0)."""
+        look = estimate(torch.zeros(n, dtype=torch.float64), None, 1, 1, self.cfg.confidence)
+        return Outcome(look, "exact", decision(look, self.cfg.decide), self.schedule[-1], 0)
+
+
+# -- barrier ------------------------------------------------------------------------------------------
+def sequential_barrier(pair, ev, group, alphas: list[float], cfg: SequentialConfig, *, base: str = "a",
+                       method: str = "lerp", prefix: bool = True, layers: str | None = None):
+    """:meth:`ModelPair.barrier` with sequential estimation: the α=0.5 point runs the stopping rule;
+    every other α is then evaluated on the same n blocks. Losses and accuracies are measured on
+    those n blocks; ``barrier_mid`` / ``barrier_max`` are the regression estimates (they also use the
+    endpoints' m >= n blocks), ``barrier_mid_se`` and ``barrier_mid_interval`` belong to them."""
+    from .barrier import barrier_from_stats
+    from .pair import NonFiniteLossError, check_finite
+
+    est = SequentialEstimator(pair, ev, ev.blocks.shape[0], cfg)
+    mid, outcome = est.evaluate(group, 0.5, base, method, prefix)
+    if outcome.stop_reason == "nonfinite":
+        raise NonFiniteLossError(f"{group.name} at alpha=0.5: non-finite loss; a checkpoint holds NaN/inf weights or the dtype overflows")
+    look = outcome.look
+    n, m = look.n, look.m
+    stat_a, stat_b = est.endpoint("a", n), est.endpoint("b", n)
+    g = est.block_losses("a", 0, m) - est.block_losses("b", 0, m)
+    curve: dict[float, BlockStats] = {}
+    barriers: dict[float, float] = {}
+    for alpha in alphas:
+        if alpha == 0.5:
+            curve[alpha] = mid
+        elif alpha == 0.0 and (base == "a" or group.name == "full"):
+            curve[alpha] = stat_a
+        elif alpha == 1.0 and (base == "b" or group.name == "full"):
+            curve[alpha] = stat_b
+        else:
+            curve[alpha] = check_finite(est.evaluate_fixed(group, alpha, n, base, method, prefix),
+                                        f"{group.name} at alpha={alpha}")
+        barriers[alpha] = look.mean if alpha == 0.5 else estimate(
+            est.differences(curve[alpha], alpha), g, look.i, look.j, cfg.confidence).mean
+    result = barrier_from_stats(curve, stat_a, stat_b, layers=layers, base=base, method=method)
+    interior = [a for a in barriers if 0.0 < a < 1.0] or list(barriers)
+    result.barrier_mid, result.barrier_mid_se = look.mean, look.se
+    result.barrier_max = max(barriers[a] for a in interior)
+    fields = outcome.fields(mid.tokens_per_block)
+    result.extra.update(
+        barrier_mid_interval=fields.pop("interval"), **fields, confidence=cfg.confidence, threshold=cfg.decide,
+        target_se=cfg.target_se, tokens_evaluated=est.blocks_evaluated * mid.tokens_per_block,
+        sequential=cfg.result_settings(), interval_description=INTERVAL_DESCRIPTION,
+    )
+    return result
+
+
+# -- scans --------------------------------------------------------------------------------------------
+class SequentialScanRunner(ScanRunner):
+    """A scan whose points stop by the rule of ``cfg.sequential`` (chosen by :func:`hf_llmc.scan.run_scan`).
+
+    Rows carry ``loss``/``accuracy`` measured on the point's ``blocks_used`` blocks, ``barrier`` /
+    ``barrier_se`` of the regression estimate, ``interval``, ``decision``, ``stop_reason`` and
+    ``tokens`` (= blocks used × tokens per block). Endpoint rows are written first with the first
+    look's blocks and appended again at the end with every block any point used (the last row of a
+    key wins)."""
+
+    def __init__(self, pair, blocks, cfg, out_dir, **kwargs):
+        super().__init__(pair, blocks, cfg, out_dir, **kwargs)
+        if cfg.sequential is None:
+            raise ScanError("SequentialScanRunner needs ScanConfig.sequential")
+        self.seq = SequentialEstimator(pair, self.ev, blocks.num_blocks, cfg.sequential, record=cfg.prefix)
+        self._outcomes: dict[tuple, Outcome] = {}
+
+    def manifest(self, status: str, **extra) -> dict:
+        out = super().manifest(status, **extra)
+        out["sequential"] = {**self.cfg.sequential.result_settings(), "interval_description": INTERVAL_DESCRIPTION,
+                             "schedule": self.seq.schedule,
+                             "tokens_evaluated": self.seq.blocks_evaluated * (self.blocks.seq_len - 1)}
+        return out
+
+    def endpoint(self, which: str) -> BlockStats:
+        return self.seq.endpoint(which, self.seq.schedule[0])
+
+    def trivial(self, point: ScanPoint) -> BlockStats | None:
+        stats = super().trivial(point)
+        if stats is None:
+            return None
+        return self.seq.endpoint("a" if stats is self.ends.get("a") else "b", self.seq.schedule[0])
+
+    def evaluate(self, point: ScanPoint) -> BlockStats:
+        if point.direction != "interp":
+            raise ScanError("sequential estimation covers interpolation paths only")
+        stats, outcome = self.seq.evaluate(point.group, point.alpha, point.base, self.cfg.method, self.cfg.prefix)
+        self._outcomes[point.key] = outcome
+        return stats
+
+    def row(self, point: ScanPoint, stats: BlockStats) -> dict:
+        n = stats.indices.numel()
+        row = point_row(point, stats, self.seq.endpoint("a", n), self.seq.endpoint("b", n))
+        outcome = self._outcomes.pop(point.key, None) or self.seq.exact(n)
+        if outcome.look is not None and row["barrier"] is not None:
+            row["barrier"], row["barrier_se"] = outcome.look.mean, outcome.look.se
+        row.update(outcome.fields(stats.tokens_per_block))
+        return row
+
+    def run(self, points: list[ScanPoint] | None = None, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
+        rows = super().run(points, resume=resume, overwrite=overwrite)
+        final = {}
+        for which in ("a", "b"):
+            n = self.seq.have(which)
+            if n > len(self.ends[which].indices):
+                final[which] = endpoint_row(which, self.seq.endpoint(which, n))
+        if final:
+            with RowWriter(self.out / RESULTS) as writer:
+                for row in final.values():
+                    writer.write(row)
+            rows = [final.get(r["base"], r) if r.get("kind") == "endpoint" else r for r in rows]
+        return rows
+
+
+# -- reporting helpers (hf_llmc.report) -----------------------------------------------------------------
+def summary_fields(row: dict | None) -> dict:
+    """Sequential fields of a group's α=0.5 row for summary.json (empty for a fixed-budget row)."""
+    if not row or "stop_reason" not in row:
+        return {}
+    return {"tokens": row.get("tokens"), "barrier_mid_interval": row.get("interval"), "decision": row.get("decision"),
+            "stop_reason": row.get("stop_reason"), "endpoint_blocks": row.get("endpoint_blocks"),
+            "tokens_ceiling": row.get("tokens_ceiling")}
+
+
+def curve_fields(row: dict) -> dict:
+    """Sequential fields of one curve point (empty for a fixed-budget row)."""
+    if "stop_reason" not in row:
+        return {}
+    return {"tokens": row.get("tokens"), "interval": row.get("interval"), "decision": row.get("decision")}
+
+
+def is_sequential(summary: dict) -> bool:
+    return any("stop_reason" in s for g in summary.get("groups", []) for s in g["bases"].values())
+
+
+def mark_undecided(ax, summary: dict, cols: list[tuple[str, float]]) -> int:
+    """Hatch the heatmap cells whose point stopped undecided; returns how many."""
+    from matplotlib.patches import Rectangle
+
+    marked = 0
+    for i, g in enumerate(summary.get("groups", [])):
+        for j, (base, alpha) in enumerate(cols):
+            curve = {p["alpha"]: p for p in g["bases"].get(base, {}).get("curve", [])}
+            if curve.get(alpha, {}).get("decision") == "undecided":
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="black",
+                                       linewidth=0.0, alpha=0.6))
+                marked += 1
+    return marked
