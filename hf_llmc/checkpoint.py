@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -96,8 +97,8 @@ def _load_pickle(file: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...
-        lines = [line.strip() for line in str(err).splitlines() if "Unsupported" in line]
-        why = lines[0][:160] if lines else type(err).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        why = f"it refers to {found.group(1)}" if found else type(err).__name__
         raise CheckpointError(
             f"{file.name}: refused by torch.load(weights_only=True) ({why}); only plain tensors are loaded"
         ) from None

@@ -112,6 +112,8 @@ def data_config(args):
         cfg.validate()
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if cfg.data is not None and not Path(cfg.data).expanduser().is_file():  # before any model is loaded
+        raise UsageError(f"--data {cfg.data}: no such file")
     return cfg
 
 
@@ -211,7 +213,8 @@ def cmd_barrier(args) -> int:
     pair.shard = shard
     if args.layers:
         pair.groups(args.layers)  # validate the spec before any data work
-    result = pair.barrier(data, layers=args.layers, alphas=alphas, base=args.base, method=args.method, batch_size=args.batch_size,
+    blocks = pair.blocks(data)  # kept for the data fingerprint of --json-out
+    result = pair.barrier(blocks, layers=args.layers, alphas=alphas, base=args.base, method=args.method, batch_size=args.batch_size,
                           sequential=sequential)
     if not is_main_process():
         return 0  # only process 0 prints and writes
@@ -246,6 +249,11 @@ def cmd_barrier(args) -> int:
         payload.update(loading_info(pair))
         if shard is not None:
             payload["parallel"] = {"mode": "data", "processes": shard.num_processes}
+        from .provenance import environment
+
+        payload["data"] = {"source": display_name(blocks.source), "fingerprint": blocks.fingerprint,
+                           "num_blocks": blocks.num_blocks, "seq_len": blocks.seq_len}
+        payload["environment"] = environment(pair.model)
         write_json(args.json_out, payload)
     return 0
 
@@ -677,6 +685,8 @@ def _classify(err: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # no datasets progress bars in logs (an error stays one line)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

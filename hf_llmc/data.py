@@ -95,9 +95,18 @@ def _read_documents(cfg: DataConfig) -> tuple[list[str], str]:
     return _hub_documents(cfg)
 
 
+def _quiet_datasets() -> None:
+    """No "Generating split" bars or info logs: our own output stays one line per problem."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def _table_documents(builder: str, path: str, column: str, shown: str) -> list[str]:
     from datasets import load_dataset
 
+    _quiet_datasets()
     try:
         ds = load_dataset(builder, data_files=path, split="train")
     except Exception as err:  # datasets raises many types for malformed files
@@ -110,6 +119,7 @@ def _table_documents(builder: str, path: str, column: str, shown: str) -> list[s
 def _hub_documents(cfg: DataConfig) -> tuple[list[str], str]:
     from datasets import get_dataset_split_names, load_dataset
 
+    _quiet_datasets()
     parts = cfg.dataset.split(":")
     name, config, split = parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None
     try:

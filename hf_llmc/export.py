@@ -501,6 +501,8 @@ def write_tensors(pair, plan: MergePlan, folder: Path, *, max_shard_size: int | 
     """Stream the merged tensors into ``folder`` as (sharded) safetensors; return the file names."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
+    from .security import safe_join  # shard names never lead outside the folder
+
     max_shard_size = shard_size_bytes(max_shard_size)
     jobs = {job.key: job for job in plan_tensors(pair, plan, dtype)}
     split = split_state_dict_into_shards_factory(
@@ -508,7 +510,7 @@ def write_tensors(pair, plan: MergePlan, folder: Path, *, max_shard_size: int | 
     )
     with _progress(progress, len(jobs), "writing merged tensors") as advance:
         for filename, keys in split.filename_to_tensors.items():
-            _write_shard(folder / filename, [jobs[k] for k in keys], lambda j: _tensor(pair, j, plan), advance)
+            _write_shard(safe_join(folder, filename), [jobs[k] for k in keys], lambda j: _tensor(pair, j, plan), advance)
     files = list(split.filename_to_tensors)
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(j.nbytes for j in jobs.values())}, "weight_map": split.tensor_to_filename}
@@ -705,6 +707,7 @@ def evaluate_merge(pair, spec: MergeSpec, data, *, batch_size: int | None = None
     out = {
         "data": _public(blocks.source),
         "dataset": getattr(data, "dataset", None),
+        "fingerprint": blocks.fingerprint,
         "tokens": merged.tokens,
         "a": stats["a"].to_dict(),
         "b": stats["b"].to_dict(),
@@ -833,6 +836,24 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
     return recipe
 
 
+def merge_provenance(pair, base_ckpt, dtype: str | None, evaluation: dict | None) -> dict:
+    """What ``hf_llmc_config.yaml`` records besides the recipe (ignored when it is run): library
+    versions, platform, the writer's device and output dtype, and the evaluation's device, dtype
+    and data fingerprint. No paths."""
+    from .provenance import environment, model_device_dtype
+
+    if dtype is None:  # as stored: the base's floating dtype(s)
+        stored = {str(base_ckpt.dtype(k)).removeprefix("torch.") for k in base_ckpt.keys()}
+        dtype = "+".join(sorted(d for d in stored if d.startswith(("float", "bfloat")))) or None
+    out = environment(device="cpu", dtype=dtype)
+    if evaluation is not None:
+        device, live_dtype = model_device_dtype(pair.model)
+        out["evaluation"] = {"device": device, "dtype": live_dtype, "data": evaluation.get("data"),
+                             "dataset": evaluation.get("dataset"), "fingerprint": evaluation.get("fingerprint"),
+                             "tokens": evaluation.get("tokens")}
+    return out
+
+
 # -- the merge -----------------------------------------------------------------------------------
 @dataclass
 class MergeResult:
@@ -934,6 +955,7 @@ def save_merged(
                                                            data=data_cfg, push=push, auto=auto)}
     recipe = reproduction_recipe(pair.source_a, pair.source_b, pair.ckpt_a.revision, pair.ckpt_b.revision, spec, export,
                                  load=pair.load, data=data_cfg)
+    recipe["provenance"] = merge_provenance(pair, base_ckpt, dtype, evaluation)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         files = write_tensors(pair, plan, tmp, max_shard_size=max_shard_size,
                               dtype=OUT_DTYPES[dtype] if dtype else None, progress=progress)

@@ -126,7 +126,7 @@ STEP_SCHEMAS: dict[str, tuple] = {
 }
 #: Fields a recipe may not set: revisions belong to each model, the rest is internal.
 EXCLUDED = {LoadConfig: {"revision_a", "revision_b", "keep_modules"}, StepCommon: set(), ExportConfig: set()}
-TOP_KEYS = ("description", "out", "batch_size", "pairs", "load", "data", "steps")
+TOP_KEYS = ("description", "out", "batch_size", "pairs", "load", "data", "steps", "provenance")
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -283,9 +283,15 @@ class Recipe:
 
 def _check_template(text: str, path: str) -> None:
     try:
-        text.format(pair="p", step="s")
-    except (KeyError, IndexError, ValueError) as err:
+        filled = text.format(pair="p", step="s")
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as err:
         raise RecipeError(f"{path}: bad placeholder in {text!r} ({err}); use {{pair}} and {{step}}") from None
+    from .security import UnsafePathError, safe_join
+
+    try:  # outputs never escape the output root (a recipe from elsewhere cannot write anywhere)
+        safe_join(".", filled)
+    except UnsafePathError:
+        raise RecipeError(f"{path}: {text!r} must stay inside the output folder (a relative path without '..')") from None
 
 
 def _validate_step(kind: str, step: Step, recipe_data: DataConfig | None, n_pairs: int, path: str) -> None:
@@ -394,6 +400,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"{path}: no such recipe file")
     try:
         payload = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path.name}: not UTF-8 text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -430,6 +438,8 @@ def recipe_schema() -> dict:
         "data": {"type": "a mapping", "keys": describe([DataConfig])},
         "steps": {"type": "a list of {KIND: mapping}", "required": True,
                   "kinds": {kind: describe(_classes(kind)) for kind in STEP_KINDS}},
+        "provenance": {"type": "a mapping", "help": "Written by hf-llmc into hf_llmc_config.yaml (library versions, "
+                       "device, dtype, data fingerprint of the run); informational, ignored when the recipe runs."},
     }
 
 

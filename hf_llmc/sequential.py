@@ -29,23 +29,31 @@ extends whichever of n (cost: one block) or m (cost: a block of A and of B) shri
 most per block evaluated.
 
 **Interval valid under optional stopping** (``interval_method = "student-t-union-bound"``):
-n and m only take values on one fixed geometric schedule s_1 < s_2 < ... (s_1 = ``min_blocks``
+n and m only take values on one fixed geometric schedule s_1 < ... < s_L (s_1 = ``min_blocks``
 rounded up to the chunk, then at least ``growth`` times the previous value, on chunk multiples, the
-last at the ceiling). The interval at the grid cell (n, m) = (s_i, s_j), j >= i, is the Student-t
-interval estimate ± t_df(1 − α_ij/2)·SE with α_ij = α·w_i·w_(j−i+1), w_k = 1/(k(k+1)),
-α = 1 − confidence. Since Σ_ij α_ij = α, the union bound gives P(some cell's interval misses the
-mean) <= α, so the interval at *any* data-dependent stopping cell — also one reached because other
-points extended the shared endpoint blocks — covers the mean with probability >= ``confidence``
-(exact for Gaussian differences at cells with m = n, CLT-approximate otherwise). The geometric
-schedule keeps the number of cells small, so this costs a factor of about 1.5-2 in blocks compared
-with one fixed-n interval. A confidence sequence for bounded variables (Hoeffding or empirical
-Bernstein) would need a known range of the per-block differences, which losses do not have.
-``tests/test_sequential.py`` checks the coverage by simulation, also for skewed and heavy-tailed
-differences and for points sharing endpoint blocks.
+last at the ceiling; L is known before the first forward). The interval at the grid cell
+(n, m) = (s_i, s_j), i <= j, is the Student-t interval estimate ± t_df(1 − α_ij/2)·SE with
+
+    α_ij = α·u_i/L,   u_i = (L+1)/(L·i·(i+1))   (Σ_i u_i = 1),   α = 1 − confidence,
+
+so the rates of all cells sum to at most α and the union bound gives P(some cell's interval misses
+the mean) <= α: the interval at *any* data-dependent stopping cell — also one reached because other
+points extended the shared endpoint blocks — covers the mean with probability >= ``confidence``.
+This is exact for Gaussian differences at cells with m = n (Student's t at a fixed n) and
+CLT-approximate otherwise. Most of the rate goes to small n (points decide early, and small n is
+where a t interval is least robust to skewed differences), and it is uniform over m (the shared
+endpoint blocks are often many because other points already paid for them). The price of the
+union bound is a t quantile of about 3-3.5 instead of 1.96 at late looks (roughly 3x the blocks of
+one fixed-n 95 % interval near the threshold); early decisions on clear barriers cost a handful of
+blocks. A confidence sequence for bounded variables (Hoeffding or empirical Bernstein) would need a
+known range of the per-block differences, which losses do not have. ``tests/test_sequential.py``
+checks the coverage by simulation, also for skewed, heavy-tailed and bimodal differences and for
+points sharing endpoint blocks.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
@@ -53,19 +61,21 @@ from functools import lru_cache
 from statistics import NormalDist
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .evaluation import BlockStats
-from .scan import RESULTS, RowWriter, ScanError, ScanPoint, ScanRunner, endpoint_row, point_row
+from .scan import (RESULTS, RowWriter, ScanError, ScanPoint, ScanRunner, endpoint_row, point_row, read_rows,
+                   stats_from_endpoint_row)
 
 INTERVAL_METHOD = "student-t-union-bound"
 INTERVAL_DESCRIPTION = (
     "Regression (two-phase sampling) estimate of the mean paired difference with the endpoint gap "
-    "L_A - L_B as control variate; Student-t interval (Welch df) at each cell (n, m) = (s_i, s_j) of a "
-    "fixed geometric look grid at level 1 - alpha*w_i*w_(j-i+1), w_k = 1/(k(k+1)), alpha = 1 - confidence; "
-    "the cell levels sum to alpha, so by the union bound the interval at a data-dependent stopping time "
-    "covers the mean with probability >= confidence (exact for Gaussian differences when m = n, "
-    "CLT-approximate otherwise)."
+    "L_A - L_B as control variate; Student-t interval (Welch df) at each cell (n, m) = (s_i, s_j), i <= j, "
+    "of a fixed geometric look grid of L levels, at level 1 - alpha*u_i/L with u_i = (L+1)/(L*i*(i+1)) and "
+    "alpha = 1 - confidence; the cell rates sum to at most alpha, so by the union bound the interval at a "
+    "data-dependent stopping time covers the mean with probability >= confidence (exact for Gaussian "
+    "differences when m = n, CLT-approximate otherwise)."
 )
 DECISIONS = ("above", "below", "undecided")
 STOP_REASONS = ("decided", "target_se", "ceiling", "futile", "exact", "nonfinite")
@@ -208,13 +218,15 @@ def look_schedule(num_blocks: int, min_blocks: int = 8, chunk: int = 8, growth: 
     return sizes
 
 
-def cell_alpha(i: int, j: int, confidence: float) -> float:
-    """Error rate of grid cell (i, j), 1-based, j >= i: α·w_i·w_(j−i+1) with w_k = 1/(k(k+1)).
-    Summed over every cell it is α = 1 − confidence."""
-    if not 1 <= i <= j:
-        raise ValueError(f"look cell ({i}, {j}): need 1 <= i <= j")
-    k = j - i + 1
-    return (1.0 - confidence) / (i * (i + 1) * k * (k + 1))
+def cell_alpha(i: int, j: int, confidence: float, levels: int) -> float:
+    """Error rate of grid cell (i, j), 1-based, i <= j <= ``levels`` (the schedule's length):
+    α·u_i/L with u_i = (L+1)/(L·i·(i+1)). Σ_i u_i = 1 and each i has at most L cells, so the rates of
+    all cells sum to at most α = 1 − confidence. Most of the rate goes to small n (a point's own
+    blocks: decisions come early) and it is uniform over m (the shared endpoint blocks, often many
+    because other points already paid for them)."""
+    if not 1 <= i <= j <= levels:
+        raise ValueError(f"look cell ({i}, {j}): need 1 <= i <= j <= {levels}")
+    return (1.0 - confidence) * (levels + 1) / (levels * i * (i + 1)) / levels
 
 
 def block_order(num_blocks: int, seed: int) -> torch.Tensor:
@@ -241,39 +253,45 @@ class Look:
     control_var: float = 0.0  # β²·s_g²/m: shrinks with m
 
 
-def estimate(d: torch.Tensor, g: torch.Tensor | None, i: int, j: int, confidence: float) -> Look:
-    """Estimate and interval at grid cell (i, j) from the differences ``d`` of the first n blocks and
-    the endpoint gaps ``g`` = L_A − L_B of the first m >= n blocks (None: the plain paired mean)."""
-    d = d.double()
-    n = int(d.numel())
-    m = n if g is None else int(g.numel())
-    dbar = float(d.mean())
+def estimate(d, g, i: int, j: int, confidence: float, levels: int) -> Look:
+    """Estimate and interval at grid cell (i, j) of a ``levels``-long schedule from the differences
+    ``d`` of the first n blocks and the endpoint gaps ``g`` = L_A − L_B of the first m >= n blocks
+    (None: the plain paired mean).
+    Arrays or CPU tensors; float64 arithmetic."""
+    d = np.asarray(d, dtype=np.float64)
+    g = None if g is None else np.asarray(g, dtype=np.float64)
+    n = d.size
+    m = n if g is None else g.size
+    dbar = float(d.sum()) / n
+    dc = d - dbar
+    var_d = float(dc @ dc) / (n - 1) if n > 1 else math.inf
     gc = None
     if g is not None and n >= 4:
-        g = g.double()
-        gc = g[:n] - g[:n].mean()
+        gbar_n = float(g[:n].sum()) / n
+        gc = g[:n] - gbar_n
         sxx = float(gc @ gc)
         gc = gc if sxx > 0.0 else None
     if gc is None:  # no control variate: the plain paired mean
-        var = float(d.var(unbiased=True)) if n > 1 else math.inf
-        a, b, beta, mean, df = var / n, 0.0, 0.0, dbar, n - 1
-        se2 = a
+        a, b, beta, mean, df, se2 = var_d / n, 0.0, 0.0, dbar, n - 1, var_d / n
     else:
-        beta = float(gc @ (d - dbar)) / sxx
-        r = d - dbar - beta * gc
+        beta = float(gc @ dc) / sxx
+        r = dc - beta * gc
         a = float(r @ r) / (n - 2) / n
-        b = beta * beta * float(g.var(unbiased=True)) / m
+        gbar_m = float(g.sum()) / m
+        gm = g - gbar_m
+        b = beta * beta * float(gm @ gm) / (m - 1) / m
         if m > n:
-            mean = dbar - beta * (float(g[:n].mean()) - float(g.mean()))
+            mean = dbar - beta * (gbar_n - gbar_m)
             denom = a * a / (n - 2) + b * b / (m - 1)
-            df = (a + b) ** 2 / denom if denom > 0 else n - 2
+            df = (a + b) ** 2 / denom if denom > 0 else float(n - 2)
             se2 = a + b
         else:  # m = n: the plain paired mean (exact t); a and b only say which blocks to add next
-            mean, df, se2 = dbar, n - 1, float(d.var(unbiased=True)) / n
+            mean, df, se2 = dbar, n - 1, var_d / n
     se = math.sqrt(se2)
     if not math.isfinite(se):
         return Look(i, j, n, m, mean, se, -math.inf, math.inf, df, beta, a, b)
-    half = t_quantile(1.0 - cell_alpha(i, j, confidence) / 2.0, _df_floor(df)) * se if se > 0 else 0.0
+    dfq = df if isinstance(df, int) else _df_floor(df)  # Welch df: rounded down onto a grid
+    half = t_quantile(1.0 - cell_alpha(i, j, confidence, levels) / 2.0, dfq) * se if se > 0 else 0.0
     return Look(i, j, n, m, mean, se, mean - half, mean + half, df, beta, a, b)
 
 
@@ -331,16 +349,17 @@ class Stream(Protocol):
         """d of blocks lo..hi−1 (the endpoints are known there)."""
 
 
-def _futile(look: Look, cfg: SequentialConfig, last: int) -> bool:
+def _futile(look: Look, cfg: SequentialConfig, levels: int) -> bool:
     """With every endpoint block in, the control part of the variance is fixed: no further point
-    block can meet the stopping rule when even a zero point variance would leave T inside (the
-    estimate may still move by about 2·sqrt(point variance)) and the SE above ``target_se``."""
+    block can meet the stopping rule when even a zero point variance at the next cell (the widest
+    rate any later cell gets) would leave T inside — the estimate may still move by about
+    2·sqrt(point variance) — and the SE stays above ``target_se``."""
     floor_se = math.sqrt(look.control_var)
     if cfg.target_se is not None and floor_se <= cfg.target_se:
         return False
     if cfg.decide is None:
         return True
-    q = t_quantile(1.0 - cell_alpha(last + 1, last + 1, cfg.confidence) / 2.0, _df_floor(look.m - 1))
+    q = t_quantile(1.0 - cell_alpha(look.i + 1, levels, cfg.confidence, levels) / 2.0, _df_floor(look.m - 1))
     return abs(look.mean - cfg.decide) + 2.0 * math.sqrt(look.point_var) < q * floor_se
 
 
@@ -351,19 +370,22 @@ def run_looks(stream: Stream, schedule: list[int], cfg: SequentialConfig, *, end
     s, last = schedule, len(schedule) - 1
 
     def index(count: int) -> int:  # largest schedule index with s[idx] <= count
-        return max((k for k, v in enumerate(s) if v <= count), default=-1)
+        return bisect.bisect_right(s, count) - 1
+
+    def fetch(lo: int, hi: int) -> np.ndarray:
+        return np.asarray(stream.point(lo, hi), dtype=np.float64)
 
     i, j = 0, max(0, index(stream.available()))
     stream.extend(s[j])
-    parts = [stream.point(0, s[0]).double()]
+    parts = [fetch(0, s[0])]
     looks = 0
     while True:
         looks += 1
         j = max(j, index(stream.available()))
-        d = torch.cat(parts)
-        if not bool(torch.isfinite(d).all()):
+        d = np.concatenate(parts)
+        if not np.isfinite(d).all():
             return Outcome(None, "nonfinite", None, s[-1], looks)
-        look = estimate(d, stream.control(s[j]), i + 1, j + 1, cfg.confidence)
+        look = estimate(d, stream.control(s[j]), i + 1, j + 1, cfg.confidence, last + 1)
         verdict = decision(look, cfg.decide)
         if verdict in ("above", "below"):
             return Outcome(look, "decided", verdict, s[-1], looks)
@@ -371,7 +393,7 @@ def run_looks(stream: Stream, schedule: list[int], cfg: SequentialConfig, *, end
             return Outcome(look, "target_se", verdict, s[-1], looks)
         if i == last:
             return Outcome(look, "ceiling", verdict, s[-1], looks)
-        if j == last and _futile(look, cfg, last):
+        if j == last and _futile(look, cfg, last + 1):
             return Outcome(look, "futile", verdict, s[-1], looks)
 
         def drop(var: float, k: int) -> float:  # variance removed by going from s[k] to s[k+1] blocks
@@ -387,7 +409,7 @@ def run_looks(stream: Stream, schedule: list[int], cfg: SequentialConfig, *, end
             i += 1
             j = max(i, j)
             stream.extend(s[j])
-            parts.append(stream.point(s[i - 1], s[i]).double())
+            parts.append(fetch(s[i - 1], s[i]))
 
 
 def _cat(parts: list[BlockStats]) -> BlockStats:
@@ -438,6 +460,12 @@ class SequentialEstimator:
         stats = self.ev.run(self.order[have:n], state=which, record=self.record)
         self._ends[which].append(check_finite(stats, f"model {which.upper()}"))
         self.blocks_evaluated += n - have
+
+    def seed(self, which: str, stats: BlockStats) -> None:
+        """Reuse endpoint blocks computed earlier (a resumed scan) if they follow this block order."""
+        k = stats.indices.numel()
+        if k > self.have(which) and torch.equal(stats.indices, self.order[:k]):
+            self._ends[which] = [stats]
 
     def ensure(self, n: int, last: str) -> None:
         """Both endpoints on ``order[:n]``; the live model ends on ``last``."""
@@ -506,7 +534,7 @@ class SequentialEstimator:
 
     def exact(self, n: int) -> Outcome:
         """Outcome of a point that is an endpoint itself (its differences are exactly 0)."""
-        look = estimate(torch.zeros(n, dtype=torch.float64), None, 1, 1, self.cfg.confidence)
+        look = estimate(np.zeros(n), None, 1, 1, self.cfg.confidence, len(self.schedule))
         return Outcome(look, "exact", decision(look, self.cfg.decide), self.schedule[-1], 0)
 
 
@@ -541,7 +569,7 @@ def sequential_barrier(pair, ev, group, alphas: list[float], cfg: SequentialConf
             curve[alpha] = check_finite(est.evaluate_fixed(group, alpha, n, base, method, prefix),
                                         f"{group.name} at alpha={alpha}")
         barriers[alpha] = look.mean if alpha == 0.5 else estimate(
-            est.differences(curve[alpha], alpha), g, look.i, look.j, cfg.confidence).mean
+            est.differences(curve[alpha], alpha), g, look.i, look.j, cfg.confidence, len(est.schedule)).mean
     result = barrier_from_stats(curve, stat_a, stat_b, layers=layers, base=base, method=method)
     interior = [a for a in barriers if 0.0 < a < 1.0] or list(barriers)
     result.barrier_mid, result.barrier_mid_se = look.mean, look.se
@@ -605,6 +633,10 @@ class SequentialScanRunner(ScanRunner):
         return row
 
     def run(self, points: list[ScanPoint] | None = None, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
+        if resume:  # endpoint blocks of the interrupted run (valid only in this block order)
+            for row in read_rows(self.out / RESULTS):
+                if row.get("kind") == "endpoint":
+                    self.seq.seed(row["base"], stats_from_endpoint_row(row))
         rows = super().run(points, resume=resume, overwrite=overwrite)
         final = {}
         for which in ("a", "b"):

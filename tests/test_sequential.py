@@ -1,0 +1,377 @@
+"""Sequential estimation: Student-t quantiles, the look grid, coverage at the stopping time by
+simulation, and sequential scans / barriers on a trained pair checked against plain-torch
+evaluations and against the full-budget run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+import torch
+from reference import interpolated_state, plain_eval, state_dict
+
+from hf_llmc import cli
+from hf_llmc.data import DataConfig
+from hf_llmc.demo import synthetic_text
+from hf_llmc.pair import ModelPair
+from hf_llmc.report import load_run, summarize
+from hf_llmc.scan import ScanConfig, ScanError, read_rows, row_key, run_scan, settings_hash
+from hf_llmc.sequential import (SequentialConfig, SequentialScanRunner, block_order, cell_alpha, estimate, look_schedule,
+                                mark_undecided, run_looks, t_quantile)
+
+SEQ = 32
+N_BLOCKS = 256
+T = 0.05
+SEQ_KEYS = {"interval", "decision", "stop_reason", "looks", "blocks_used", "endpoint_blocks", "tokens_ceiling",
+            "interval_method", "control_beta"}
+
+
+# -- maths ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p, df, table", [
+    (0.975, 1, 12.7062047), (0.975, 7, 2.3646243), (0.995, 10, 3.1692727), (0.9995, 30, 3.6459586),
+    (0.999, 3, 10.2145319), (0.95, 120, 1.6576509),
+])
+def test_t_quantile_matches_tables(p, df, table):
+    assert t_quantile(p, df) == pytest.approx(table, abs=2e-7)
+    assert t_quantile(1 - p, df) == pytest.approx(-table, abs=2e-7)
+
+
+def test_t_quantile_tends_to_normal():
+    for p in (0.9, 0.99, 0.9999):
+        z = NormalDist().inv_cdf(p)
+        assert z < t_quantile(p, 1000) < z * 1.01
+        assert t_quantile(p, 5) > t_quantile(p, 50) > t_quantile(p, 500)
+
+
+def test_look_grid_spends_at_most_alpha_and_schedule_is_fixed():
+    s = look_schedule(1000, min_blocks=8, chunk=8, growth=1.5)
+    assert s[0] == 8 and s[-1] == 1000 and all(v % 8 == 0 for v in s[:-1])
+    assert all(b >= 1.5 * a for a, b in zip(s, s[1:-1])) and s[-2] < s[-1]
+    assert look_schedule(5, min_blocks=8, chunk=8) == [5]
+    assert look_schedule(100, min_blocks=10, chunk=8)[0] == 16
+    for levels in (1, 2, 12, 40):
+        cells = [cell_alpha(i, j, 0.95, levels) for i in range(1, levels + 1) for j in range(i, levels + 1)]
+        assert 0 < sum(cells) <= 0.05 + 1e-12
+    assert cell_alpha(1, 12, 0.95, 12) == cell_alpha(1, 3, 0.95, 12) > cell_alpha(2, 3, 0.95, 12)
+    with pytest.raises(ValueError):
+        cell_alpha(3, 2, 0.95, 12)
+
+
+def test_estimate_without_endpoint_extra_is_the_plain_t_interval():
+    gen = torch.Generator().manual_seed(0)
+    d = 0.1 + 0.3 * torch.randn(40, generator=gen, dtype=torch.float64)
+    g = torch.randn(40, generator=gen, dtype=torch.float64)
+    look = estimate(d, g, 2, 2, 0.95, 5)  # m = n: the control variate must not change the number
+    se = float(d.std()) / math.sqrt(40)
+    assert look.mean == pytest.approx(float(d.mean()), abs=1e-12) and look.se == pytest.approx(se, rel=1e-12)
+    q = t_quantile(1 - 0.05 * 6 / (5 * 2 * 3 * 5) / 2, 39)
+    assert look.high - look.mean == pytest.approx(q * se, rel=1e-9)
+
+
+# -- coverage by simulation -------------------------------------------------------------------------
+class Synthetic:
+    """A point's per-block differences with endpoint gaps known on a prefix shared by all points."""
+
+    def __init__(self, d: np.ndarray, g: np.ndarray, shared: list[int]):
+        self.d, self.g, self.shared = d, g, shared
+
+    def available(self) -> int:
+        return self.shared[0]
+
+    def extend(self, m: int) -> None:
+        self.shared[0] = max(self.shared[0], m)
+
+    def control(self, m: int) -> np.ndarray:
+        return self.g[:m]
+
+    def point(self, lo: int, hi: int) -> np.ndarray:
+        assert hi <= self.shared[0], "a point's blocks need both endpoints"
+        return self.d[lo:hi]
+
+
+def _noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit-variance noise: normal, skewed (centred gamma(4), skewness 1), left-skewed, heavy-tailed
+    (t with 5 df), or bimodal (two text domains, like L_A − L_B on mixed text)."""
+    if kind == "normal":
+        return rng.standard_normal(n)
+    if kind in ("skewed", "leftskew"):
+        x = (rng.gamma(4.0, size=n) - 4.0) / 2.0
+        return x if kind == "skewed" else -x
+    if kind == "heavy":
+        return rng.standard_t(5, size=n) / math.sqrt(5 / 3)
+    if kind == "bimodal":
+        return (rng.choice([-1.0, 1.0], size=n) + 0.3 * rng.standard_normal(n)) / math.sqrt(1.09)
+    raise ValueError(kind)
+
+
+#: (true means of the points sharing one endpoint stream, residual sd, slope on g, sd of g, noises)
+CASES = [
+    ((T, 0.0), 0.1, 0.0, 0.0, "normal", "normal"),  # exactly at T: every decision is an error
+    ((0.04,), 0.3, 0.0, 0.0, "skewed", "normal"),
+    ((0.06,), 0.3, 0.0, 0.0, "leftskew", "normal"),
+    ((T, 0.03, 0.3), 0.05, 0.5, 1.0, "skewed", "bimodal"),  # layer-like: endpoint gap dominates
+    ((T + 0.02, 0.0), 0.1, -0.5, 0.5, "heavy", "heavy"),
+]
+REPS = 200
+N_SIM = 512
+
+
+def _simulate(case, cfg: SequentialConfig, seed: int) -> tuple[int, int, int]:
+    means, sd_r, slope, sd_g, kind, gkind = case
+    schedule = look_schedule(N_SIM, cfg.min_blocks, 8, cfg.growth)
+    rng = np.random.default_rng(seed)
+    covered = total = used = 0
+    for _ in range(REPS):
+        g = sd_g * _noise(gkind, N_SIM, rng)
+        shared = [0]  # later points start with the endpoint blocks earlier ones paid for
+        for mu in means:
+            d = mu + slope * g + sd_r * _noise(kind, N_SIM, rng)
+            out = run_looks(Synthetic(d, g, shared), schedule, cfg)
+            covered += out.look.low <= mu <= out.look.high
+            used += out.look.n
+            total += 1
+    return covered, total, used
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-{c[5]}-{len(c[0])}pt" for c in CASES])
+def test_interval_at_stopping_time_covers_true_mean(case):
+    cfg = SequentialConfig(decide=T)
+    covered, total, used = _simulate(case, cfg, seed=1)
+    assert covered / total >= cfg.confidence, (covered, total)
+    assert used < total * N_SIM  # and it does stop early on some repetitions
+
+
+def test_simulation_detects_an_interval_invalid_under_optional_stopping():
+    """Control: the same stopping rule with a fixed 95 % t interval at every look (no union bound)
+    misses a mean equal to T far more often than 5 % — the coverage test above has power."""
+    rng = np.random.default_rng(2)
+    schedule = look_schedule(N_SIM, 8, 8, 1.5)
+    misses = 0
+    for _ in range(REPS):
+        d = T + 0.1 * rng.standard_normal(N_SIM)
+        for n in schedule:
+            x = d[:n]
+            half = t_quantile(0.975, n - 1) * x.std(ddof=1) / math.sqrt(n)
+            if abs(x.mean() - T) > half:  # decided: the interval excludes T = the true mean
+                misses += 1
+                break
+    assert misses / REPS > 0.10
+
+
+# -- scans and barriers on a trained pair -----------------------------------------------------------
+class Setup:
+    def __init__(self, demo, root):
+        self.demo = demo
+        text = root / "eval.txt"
+        text.write_text(synthetic_text("mixed", 400, 99))
+        self.pair = ModelPair.from_pretrained(demo.a, demo.b, device="cpu")
+        self.data = DataConfig(data=str(text), seq_len=SEQ, max_tokens=SEQ * N_BLOCKS)
+        self.blocks = self.pair.blocks(self.data)
+        assert self.blocks.num_blocks == N_BLOCKS
+        self.sd = {"a": state_dict(demo.a), "b": state_dict(demo.b)}
+        self.ends = {w: torch.tensor(plain_eval(demo.a, self.sd[w], self.blocks.ids, per_block=True)[0],
+                                     dtype=torch.float64) for w in "ab"}
+
+    def point_losses(self, group, alpha: float, base: str, idx: torch.Tensor) -> torch.Tensor:
+        state = interpolated_state(self.sd["a"], self.sd["b"], group.parameters, alpha, base,
+                                   tied=self.pair.arch.tied)
+        losses, _ = plain_eval(self.demo.a, state, self.blocks.ids[idx], per_block=True)
+        return torch.tensor(losses, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def setup(request, tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield Setup(request.getfixturevalue("gpt2_pair"), tmp_path_factory.mktemp("seq"))
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def scans(setup, tmp_path_factory):
+    root = tmp_path_factory.mktemp("scans")
+    full = run_scan(setup.pair, setup.blocks, ScanConfig(), root / "full", progress=False)
+    cfg = ScanConfig(sequential=SequentialConfig(decide=T))
+    seq = run_scan(setup.pair, setup.blocks, cfg, root / "seq", progress=False)
+    return {"full": full, "seq": seq, "root": root}
+
+
+def _regression(d: torch.Tensor, g: torch.Tensor) -> tuple[float, float, float]:
+    """Independent two-phase regression estimate (numpy least squares): mean, SE, Welch df."""
+    n, m = d.numel(), g.numel()
+    d, g = d.numpy(), g.numpy()
+    if m == n:
+        return float(d.mean()), float(d.std(ddof=1)) / math.sqrt(n), n - 1
+    slope, intercept = np.polyfit(g[:n], d, 1)
+    resid = d - (intercept + slope * g[:n])
+    a, b = float(resid @ resid) / (n - 2) / n, slope**2 * float(g.var(ddof=1)) / m
+    df = (a + b) ** 2 / (a**2 / (n - 2) + b**2 / (m - 1))
+    return float(d.mean() - slope * (g[:n].mean() - g.mean())), math.sqrt(a + b), df
+
+
+def test_sequential_rows_equal_plain_torch_computation(setup, scans):
+    pair = setup.pair
+    groups = {g.name: g for g in [pair.full_group()] + [pair.groups(f"block.{i}")[0] for i in range(pair.arch.num_blocks)]}
+    order = block_order(N_BLOCKS, 0)
+    schedule = look_schedule(N_BLOCKS, 8, pair.evaluator(setup.blocks).batch_size, 1.5)
+    gap = setup.ends["a"][order] - setup.ends["b"][order]
+    rows = [r for r in scans["seq"] if r["kind"] != "endpoint"]
+    assert len(rows) == pair.arch.num_blocks + 1
+    for row in rows:
+        assert SEQ_KEYS <= set(row) and row["interval_method"] == "student-t-union-bound"
+        n, m = row["blocks_used"], row["endpoint_blocks"]
+        assert n in schedule and m in schedule and n <= m and row["tokens"] == n * (SEQ - 1)
+        losses = setup.point_losses(groups[row["group"]], 0.5, "a", order[:n])
+        assert row["loss"] == pytest.approx(float(losses.mean()), rel=1e-5)
+        d = losses - 0.5 * (setup.ends["a"][order[:n]] + setup.ends["b"][order[:n]])
+        mean, se, df = _regression(d, gap[:m])
+        assert row["barrier"] == pytest.approx(mean, abs=1e-5 * row["loss"])
+        assert row["barrier_se"] == pytest.approx(se, rel=1e-3)
+        low, high = row["interval"]
+        cell = (schedule.index(n) + 1, schedule.index(m) + 1, 0.95, len(schedule))
+        q = t_quantile(1 - cell_alpha(*cell) / 2, max(1, math.floor(df)))
+        assert (high - low) / 2 == pytest.approx(q * se, rel=0.02) and (high - low) / 2 >= q * se * 0.999
+        assert (low + high) / 2 == pytest.approx(row["barrier"], abs=1e-9)
+        expected = "above" if low > T else "below" if high < T else "undecided"
+        assert row["decision"] == expected
+        assert row["stop_reason"] in ({"decided"} if expected != "undecided" else {"futile", "ceiling"})
+    ends = {r["base"]: r for r in scans["seq"] if r["kind"] == "endpoint"}  # the rows at the end
+    for w in "ab":
+        k = len(ends[w]["block_indices"])
+        assert ends[w]["block_indices"] == order[:k].tolist()
+        assert ends[w]["loss"] == pytest.approx(float(setup.ends[w][order[:k]].mean()), rel=1e-5)
+
+
+def test_decisions_agree_with_full_budget_and_use_fewer_tokens(scans):
+    full = {r["group"]: r for r in scans["full"] if r["kind"] != "endpoint"}
+    seq = {r["group"]: r for r in scans["seq"] if r["kind"] != "endpoint"}
+    q = t_quantile(0.975, N_BLOCKS - 1)
+    decided = 0
+    for name, f in full.items():
+        low, high = f["barrier"] - q * f["barrier_se"], f["barrier"] + q * f["barrier_se"]
+        verdict = "above" if low > T else "below" if high < T else None
+        s = seq[name]
+        if s["decision"] in ("above", "below"):
+            decided += 1
+            assert s["tokens"] < f["tokens"]  # decisive points stop before the ceiling here
+        if verdict is not None:
+            assert s["decision"] in (verdict, "undecided"), (name, f["barrier"], s)
+    assert decided >= 2
+    tokens = {k: sum(r["tokens"] for r in v if r["kind"] != "endpoint")
+              + sum(r["tokens"] for r in {r["base"]: r for r in v if r["kind"] == "endpoint"}.values())
+              for k, v in scans.items() if k != "root"}
+    assert tokens["seq"] < tokens["full"]
+
+
+def test_resume_reuses_endpoint_blocks_and_rows(setup, scans, tmp_path):
+    cfg = ScanConfig(sequential=SequentialConfig(decide=T))
+    done = tmp_path / "done"
+    shutil.copytree(scans["root"] / "seq", done)
+    runner = SequentialScanRunner(setup.pair, setup.blocks, cfg, done, progress=False)
+    rows = runner.run(resume=True)  # finished: the endpoint rows at the end hold every block used
+    assert runner.seq.blocks_evaluated == 0
+    assert {row_key(r): r for r in rows} == {row_key(r): r for r in scans["seq"]}
+    # interrupted after two points: the rest is evaluated, the first rows are kept as they were
+    cut = tmp_path / "cut"
+    shutil.copytree(scans["root"] / "seq", cut)
+    lines = (cut / "results.jsonl").read_text().splitlines(keepends=True)
+    (cut / "results.jsonl").write_text("".join(lines[:4]))
+    rows = run_scan(setup.pair, setup.blocks, cfg, cut, resume=True, progress=False)
+    latest = {row_key(r): r for r in read_rows(cut / "results.jsonl")}
+    assert latest.keys() == {row_key(r) for r in scans["seq"]} and len({row_key(r) for r in rows}) == len(latest)
+    for line in lines[2:4]:
+        row = json.loads(line)
+        assert latest[row_key(row)] == row
+    for row in latest.values():
+        if row["kind"] != "endpoint":
+            low, high = row["interval"]
+            assert row["decision"] == ("above" if low > T else "below" if high < T else "undecided")
+
+
+def test_without_options_numbers_and_settings_are_unchanged(setup, scans):
+    # The hashed settings of a fixed-budget scan are exactly those of earlier versions (resume works).
+    assert ScanConfig().result_settings() == {"mode": "single", "base": "a", "alphas": [0.5], "method": "lerp",
+                                              "granularity": "block"}
+    hashed = {"settings": ScanConfig().result_settings()}
+    assert settings_hash(hashed) != settings_hash({"settings": ScanConfig(sequential=SequentialConfig(decide=T)).result_settings()})
+    for row in scans["full"]:
+        assert not SEQ_KEYS & set(row)
+        if row["kind"] == "endpoint":
+            assert row["loss"] == pytest.approx(float(setup.ends[row["base"]].mean()), rel=1e-5)
+    pair = setup.pair
+    plain = pair.barrier(setup.blocks, layers="block.1", alphas="0.5")
+    assert plain.to_dict() == pair.barrier(setup.blocks, layers="block.1", alphas="0.5", sequential=None).to_dict()
+    losses = setup.point_losses(pair.groups("block.1")[0], 0.5, "a", torch.arange(N_BLOCKS))
+    ref = float((losses - 0.5 * (setup.ends["a"] + setup.ends["b"])).mean())
+    assert plain.barrier_mid == pytest.approx(ref, abs=1e-5) and plain.tokens == N_BLOCKS * (SEQ - 1)
+    row = next(r for r in scans["full"] if r["group"] == "block.1")
+    assert row["barrier"] == pytest.approx(plain.barrier_mid, abs=1e-9)
+
+
+def test_barrier_api_target_se_and_curve(setup):
+    pair = setup.pair
+    cfg = SequentialConfig(target_se=0.05)
+    res = pair.barrier(setup.blocks, alphas="0,0.25,0.5,1", sequential=cfg)  # the full model path
+    x = res.to_dict()
+    n = x["blocks_used"]
+    assert x["stop_reason"] in ("target_se", "decided", "ceiling", "futile")
+    if x["stop_reason"] == "target_se":
+        assert res.barrier_mid_se <= 0.05
+    assert res.tokens == n * (SEQ - 1) and x["tokens_ceiling"] == N_BLOCKS * (SEQ - 1)
+    assert x["interval_method"] == "student-t-union-bound" and x["decision"] is None
+    order = block_order(N_BLOCKS, 0)[:n]
+    losses = setup.point_losses(pair.full_group(), 0.25, "a", order)
+    assert res.loss[res.alphas.index(0.25)] == pytest.approx(float(losses.mean()), rel=1e-5)
+    assert res.loss_a == pytest.approx(float(setup.ends["a"][order].mean()), rel=1e-5)
+    assert x["tokens_evaluated"] >= 3 * n * (SEQ - 1)  # A, B, 0.5 and 0.25 on the same n blocks
+
+
+def test_cli_barrier_and_scan_report_sequential_fields(setup, tmp_path, capsys):
+    demo = setup.demo
+    common = [str(demo.a), str(demo.b), "--data", setup.data.data, "--seq-len", str(SEQ),
+              "--max-tokens", str(SEQ * N_BLOCKS), "--device", "cpu"]
+    out = tmp_path / "b.json"
+    assert cli.main(["barrier", *common, "--layers", "block.0", "--decide", str(T), "--json-out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens used" in printed and "decision" in printed
+    payload = json.loads(out.read_text())
+    assert payload["interval_method"] == "student-t-union-bound" and payload["decision"] in ("above", "below", "undecided")
+    assert payload["tokens"] <= payload["tokens_ceiling"] and len(payload["barrier_mid_interval"]) == 2
+
+    scan_dir = tmp_path / "scan"
+    assert cli.main(["scan", *common, "--decide", str(T), "--min-blocks", "16", "--out", str(scan_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens A" in printed and "decision A" in printed
+    summary = json.loads((scan_dir / "summary.json").read_text())
+    assert summary["sequential"]["interval_method"] == "student-t-union-bound"
+    assert summary["sequential"]["min_blocks"] == 16
+    for g in summary["groups"]:
+        s = g["bases"]["a"]
+        assert s["decision"] in ("above", "below", "undecided") and s["tokens"] >= 16 * (SEQ - 1)
+        assert s["curve"][0]["decision"] == s["decision"]
+    assert "decision (A)" in (scan_dir / "report.md").read_text()
+    # undecided cells are hatched in the heatmap
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hf_llmc.report import heatmap_matrix
+
+    manifest, rows = load_run(scan_dir)
+    again = summarize(manifest, rows)
+    _, cols, _ = heatmap_matrix(again)
+    fig, ax = plt.subplots()
+    undecided = sum(g["bases"]["a"]["decision"] == "undecided" for g in again["groups"])
+    assert mark_undecided(ax, again, cols) == undecided
+    plt.close(fig)
+    # bad values are usage errors (exit 2)
+    assert cli.main(["scan", *common, "--decide", str(T), "--confidence", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["barrier", *common, "--target-se", "0", "--json-out", str(out)]) == 2
+    with pytest.raises(ScanError):
+        ScanConfig(sequential=SequentialConfig()).validate()
