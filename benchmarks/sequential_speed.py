@@ -115,7 +115,8 @@ def run(sizes: dict, threshold: float, threads: int | None, root: Path) -> dict:
                 disagree += 1
         table.append({"group": group, "full_barrier": f["barrier"], "full_interval": interval, "full_decision": verdict,
                       "seq_barrier": s["barrier"], "seq_interval": s["interval"], "seq_decision": s["decision"],
-                      "stop_reason": s["stop_reason"], "tokens_used": s["tokens"], "endpoint_blocks": s["endpoint_blocks"]})
+                      "stop_reason": s["stop_reason"], "tokens_used": s["tokens"],
+                      "endpoint_blocks": s["endpoint_blocks"]})
     tokens = {name: evaluated_tokens(r) for name, r in rows.items()}
     return {
         "sizes": {**sizes, "max_tokens": max_tokens}, "threshold": threshold, "threads": torch.get_num_threads(),
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Tiny sizes (seconds).")
     parser.add_argument("--decide", type=float, default=0.05, help="Threshold T of the sequential run (nats).")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 gives stable numbers on a shared machine).")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 gives stable numbers on a shared machine).")
     parser.add_argument("--json-out", help="Write the results as JSON here.")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="hf-llmc-seq-speed-") as tmp:
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'seq interval':>19} {'decision':>9} {'stop':>9} {'tokens':>8} {'end.blk':>7}")
     for g in res["groups"]:
         si = g["seq_interval"] or [math.nan, math.nan]
-        print(f"{g['group']:<10} {g['full_barrier']:>+13.4f} [{g['full_interval'][0]:+.3f},{g['full_interval'][1]:+.3f}] "
+        fi = g["full_interval"]
+        print(f"{g['group']:<10} {g['full_barrier']:>+13.4f} [{fi[0]:+.3f},{fi[1]:+.3f}] "
               f"{g['full_decision']:>9} | {g['seq_barrier']:>+12.4f} [{si[0]:+.3f},{si[1]:+.3f}] "
               f"{g['seq_decision']:>9} {g['stop_reason']:>9} {g['tokens_used']:>8} {g['endpoint_blocks']:>7}")
     t = res["tokens_evaluated"]

@@ -20,6 +20,9 @@ _EXPORTS = {
     "parse_spec": "selection",
     "resolve": "selection",
     "save_merged": "export",
+    "ScanConfig": "scan",
+    "SequentialConfig": "sequential",
+    "DataConfig": "data",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -28,7 +31,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .barrier import BarrierResult
     from .export import MergeSpec, save_merged
     from .pair import LoadConfig, ModelPair
+    from .data import DataConfig
+    from .scan import ScanConfig
     from .selection import Group, parse_spec, resolve
+    from .sequential import SequentialConfig
 
 
 def __getattr__(name: str):

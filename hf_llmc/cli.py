@@ -219,11 +219,12 @@ def cmd_barrier(args) -> int:
     if not is_main_process():
         return 0  # only process 0 prints and writes
     table = Table(title=f"barrier of {args.layers or 'the full model'} (base {args.base.upper()}, {args.method})")
-    for col in ("alpha", "loss", "perplexity", "accuracy", "loss - reference"):
+    estimates = result.extra.get("barrier_curve")  # sequential: regression estimates per alpha
+    for col in ("alpha", "loss", "perplexity", "accuracy", "loss - reference" if estimates is None else "barrier (estimate)"):
         table.add_column(col, justify="right")
-    for a, loss, ppl, acc in zip(result.alphas, result.loss, result.perplexity, result.accuracy):
+    for k, (a, loss, ppl, acc) in enumerate(zip(result.alphas, result.loss, result.perplexity, result.accuracy)):
         ref = (1 - a) * result.loss_a + a * result.loss_b
-        table.add_row(f"{a:g}", _fmt(loss), f"{ppl:.3f}", _fmt(acc), f"{loss - ref:+.4f}")
+        table.add_row(f"{a:g}", _fmt(loss), f"{ppl:.3f}", _fmt(acc), f"{loss - ref if estimates is None else estimates[k]:+.4f}")
     console.print(table)
     console.print(
         f"barrier_mid = {result.barrier_mid:+.4f} ± {result.barrier_mid_se:.4f} nats "

@@ -330,7 +330,7 @@ def compact_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     header = ["group"]
     sequential = is_sequential(summary)
     for b in bases:
-        header += [f"mid {b.upper()} ± se", f"max {b.upper()}"] + ([f"decision {b.upper()}", f"tokens {b.upper()}"] if sequential else [])
+        header += [f"mid {b.upper()} ± se", f"max {b.upper()}"] + ([f"tokens {b.upper()}"] if sequential else [])
     body = []
     for g in summary["groups"]:
         cells = [g["group"]]
@@ -338,8 +338,8 @@ def compact_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             s = g["bases"].get(b)
             cells += ["", ""] if s is None else [
                 f"{_f(s['barrier_mid'], '{:+.3f}')} ± {_f(s['barrier_mid_se'], '{:.3f}')}", _f(s["barrier_max"], "{:+.3f}")]
-            if sequential:
-                cells += ["", ""] if s is None else [str(s.get("decision") or s.get("stop_reason") or ""), _f(s.get("tokens"), "{:,}")]
+            if sequential:  # tokens the α=0.5 point used, and its decision
+                cells.append("" if s is None else f"{_f(s.get('tokens'), '{:,}')} {s.get('decision') or s.get('stop_reason') or ''}".strip())
         body.append(cells)
     return header, body
 

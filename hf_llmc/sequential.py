@@ -543,15 +543,17 @@ def sequential_barrier(pair, ev, group, alphas: list[float], cfg: SequentialConf
                        method: str = "lerp", prefix: bool = True, layers: str | None = None):
     """:meth:`ModelPair.barrier` with sequential estimation: the α=0.5 point runs the stopping rule;
     every other α is then evaluated on the same n blocks. Losses and accuracies are measured on
-    those n blocks; ``barrier_mid`` / ``barrier_max`` are the regression estimates (they also use the
-    endpoints' m >= n blocks), ``barrier_mid_se`` and ``barrier_mid_interval`` belong to them."""
+    those n blocks; ``barrier_mid`` / ``barrier_max`` and ``extra["barrier_curve"]`` (per α) are the
+    regression estimates (they also use the endpoints' m >= n blocks), ``barrier_mid_se`` and
+    ``barrier_mid_interval`` belong to barrier_mid."""
     from .barrier import barrier_from_stats
     from .pair import NonFiniteLossError, check_finite
 
     est = SequentialEstimator(pair, ev, ev.blocks.shape[0], cfg)
     mid, outcome = est.evaluate(group, 0.5, base, method, prefix)
     if outcome.stop_reason == "nonfinite":
-        raise NonFiniteLossError(f"{group.name} at alpha=0.5: non-finite loss; a checkpoint holds NaN/inf weights or the dtype overflows")
+        raise NonFiniteLossError(f"{group.name} at alpha=0.5: non-finite loss; a checkpoint holds NaN/inf weights "
+                                 "or the dtype overflows")
     look = outcome.look
     n, m = look.n, look.m
     stat_a, stat_b = est.endpoint("a", n), est.endpoint("b", n)
@@ -576,6 +578,7 @@ def sequential_barrier(pair, ev, group, alphas: list[float], cfg: SequentialConf
     result.barrier_max = max(barriers[a] for a in interior)
     fields = outcome.fields(mid.tokens_per_block)
     result.extra.update(
+        barrier_curve=[barriers[a] for a in result.alphas],
         barrier_mid_interval=fields.pop("interval"), **fields, confidence=cfg.confidence, threshold=cfg.decide,
         target_se=cfg.target_se, tokens_evaluated=est.blocks_evaluated * mid.tokens_per_block,
         sequential=cfg.result_settings(), interval_description=INTERVAL_DESCRIPTION,
@@ -632,7 +635,8 @@ class SequentialScanRunner(ScanRunner):
         row.update(outcome.fields(stats.tokens_per_block))
         return row
 
-    def run(self, points: list[ScanPoint] | None = None, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
+    def run(self, points: list[ScanPoint] | None = None, *, resume: bool = False,
+            overwrite: bool = False) -> list[dict]:
         if resume:  # endpoint blocks of the interrupted run (valid only in this block order)
             for row in read_rows(self.out / RESULTS):
                 if row.get("kind") == "endpoint":

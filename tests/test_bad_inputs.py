@@ -195,7 +195,8 @@ CASES = [
     Case("alphas-empty", [*BARRIER, "--alphas", ""], 2, r"--alphas: empty list"),
     Case("alphas-unparsable", [*BARRIER, "--alphas", "0,half,1"], 2, r"not a comma-separated list of numbers"),
     # evaluation data
-    Case("data-missing", ["barrier", "{A}", "{B}", "--data", "no-such.txt"], 2, r"no-such\.txt: no such file"),
+    # B of another architecture: the missing file must be reported before any model is opened
+    Case("data-missing", ["barrier", "{A}", "{LLAMA}", "--data", "no-such.txt"], 2, r"no-such\.txt: no such file"),
     Case("data-empty", ["barrier", "{A}", "{B}", "--data", "empty.txt"], 2, r"no tokens", setup_data("empty.txt", b"")),
     Case("data-binary", ["barrier", "{A}", "{B}", "--data", "blob.txt"], 2, r"looks binary",
          setup_data("blob.txt", bytes(range(256)) * 8)),

@@ -3,19 +3,28 @@ validation errors, whatever the input, and the grammar round-trips."""
 
 from __future__ import annotations
 
+import os
 import string
+import tempfile
+import types
+import typing
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from hf_llmc.architecture import BLOCK_KINDS, KINDS
-from hf_llmc.recipes import RecipeError, load_recipe, parse_recipe
+from hf_llmc.data import DataConfig
+from hf_llmc.pair import LoadConfig
+from hf_llmc.recipes import STEP_KINDS, RecipeError, _classes, load_recipe, parse_recipe, schema_fields
 from hf_llmc.selection import GLOBAL_KINDS, SpecItem, format_spec, parse_spec
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                         HealthCheck.function_scoped_fixture])
+# Nothing is written into the repository: no example database, hypothesis' caches in the temp folder.
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "hf_llmc-hypothesis"))
+FUZZ = settings(max_examples=200, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 # -- layer grammar ----------------------------------------------------------------------------------
 GRAMMAR_CHARS = st.sampled_from(list("0123456789-.,*: re") + ["attn", "mlp", "block", "norm", "embed", "head",
@@ -87,48 +96,81 @@ def test_grammar_kinds_are_the_architecture_kinds():
 
 
 # -- recipes ------------------------------------------------------------------------------------------
-KEYS = ["description", "out", "batch_size", "pairs", "load", "data", "steps", "a", "b", "model", "revision", "name",
-        "barrier", "scan", "merge", "push", "layers", "alpha", "alphas", "sets", "base", "method", "window", "mode",
-        "order", "granularity", "seq_len", "max_tokens", "text_column", "dataset", "auto", "scan_dir", "folder",
-        "push_to_hub", "dtype", "eval", "overwrite", "resume", "trust_remote_code", "allow_pickle", "device",
-        "max_shard_size", "allow_extrapolation", "auto_layers", "max_barrier", "provenance", "x"]
-scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-10**6, max_value=10**6), st.floats(allow_nan=True),
-    st.text(max_size=12),
-    st.sampled_from(["attn.0", "attn.0-3=0.5", "0.1:0.9", "{pair}/x", "{pair.x}", "{0}", "../up", "/abs", "a", "b",
-                     "lerp", "slerp", "window", "random", "2", "0,0.5", "float16", "x/y", "{step}"]),
-)
+TRICKY = ["attn.0", "attn.0-3=0.5", "0.1:0.9", "{pair}/x", "{pair.x}", "{pair[0]}", "{0}", "{step!z}", "{", "../up",
+          "/abs", "", "a", "b", "lerp", "window", "random", "2", "0,0.5", "float16", "re:(", "1e400", "nan", "x/y"]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-10**6, max_value=10**6), st.floats(allow_nan=True),
+                    st.text(max_size=12), st.sampled_from(TRICKY))
 structures = st.recursive(
     scalars,
-    lambda children: st.one_of(st.lists(children, max_size=4),
-                               st.dictionaries(st.sampled_from(KEYS), children, max_size=5)),
-    max_leaves=20,
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)),
+    max_leaves=12,
 )
-pair_entry = st.fixed_dictionaries({"a": st.fixed_dictionaries({"model": st.sampled_from(["org/a", "./a"])}),
-                                    "b": st.one_of(st.fixed_dictionaries({"model": st.text(max_size=5)}), structures)})
-step_entry = st.dictionaries(st.sampled_from(["barrier", "scan", "merge", "push", "sacn"]),
-                             st.one_of(st.dictionaries(st.sampled_from(KEYS), structures, max_size=4), structures),
-                             min_size=1, max_size=2)
+
+
+def _typed(tp) -> st.SearchStrategy:
+    """Mostly well-typed values for a settings field (so validation gets past the type checks)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*(_typed(a) for a in typing.get_args(tp)))
+    if tp is type(None):
+        return st.none()
+    if origin is list or tp is list:
+        return st.lists(st.sampled_from(TRICKY), max_size=3)
+    if tp is bool:
+        return st.booleans()
+    if tp is int:
+        return st.integers(min_value=-3, max_value=5000)
+    if tp is float:
+        return st.floats(allow_nan=True, allow_infinity=True)
+    if tp is str:
+        return st.one_of(st.sampled_from(TRICKY), st.text(max_size=10))
+    return structures
+
+
+def _body(classes: list[type]) -> st.SearchStrategy:
+    fields = schema_fields(classes)
+    hints = {key: typing.get_type_hints(cls)[f.name] for key, (cls, f) in fields.items()}
+    choices = {key: f.metadata.get("choices") for key, (cls, f) in fields.items()}
+
+    def value(key: str) -> st.SearchStrategy:
+        good = st.sampled_from(choices[key]) if choices[key] else _typed(hints[key])
+        return st.one_of(good, good, good, structures)  # mostly well-typed, sometimes anything
+
+    return st.lists(st.sampled_from(sorted(fields)), max_size=4, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: value(k) for k in keys}))
+
+
+step_entry = st.one_of(*(_body(_classes(kind)).map(lambda body, kind=kind: {kind: body}) for kind in STEP_KINDS),
+                       st.dictionaries(st.sampled_from(["sacn", *STEP_KINDS]), structures, min_size=1, max_size=2))
+model_ref = st.one_of(st.fixed_dictionaries({"model": st.sampled_from(["org/a", "./a"])},
+                                            optional={"revision": st.sampled_from(["main", "step1"])}), structures)
 recipe_like = st.fixed_dictionaries(
-    {"pairs": st.one_of(st.lists(pair_entry, min_size=1, max_size=2), structures),
+    {"pairs": st.one_of(st.lists(st.fixed_dictionaries({"a": model_ref, "b": model_ref},
+                                                       optional={"name": _typed(str | None)}), min_size=1, max_size=2),
+                        structures),
      "steps": st.one_of(st.lists(step_entry, min_size=1, max_size=3), structures)},
-    optional={"data": st.one_of(st.fixed_dictionaries({"data": st.just("eval.txt")},
-                                                      optional={"seq_len": scalars, "max_tokens": scalars}), structures),
-              "load": structures, "out": scalars, "batch_size": scalars, "description": scalars},
+    optional={"data": st.one_of(_body([DataConfig]), structures), "load": st.one_of(_body([LoadConfig]), structures),
+              "out": scalars, "batch_size": scalars, "description": scalars, "provenance": structures,
+              "unknown": scalars},
 )
+PAIR = [{"a": {"model": "org/a"}, "b": {"model": "org/b"}}]
 
 
 @FUZZ
-@given(st.one_of(structures, recipe_like))
+@given(st.one_of(recipe_like, structures))
+@example({"pairs": PAIR, "steps": [{"merge": {"layers": "attn.0", "out": "{pair.x}"}}]})
+@example({"pairs": PAIR, "steps": [{"push": {"folder": "{pair[0]}", "push_to_hub": "me/x"}}]})
+@example({"pairs": PAIR, "data": {"data": "e.txt"}, "steps": [{"merge": {"auto": True, "scan_dir": "{0}"}}]})
 def test_parse_recipe_raises_only_recipe_error(payload):
     try:
-        parse_recipe(payload, "fuzz.yaml")
+        recipe = parse_recipe(payload, "fuzz.yaml")
     except RecipeError:
-        pass
+        return
+    assert recipe.steps and recipe.pairs
 
 
 YAML_CHARS = st.sampled_from(list("abc:-{}[],'\"#&*!|>%@` \n\t0123456789.") + ["pairs", "steps", "merge", "model", "\x00",
-                                                                               "é", "\ufeff", "!!python/object:os.system"])
+                                                                                "é", "\ufeff", "!!python/object:os.system"])
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +180,13 @@ def recipe_file(tmp_path_factory):
 
 @FUZZ
 @given(content=st.one_of(st.lists(YAML_CHARS, max_size=40).map("".join),
-                         st.builds(lambda d: yaml.safe_dump(d), st.one_of(structures, recipe_like)),
+                         st.builds(lambda d: yaml.safe_dump(d), st.one_of(recipe_like, structures)),
                          st.binary(max_size=40)))
+@example(content=b"\xff\xfepairs: []")
+@example(content="!!python/object/apply:os.system ['echo pwned']")
 def test_load_recipe_raises_only_recipe_error(recipe_file, content):
-    path = recipe_file
-    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    recipe_file.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     try:
-        load_recipe(path)
+        load_recipe(recipe_file)
     except RecipeError:
         pass
