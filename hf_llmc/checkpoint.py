@@ -98,10 +98,13 @@ def _load_pickle(file: Path) -> dict:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        why = f"it refers to {found.group(1)}" if found else type(err).__name__
-        raise CheckpointError(
-            f"{file.name}: refused by torch.load(weights_only=True) ({why}); only plain tensors are loaded"
-        ) from None
+        if found:
+            raise CheckpointError(
+                f"{file.name}: refused by torch.load(weights_only=True) (it refers to {found.group(1)}); "
+                "only plain tensors are loaded"
+            ) from None
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        raise CheckpointError(f"{file.name}: unreadable pickled weights ({type(err).__name__}: {first}); is it truncated?") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file.name}: not a state dict of tensors")
     return state

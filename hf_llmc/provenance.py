@@ -1,8 +1,9 @@
 """Provenance of result files: what a number was computed with, so it can be reproduced.
 
 :func:`environment` gives the library versions, Python, platform, compute device and dtype that
-``barrier --json-out``, ``scan.json`` and a merge's ``hf_llmc_config.yaml`` record next to their
-numbers (with the evaluation data's fingerprint). It holds no paths, host names or tokens.
+``barrier --json-out`` and a merge's ``hf_llmc_config.yaml`` record next to their numbers (with the
+evaluation data's fingerprint); ``scan.json`` records the same facts in its own fields. It holds
+no paths, host names or tokens.
 """
 
 from __future__ import annotations
