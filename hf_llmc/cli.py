@@ -282,6 +282,7 @@ def cmd_demo(args) -> int:
         parts = run_demo(Path(args.out), overwrite=args.overwrite)
     except FileExistsError as err:
         raise UsageError(str(err)) from None
+    _print_scan_summary(json.loads((parts["scan"] / "summary.json").read_text()))
     for name, path in parts.items():
         console.print(f"{name}: {path}")
     return 0
