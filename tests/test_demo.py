@@ -206,3 +206,26 @@ def test_demo_defaults_are_the_documented_size():
     assert DEMO_DEFAULTS["model_type"] == "gpt2"
     assert 4 <= DEMO_DEFAULTS["num_layers"] <= 6
     assert DEMO_DEFAULTS["hidden_size"] == 128
+
+
+def test_run_demo_writes_scan_report_merge_and_card(tmp_path):
+    """`hf-llmc demo` end to end on a tiny pair: scan + report, automatic merge, model card."""
+    import json
+
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    from hf_llmc.demo import run_demo
+
+    out = tmp_path / "demo"
+    tiny = dict(num_layers=2, hidden_size=32, vocab_size=300, pretrain_steps=2, finetune_steps=10, eval_blocks=4)
+    parts = run_demo(out, progress=False, **tiny)
+    assert parts["report"].is_file() and (parts["scan"] / "heatmap.png").is_file()
+    rows = [json.loads(line) for line in (parts["scan"] / "results.jsonl").read_text().splitlines()]
+    assert {r["base"] for r in rows if r["group"] not in ("A", "B")} >= {"a", "b"}
+    card = ModelCard.load(parts["card"])
+    assert card.data.base_model_relation == "merge" and str(tmp_path) not in card.content
+    AutoModelForCausalLM.from_pretrained(parts["merged"])
+    with pytest.raises(FileExistsError):
+        run_demo(out, progress=False, **tiny)
+    assert not list(tmp_path.glob(".demo.tmp-*"))  # no temporary folder left behind
