@@ -44,7 +44,8 @@ def parse_alphas(text: str | int | list | tuple, *, allow_extrapolation: bool = 
     return sorted(set(values))
 
 
-def _se(x: torch.Tensor) -> float:
+def standard_error(x: torch.Tensor) -> float:
+    """Standard error of the mean of ``x`` (NaN for fewer than two values)."""
     n = x.numel()
     return float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
@@ -108,8 +109,8 @@ def barrier_from_stats(
     if mid is not None:
         d = mid.block_loss - 0.5 * (stat_a.block_loss + stat_b.block_loss)
         de = mid.block_error - 0.5 * (stat_a.block_error + stat_b.block_error)
-        b_mid, b_mid_se = mid.loss - 0.5 * (la + lb), _se(d)
-        e_mid, e_mid_se = (1.0 - mid.accuracy) - 0.5 * (ea + eb), _se(de)
+        b_mid, b_mid_se = mid.loss - 0.5 * (la + lb), standard_error(d)
+        e_mid, e_mid_se = (1.0 - mid.accuracy) - 0.5 * (ea + eb), standard_error(de)
     else:
         b_mid = b_mid_se = e_mid = e_mid_se = float("nan")
     return BarrierResult(

@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import typing
-from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -139,11 +138,9 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
     """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from .scan import write_json_atomic
+
+    write_json_atomic(path, payload)
 
 
 # -- commands ------------------------------------------------------------------------------------

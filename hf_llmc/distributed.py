@@ -190,12 +190,7 @@ def run_scan_parallel(runner, mode: str, *, resume: bool = False, overwrite: boo
     writer = RowWriter(path) if path is not None else None
     try:
         for point in mine:
-            row = runner.shared_row(point, done)
-            if row is None:
-                stats = runner.trivial(point)
-                if stats is None:
-                    stats = runner.evaluate(point)
-                row = runner.row(point, stats)
+            row = runner.result_row(point, done)
             if writer is not None:
                 writer.write(row)
             done[point.key] = row

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import types
 import typing
@@ -445,10 +444,9 @@ def recipe_schema() -> dict:
 
 # -- running -------------------------------------------------------------------------------------
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from .scan import write_json_atomic
+
+    write_json_atomic(path, payload)
 
 
 def _needs_live(recipe: Recipe) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .architecture import BLOCK_KINDS, Architecture
-from .barrier import parse_alphas
+from .barrier import parse_alphas, standard_error
 from .checkpoint import LazyCheckpoint, display_name
 from .data import TokenBlocks
 from .evaluation import BlockStats
@@ -257,11 +257,6 @@ def plan_points(plan: ScanPlan, full: Group, cfg: ScanConfig) -> list[ScanPoint]
 
 
 # -- rows -------------------------------------------------------------------------------------------
-def _se(x: torch.Tensor) -> float:
-    n = x.numel()
-    return float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-
-
 def _finite_or_none(x: float) -> float | None:
     return x if isinstance(x, float) and math.isfinite(x) else None
 
@@ -286,7 +281,7 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
         "perplexity": _finite_or_none(stats.perplexity),
         "accuracy": stats.accuracy,
         "barrier": _finite_or_none(stats.loss - ref),
-        "barrier_se": _finite_or_none(_se(d)) if finite else None,
+        "barrier_se": _finite_or_none(standard_error(d)) if finite else None,
         "error_barrier": (1 - stats.accuracy) - err_ref,
         "tokens": stats.tokens,
     }
@@ -387,7 +382,10 @@ class RowWriter:
         self.close()
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """Write JSON atomically (temporary file + rename), creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
@@ -622,6 +620,14 @@ class ScanRunner:
     def row(self, point: ScanPoint, stats: BlockStats) -> dict:
         return point_row(point, stats, self.ends["a"], self.ends["b"])
 
+    def result_row(self, point: ScanPoint, done: dict[tuple, dict]) -> dict:
+        """The result row of ``point``: shared with the other base, trivial, or evaluated."""
+        row = self.shared_row(point, done)
+        if row is not None:
+            return row
+        stats = self.trivial(point)
+        return self.row(point, stats if stats is not None else self.evaluate(point))
+
     # -- driver -------------------------------------------------------------------------------
     def run(self, points: list[ScanPoint] | None = None, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
         """Evaluate ``points`` (default: all) into the output folder; returns every row of the file."""
@@ -651,12 +657,7 @@ class ScanRunner:
                 bar.advance(task)
             for point in todo:
                 bar.update(task, current=f"{point.group.name} base {point.base.upper()} α={point.alpha:g}")
-                row = self.shared_row(point, done)
-                if row is None:
-                    stats = self.trivial(point)
-                    if stats is None:
-                        stats = self.evaluate(point)
-                    row = self.row(point, stats)
+                row = self.result_row(point, done)
                 writer.write(row)
                 rows.append(row)
                 done[point.key] = row
