@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
 
 
 BATCH = 1  # blocks per forward, the same for both methods (activations are not the point here)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .architecture import Architecture, discover, meta_model
-from .checkpoint import LazyCheckpoint, display_name, resolve_folder
+from .architecture import Architecture
+from .checkpoint import LazyCheckpoint, display_name
 from .data import TokenBlocks
 from .evaluation import BlockStats
 from .scan import (GRANULARITIES, ScanConfig, ScanError, ScanPlan, ScanPoint, ScanRunner, build_plan,
@@ -109,15 +109,6 @@ def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyChec
     return rows
 
 
-def load_architecture(source: str | os.PathLike, revision: str | None = None, *, trust_remote_code: bool = False,
-                      token: str | bool | None = None) -> Architecture:
-    """The architecture of a checkpoint from its config alone (meta-device model, no weights)."""
-    from .pair import _load_config
-
-    folder = resolve_folder(source, revision, token=token, allow_patterns=["*.json"])
-    return discover(meta_model(_load_config(folder, trust_remote_code), trust_remote_code=trust_remote_code))
-
-
 def plan_groups(arch: Architecture, layers: str | None = None, granularity: str = "block") -> list[Group]:
     """Groups named by a layer spec, else every group of a single scan at ``granularity``."""
     if layers:
@@ -140,10 +131,12 @@ def distances(
     """Per-group distances of two checkpoints (full model first); streamed, no model needed."""
     if granularity not in GRANULARITIES:
         raise ScanError(f"--granularity {granularity}: use one of {', '.join(GRANULARITIES)}")
-    arch = load_architecture(a, revision_a, trust_remote_code=trust_remote_code, token=token)
-    ckpt_a = LazyCheckpoint.open(a, revision=revision_a, allow_pickle=allow_pickle, token=token)
-    ckpt_b = LazyCheckpoint.open(b, revision=revision_b, allow_pickle=allow_pickle, token=token)
+    from .export import lazy_pair  # compatibility checks, cached architecture, stored key names
     from .selection import make_group
+
+    pair = lazy_pair(a, b, revision_a=revision_a, revision_b=revision_b, trust_remote_code=trust_remote_code,
+                     allow_pickle=allow_pickle, token=token)
+    arch, ckpt_a, ckpt_b = pair.arch, pair.ckpt_a, pair.ckpt_b
 
     full = make_group(arch, "full", "full", arch.parameters)
     groups = [full] + plan_groups(arch, layers, granularity)

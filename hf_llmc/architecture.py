@@ -51,6 +51,12 @@ class Architecture:
     numel: dict[str, int]
     shapes: dict[str, tuple[int, ...]]
     aliases: dict[str, str] = field(default_factory=dict)
+    #: Parameters that ``save_pretrained`` stores under another key (transformers' checkpoint
+    #: conversion renames, e.g. GPT-NeoX's ``lm_head.weight`` is stored as ``embed_out.weight``).
+    stored_names: dict[str, str] = field(default_factory=dict)
+    #: Parameters transformers assembles from several stored tensors on load (fused MoE experts):
+    #: checkpoints hold no tensor of that name, so hf-llmc cannot read them one by one.
+    fused: list[str] = field(default_factory=list)
 
     @property
     def num_blocks(self) -> int:
@@ -208,7 +214,33 @@ def discover(model: nn.Module) -> Architecture:
         numel=numel,
         shapes=shapes,
         aliases=aliases,
+        **checkpoint_names(model, all_names),
     )
+
+
+def checkpoint_names(model: nn.Module, names: list[str]) -> dict:
+    """How parameters map onto checkpoint keys, from transformers' load-time conversions:
+    ``stored_names`` (``{parameter: key}`` where ``save_pretrained`` renames it) and ``fused``
+    (parameters assembled from several stored tensors, which map onto no single key)."""
+    renamed, fused = {}, []
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_converters, apply_renamings
+
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # noqa: BLE001 - not a transformers model, or an older transformers
+        conversions = []
+    reverse = [c.reverse_transform() for c in conversions[::-1] if type(c).__name__ != "PrefixChange"]
+    renamings = [c for c in reverse if isinstance(c, WeightRenaming)]
+    converters = [c for c in reverse if not isinstance(c, WeightRenaming)]
+    for name in names:
+        if converters and apply_converters(name, converters)[1] is not None:
+            fused.append(name)
+            continue
+        stored = apply_renamings(name, renamings)
+        if stored != name:
+            renamed[name] = stored
+    return {"stored_names": renamed, "fused": fused}
 
 
 def meta_model(config, trust_remote_code: bool = False) -> nn.Module:

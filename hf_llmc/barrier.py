@@ -16,6 +16,10 @@ from .evaluation import BlockStats
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+#: Most points on one path: each costs an evaluation of the whole data set.
+MAX_ALPHAS = 1001
+
+
 def parse_alphas(text: str | int | list | tuple, *, allow_extrapolation: bool = False, ensure_mid: bool = True) -> list[float]:
     """``"0,0.25,0.5"`` or ``"N"`` (N evenly spaced points on [0, 1]) -> sorted unique floats."""
     if isinstance(text, (list, tuple)):
@@ -26,6 +30,8 @@ def parse_alphas(text: str | int | list | tuple, *, allow_extrapolation: bool = 
             raise ValueError("--alphas: empty list; give e.g. 0,0.25,0.5,0.75,1 or a count like 5")
         if raw.isdigit() and "," not in raw and int(raw) >= 2:
             n = int(raw)
+            if n > MAX_ALPHAS:
+                raise ValueError(f"--alphas {raw}: at most {MAX_ALPHAS} points (each is a full evaluation)")
             values = [i / (n - 1) for i in range(n)]
         else:
             try:
@@ -34,6 +40,8 @@ def parse_alphas(text: str | int | list | tuple, *, allow_extrapolation: bool = 
                 raise ValueError(f"--alphas {raw}: not a comma-separated list of numbers or a count >= 2") from None
     if not values:
         raise ValueError("--alphas: empty list")
+    if len(values) > MAX_ALPHAS:
+        raise ValueError(f"--alphas: {len(values)} values; at most {MAX_ALPHAS} points (each is a full evaluation)")
     for v in values:
         if not math.isfinite(v):
             raise ValueError(f"--alphas: {v} is not a finite number")

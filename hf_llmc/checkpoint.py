@@ -119,6 +119,8 @@ class LazyCheckpoint:
         self.revision = revision
         self.pickled = pickled
         self._files = files  # tensor name -> file
+        # Parameter name -> stored key where transformers renames on save (Architecture.stored_names).
+        self.stored_names: dict[str, str] = {}
         self._handles: dict[Path, object] = {}
 
     # -- construction -------------------------------------------------------------------------
@@ -205,12 +207,13 @@ class LazyCheckpoint:
         return list(self._files)
 
     def key_for(self, name: str, aliases: dict[str, str] | None = None) -> str | None:
-        """The stored key for parameter ``name`` (tolerates a dropped/added base-model prefix and
-        tied aliases); None when absent."""
+        """The stored key for parameter ``name`` (tolerates a dropped/added base-model prefix, tied
+        aliases and transformers' save-time renames); None when absent."""
         candidates = [name]
         if aliases:
             candidates.append(aliases.get(name, name))
             candidates.extend(a for a, c in aliases.items() if c == name)
+        candidates.extend(self.stored_names[c] for c in list(candidates) if c in self.stored_names)
         for cand in list(candidates):
             head, _, rest = cand.partition(".")
             if rest:

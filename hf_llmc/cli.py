@@ -80,11 +80,25 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic, halving on out-of-memory).")
 
 
+#: Commands that may finish without importing transformers (a repeated streamed merge, an
+#: upload, reports); :func:`load_pair` silences transformers when they do load a model.
+LIGHT_COMMANDS = ("merge", "push", "report", "sweep-report")
+
+
+def quiet_transformers() -> None:
+    """No transformers progress bars or warnings on the command line (ours show progress)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_pair(args, **overrides):
     """ModelPair from the common options (used by every pair command); ``overrides`` replace
     loading options (e.g. ``keep_modules``)."""
     from .pair import LoadConfig, ModelPair
 
+    quiet_transformers()
     # Every LoadConfig option the command line carries (placement, adapters, quantization...).
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(LoadConfig) if hasattr(args, f.name)}
     options.update(overrides)
@@ -686,13 +700,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not sys.stderr.isatty():  # no datasets progress bars in logs (an error stays one line)
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        if args.command not in LIGHT_COMMANDS:
+            quiet_transformers()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -146,8 +146,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("HF_LLMC_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_llmc"
-    return Path(root) / "tokens"
+    from .cache import cache_root
+
+    return cache_root() / "tokens"
 
 
 def load_blocks(tokenizer, cfg: DataConfig, model_config=None, *, use_cache: bool = True) -> TokenBlocks:

@@ -44,10 +44,12 @@ DEFAULT_ALPHA = 0.5
 TMP_MARK = ".hf-llmc-tmp-"
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Files copied from the base checkpoint's folder (config, generation config, tokenizer, processor).
+TOKENIZER_PATTERNS = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "*.tiktoken",
+)
 COPY_PATTERNS = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-    "tokenizer.model", "spiece.model", "*.tiktoken", "chat_template.json", "chat_template.jinja",
+    "config.json", "generation_config.json", *TOKENIZER_PATTERNS, "chat_template.json", "chat_template.jinja",
     "preprocessor_config.json", "processor_config.json",
 )
 #: Test-only: seconds to sleep after each written tensor (lets tests interrupt a merge midway).
@@ -876,22 +878,46 @@ class MergeResult:
 def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | None = None, revision_b: str | None = None,
               trust_remote_code: bool = False, allow_pickle: bool = False, token: str | bool | None = None,
               base_model: str | os.PathLike | None = None):
-    """A :class:`~hf_llmc.pair.ModelPair` whose model lives on the meta device: both checkpoints
-    are opened lazily and checked for compatibility, nothing is loaded (enough to merge, not to
-    evaluate). A or B may be a PEFT adapter (``base_model`` overrides its recorded base)."""
+    """A :class:`~hf_llmc.pair.ModelPair` without a live model, for streaming a merge: both
+    checkpoints are opened lazily and checked for compatibility, nothing is loaded (enough to
+    merge, not to evaluate). A or B may be a PEFT adapter (``base_model`` overrides its recorded
+    base).
+
+    When both folders hold the same tokenizer files, no tokenizer is loaded (``pair.tokenizer``
+    is None); otherwise their vocabularies are compared. When this config was seen before
+    (:mod:`hf_llmc.cache`) as well, nothing of transformers is imported and ``pair.model`` is
+    None; otherwise the model is instantiated on the meta device to discover its architecture
+    (``pair.model`` is that meta model).
+    """
+    from .adapters import AdapterCheckpoint, base_identity
     from .architecture import discover, meta_model
+    from .cache import architecture_key, load_architecture, read_config, store_architecture
     from .pair import LoadConfig, ModelPair, PairError, _load_config, _load_tokenizer
 
     opts = dict(allow_pickle=allow_pickle, token=token, base_model=base_model)
     ckpt_a = LazyCheckpoint.open(a, revision=revision_a, **opts)
     ckpt_b = LazyCheckpoint.open(b, revision=revision_b, **opts)
-    from .adapters import AdapterCheckpoint, base_identity
-
     if isinstance(ckpt_a, AdapterCheckpoint) and isinstance(ckpt_b, AdapterCheckpoint) and base_identity(ckpt_a) != base_identity(ckpt_b):
         raise PairError(
             f"the adapters are on different base models: A on {display_name(ckpt_a.base.source)}, "
             f"B on {display_name(ckpt_b.base.source)}; pass --base-model to use one base for both"
         )
+    load = LoadConfig(revision_a=revision_a, revision_b=revision_b, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle, base_model=None if base_model is None else str(base_model))
+    same_tokenizer = same_tokenizer_files(ckpt_a.folder, ckpt_b.folder)
+    raw_a, raw_b = read_config(ckpt_a.folder), read_config(ckpt_b.folder)
+    key = architecture_key(raw_a) if raw_a is not None and raw_b is not None and not trust_remote_code else None
+    arch = load_architecture(key)
+    if arch is not None and same_tokenizer:
+        kinds = [(c.get("model_type"), c.get("architectures")) for c in (raw_a, raw_b)]
+        if kinds[0] != kinds[1]:
+            raise PairError(f"architecture mismatch: A is {kinds[0][0]} {kinds[0][1]}, B is {kinds[1][0]} {kinds[1][1]}")
+        pair = ModelPair(None, None, arch, ckpt_a, ckpt_b, load)
+        try:
+            pair._check_compatible(None)
+            return pair
+        except PairError:
+            pass  # the checkpoints disagree with the cached entry: discover again (and report from there)
     cfg_a = _load_config(ckpt_a.folder, trust_remote_code)
     cfg_b = _load_config(ckpt_b.folder, trust_remote_code)
     if (cfg_a.model_type, cfg_a.architectures) != (cfg_b.model_type, cfg_b.architectures):
@@ -899,11 +925,22 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
             f"architecture mismatch: A is {cfg_a.model_type} {cfg_a.architectures}, B is {cfg_b.model_type} {cfg_b.architectures}"
         )
     model = meta_model(cfg_a, trust_remote_code=trust_remote_code)
-    load = LoadConfig(revision_a=revision_a, revision_b=revision_b, trust_remote_code=trust_remote_code,
-                      allow_pickle=allow_pickle, base_model=None if base_model is None else str(base_model))
-    pair = ModelPair(model, _load_tokenizer(ckpt_a.folder, trust_remote_code), discover(model), ckpt_a, ckpt_b, load)
-    pair._check_compatible(_load_tokenizer(ckpt_b.folder, trust_remote_code))
+    tokenizer = None if same_tokenizer else _load_tokenizer(ckpt_a.folder, trust_remote_code)
+    pair = ModelPair(model, tokenizer, discover(model), ckpt_a, ckpt_b, load)
+    pair._check_compatible(None if same_tokenizer else _load_tokenizer(ckpt_b.folder, trust_remote_code))
+    store_architecture(key, pair.arch)  # only once the checkpoints agree with it
     return pair
+
+
+def same_tokenizer_files(a: Path, b: Path) -> bool:
+    """Whether both folders hold the same tokenizer files, byte for byte (then their
+    vocabularies are equal without loading either tokenizer)."""
+    def files(folder: Path) -> dict[str, Path]:
+        return {f.name: f for f in Path(folder).iterdir()
+                if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in TOKENIZER_PATTERNS)}
+
+    fa, fb = files(a), files(b)
+    return fa.keys() == fb.keys() and all(fa[n].stat().st_size == fb[n].stat().st_size and fa[n].read_bytes() == fb[n].read_bytes() for n in fa)
 
 
 def save_merged(

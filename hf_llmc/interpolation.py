@@ -53,11 +53,12 @@ def mix(a: torch.Tensor, b: torch.Tensor, alpha: float, method: str = "lerp") ->
 class Interpolator:
     """Moves groups of the live model along the A–B path and restores them exactly."""
 
-    def __init__(self, model: nn.Module, arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint):
+    def __init__(self, model: nn.Module | None, arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint):
         self.model = model
         self.arch = arch
         self.ckpts = {"a": ckpt_a, "b": ckpt_b}
-        self.params = dict(model.named_parameters(remove_duplicate=False))
+        # No live model: a pair opened only to stream a merge (hf_llmc.export.lazy_pair).
+        self.params = {} if model is None else dict(model.named_parameters(remove_duplicate=False))
         self.base = "a"
         # Names that can differ between A and B (None = all); set when both share stored base
         # weights, e.g. two LoRA adapters on one base (see hf_llmc.adapters.attach).

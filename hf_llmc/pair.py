@@ -85,6 +85,8 @@ class ModelPair:
         self.arch = arch
         self.ckpt_a = ckpt_a
         self.ckpt_b = ckpt_b
+        for ckpt in (ckpt_a, ckpt_b):
+            ckpt.stored_names = arch.stored_names
         self.load = load
         self.interp = Interpolator(model, arch, ckpt_a, ckpt_b)
         self._endpoint_cache: dict[tuple, BlockStats] = {}
@@ -191,6 +193,13 @@ class ModelPair:
         if mismatches:
             more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
             raise PairError(f"shape mismatch between A and B: {'; '.join(mismatches[:3])}{more}")
+        fused = [n for n in missing if n in self.arch.fused]
+        if fused:
+            more = f" (+{len(fused) - 1} more)" if len(fused) > 1 else ""
+            raise PairError(
+                f"{self.arch.model_class}: transformers assembles {fused[0]}{more} from several stored tensors on "
+                "load (fused experts); hf-llmc reads checkpoints tensor by tensor and cannot use this layout yet"
+            )
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
             raise PairError(f"B lacks parameters of A: {', '.join(missing[:3])}{more}")

@@ -481,7 +481,7 @@ def plan_outputs(recipe: Recipe, out: str | os.PathLike | None = None) -> list[d
 def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrite: bool = False,
                progress: bool = True, echo=print) -> list[dict]:
     """Run every step of ``recipe`` on every pair; return one summary dict per (pair, step)."""
-    from .export import lazy_pair, save_merged
+    from .export import lazy_pair
     from .pair import ModelPair
 
     root = recipe.root(out)

@@ -72,6 +72,20 @@ TINY_MODEL: dict[str, Any] = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hf_llmc_cache(tmp_path_factory) -> Path:
+    """One fresh ``HF_LLMC_CACHE`` for the session (token blocks, architectures): tests never
+    read or write the user's cache, and CLI subprocesses inherit it."""
+    saved = os.environ.get("HF_LLMC_CACHE")
+    root = tmp_path_factory.mktemp("hf_llmc_cache")
+    os.environ["HF_LLMC_CACHE"] = str(root)
+    yield root
+    if saved is None:
+        os.environ.pop("HF_LLMC_CACHE", None)
+    else:
+        os.environ["HF_LLMC_CACHE"] = saved
+
+
 def _key(**kwargs: Any) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
 

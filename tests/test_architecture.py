@@ -1,7 +1,6 @@
 """Architecture discovery on tiny configs of every supported family."""
 
 import pytest
-import torch
 from torch import nn
 
 from hf_llmc.architecture import ArchitectureError, discover, meta_model

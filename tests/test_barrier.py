@@ -147,7 +147,8 @@ def test_parse_alphas(text, expected):
     assert parse_alphas(text) == expected
 
 
-@pytest.mark.parametrize("text,message", [("", "empty"), ("a,b", "not a comma-separated"), ("1.5", "outside"), ("-0.1", "outside"), ("nan", "finite")])
+@pytest.mark.parametrize("text,message", [("", "empty"), ("a,b", "not a comma-separated"), ("1.5", "outside"), ("-0.1", "outside"), ("nan", "finite"),
+                                          ("100000000", "at most 1001 points"), (",".join(["0.5"] * 1002), "at most 1001")])
 def test_parse_alphas_errors(text, message):
     with pytest.raises(ValueError, match=message):
         parse_alphas(text)
@@ -155,3 +156,27 @@ def test_parse_alphas_errors(text, message):
 
 def test_extrapolation_opt_in():
     assert parse_alphas("-0.5,1.5", allow_extrapolation=True) == [-0.5, 0.5, 1.5]
+
+
+def test_gpt_neox_renamed_head(neox_pair, tmp_path):
+    """Pythia's layout: the model's ``lm_head.weight`` is stored as ``embed_out.weight`` (a
+    transformers load-time rename); barriers and merges read and write it under that key."""
+    from safetensors import safe_open
+
+    from hf_llmc.export import lazy_pair, save_merged
+
+    with safe_open(neox_pair.a / "model.safetensors", "pt") as fh:
+        assert "embed_out.weight" in fh.keys() and "lm_head.weight" not in fh.keys()
+    pair = ModelPair.from_pretrained(neox_pair.a, neox_pair.b, device="cpu")
+    assert pair.arch.stored_names == {"lm_head.weight": "embed_out.weight"}
+    blocks = pair.blocks(DataConfig(data=str(neox_pair.eval_text), seq_len=32, max_tokens=32 * 4))
+    sd_a, sd_b = state_dict(neox_pair.a), state_dict(neox_pair.b)
+    for layers in ("head", None):
+        result = pair.barrier(blocks, layers=layers, alphas=[0.5])
+        state = interpolated_state(sd_a, sd_b, _names(pair, layers), 0.5, "a", "lerp", pair.arch.tied)
+        loss, _ = plain_eval(neox_pair.a, state, blocks.ids)
+        assert rel(result.loss[result.alphas.index(0.5)], loss) < TOL, layers
+    save_merged(lazy_pair(neox_pair.a, neox_pair.b), "head=0.5", tmp_path / "m", card=False)
+    with safe_open(tmp_path / "m" / "model.safetensors", "pt") as fh:
+        head = fh.get_tensor("embed_out.weight")
+    assert torch.equal(head, 0.5 * sd_a["lm_head.weight"] + 0.5 * sd_b["lm_head.weight"])
