@@ -43,13 +43,19 @@ def parse_alphas(text: str | int | list | tuple, *, allow_extrapolation: bool = 
     if len(values) > MAX_ALPHAS:
         raise ValueError(f"--alphas: {len(values)} values; at most {MAX_ALPHAS} points (each is a full evaluation)")
     for v in values:
-        if not math.isfinite(v):
-            raise ValueError(f"--alphas: {v} is not a finite number")
-        if not allow_extrapolation and not 0.0 <= v <= 1.0:
-            raise ValueError(f"alpha {v} is outside [0, 1]; pass --allow-extrapolation to extrapolate")
+        check_alpha(v, allow_extrapolation=allow_extrapolation)
     if ensure_mid:
         values.append(0.5)
     return sorted(set(values))
+
+
+def check_alpha(value: float, *, allow_extrapolation: bool = False, what: str = "--alphas",
+                error: type[ValueError] = ValueError) -> None:
+    """Refuse a non-finite α, and one outside [0, 1] unless extrapolation is allowed."""
+    if not math.isfinite(value):
+        raise error(f"{what}: {value} is not a finite number")
+    if not allow_extrapolation and not 0.0 <= value <= 1.0:
+        raise error(f"alpha {value:g} is outside [0, 1]; pass --allow-extrapolation to extrapolate")
 
 
 def standard_error(x: torch.Tensor) -> float:

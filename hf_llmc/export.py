@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .barrier import check_alpha
 from .checkpoint import _DTYPES, LazyCheckpoint, display_name
 from .interpolation import METHODS, mix
 from .selection import Group, make_group, parse_spec, resolve, union
@@ -86,10 +87,7 @@ def parse_alpha(value: str | float | int, *, allow_extrapolation: bool = False, 
         if len(parts) not in (1, 2):
             raise MergeSpecError(f"{what} {text}: expected a number or START:END (e.g. 0.5 or 0.1:0.9)")
     for v in parts:
-        if not math.isfinite(v):
-            raise MergeSpecError(f"{what}: {v} is not a finite number")
-        if not allow_extrapolation and not 0.0 <= v <= 1.0:
-            raise MergeSpecError(f"alpha {v:g} is outside [0, 1]; pass --allow-extrapolation to extrapolate")
+        check_alpha(v, allow_extrapolation=allow_extrapolation, what=what, error=MergeSpecError)
     return (parts[0], None) if len(parts) == 1 else (parts[0], parts[1])
 
 

@@ -86,6 +86,16 @@ def hf_llmc_cache(tmp_path_factory) -> Path:
         os.environ["HF_LLMC_CACHE"] = saved
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models on a shared 2-core machine run many times faster without thread contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _key(**kwargs: Any) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
 

@@ -23,17 +23,11 @@ SEQ = 32
 N_BLOCKS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads contend and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def gpt2_demo(_one_thread, request):
+def gpt2_demo(one_thread, request):
     return request.getfixturevalue("gpt2_pair")
 
 

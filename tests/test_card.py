@@ -10,7 +10,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 from test_merge import shared_pair_dirs, plain_loss
 from transformers import AutoModelForCausalLM
@@ -23,12 +22,7 @@ from hf_llmc.export import lazy_pair
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

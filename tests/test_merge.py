@@ -63,13 +63,7 @@ def plain_loss(model, ids: torch.Tensor) -> float:
     return sum(losses) / len(losses)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models on a shared CPU run many times faster without contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _SHARED: dict[str, dict] = {}

@@ -22,12 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from hf_llmc import cli
 from hf_llmc.data import DataConfig
@@ -18,17 +17,11 @@ from hf_llmc.scan import RESULTS, ScanConfig, build_plan, read_rows, run_scan
 SEQ = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads contend and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def runs(_one_thread, request, tmp_path_factory):
+def runs(one_thread, request, tmp_path_factory):
     demo = request.getfixturevalue("gpt2_pair")
     pair = ModelPair.from_pretrained(demo.a, demo.b, device="cpu")
     blocks = pair.blocks(DataConfig(data=str(demo.eval_text), seq_len=SEQ, max_tokens=SEQ * 4))

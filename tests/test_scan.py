@@ -45,13 +45,7 @@ N_BLOCKS = 4
 REL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads contend and run ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Reference:
@@ -106,15 +100,15 @@ class Setup:
         self.ref = Reference(demo.a, demo.b, self.blocks.ids)
 
 
-# The shared pairs are requested lazily, after ``_one_thread`` (a direct session-scoped argument
+# The shared pairs are requested lazily, after ``one_thread`` (a direct session-scoped argument
 # would be built first, at the default thread count).
 @pytest.fixture(scope="module")
-def gpt2(_one_thread, request):
+def gpt2(one_thread, request):
     return Setup(request.getfixturevalue("gpt2_pair"))
 
 
 @pytest.fixture(scope="module")
-def llama(_one_thread, request):
+def llama(one_thread, request):
     return Setup(request.getfixturevalue("llama_pair"))
 
 
