@@ -80,13 +80,30 @@ def distance_row(group: Group, moments: TensorMoments) -> dict:
 
 def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint, groups: list[Group],
                     *, progress: bool = False) -> list[dict]:
-    """Distance rows of ``groups``; every tensor is read once from each checkpoint."""
+    """Distance rows of ``groups``; every tensor is read once from each checkpoint.
+
+    A block's fused parameters (MoE experts, :func:`hf_llmc.pair.fused_pieces`) count as one
+    unit: their stored pieces' sums go to the first of them, so a group holds all or none."""
+    from .pair import PairError, fused_pieces
+
     names: dict[str, None] = {}
     for g in groups:
         for p in g.parameters:
             names.setdefault(arch.canonical(p), None)
+    pieces = {names_[0]: keys for names_, keys in fused_pieces(arch, ckpt_a).values()}
+    for block_names, _ in fused_pieces(arch, ckpt_a).values():
+        for g in groups:
+            inside = {arch.canonical(p) for p in g.parameters} & set(block_names)
+            if inside and inside != set(block_names):
+                raise PairError(f"{g.name}: the fused tensors {', '.join(block_names)} are stored as shared pieces; "
+                                "select all of them or none")
     per_tensor: dict[str, TensorMoments] = {}
     for name in names:
+        if name in arch.fused:
+            per_tensor[name] = TensorMoments()
+            for key in pieces.get(name, []):
+                per_tensor[name].add(tensor_moments(ckpt_a.get(key), ckpt_b.get(key)))
+            continue
         a = ckpt_a.get(name, arch.aliases)
         b = ckpt_b.get(name, arch.aliases)
         try:

@@ -299,7 +299,8 @@ def as_spec(spec: MergeSpec | str | dict) -> MergeSpec:
 # -- streamed safetensors writer -----------------------------------------------------------------
 @dataclass
 class TensorJob:
-    """One tensor of the output: stored key, canonical parameter (None = copied buffer), α."""
+    """One tensor of the output: stored key, canonical parameter (the key itself for a piece of a
+    fused parameter; None = copied as stored), α."""
 
     key: str
     param: str | None
@@ -313,21 +314,41 @@ class TensorJob:
 
 
 def plan_tensors(pair, plan: MergePlan, dtype: torch.dtype | None = None) -> list[TensorJob]:
-    """Output tensors in model order: the base checkpoint's keys, tied tensors stored once."""
+    """Output tensors in model order: the base checkpoint's keys, tied tensors stored once.
+
+    Stored pieces of a fused parameter (MoE experts) are mixed piece by piece at that
+    parameter's α (read under their own key from A and B: ``job.param`` is the key)."""
+    from .pair import fused_pieces
+
     arch, base = pair.arch, pair.ckpt_a if plan.base == "a" else pair.ckpt_b
     key_param: dict[str, str] = {}
     for name in arch.parameters:
         key = base.key_for(name, arch.aliases)
         if key is not None:
             key_param.setdefault(key, name)
+    piece_alpha: dict[str, float | None] = {}
+    for block, (names, keys) in fused_pieces(arch, base).items():
+        alphas = {plan.alphas.get(n) for n in names}
+        if len(alphas) > 1:
+            raise MergeSpecError(f"the fused tensors of block {block} ({', '.join(names)}) must move together; "
+                                 f"select them as one group (mlp.{block})")
+        alpha = alphas.pop()
+        if alpha is not None and plan.method != "lerp":
+            raise MergeSpecError(f"--method {plan.method}: fused tensors ({names[0]}) are merged piece by piece, "
+                                 "which equals the whole tensor for lerp only; use --method lerp")
+        piece_alpha.update(dict.fromkeys(keys, alpha))
     tied_keys = {base.key_for(alias) for alias in arch.aliases} - set(key_param) - {None}
     ordered = list(key_param) + [k for k in base.keys() if k not in key_param and k not in tied_keys]
     jobs = []
     for key in ordered:
-        param = key_param.get(key)
+        param, alpha = key_param.get(key), None
+        if param is not None:
+            alpha = plan.alphas.get(param)
+        elif piece_alpha.get(key) is not None:
+            param, alpha = key, piece_alpha[key]
         stored = base.dtype(key)
         out = dtype if dtype is not None and stored.is_floating_point else stored
-        jobs.append(TensorJob(key, param, plan.alphas.get(param) if param else None, tuple(base.shape(key)), out))
+        jobs.append(TensorJob(key, param, alpha, tuple(base.shape(key)), out))
     return jobs
 
 
@@ -912,7 +933,7 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
             raise PairError(f"architecture mismatch: A is {kinds[0][0]} {kinds[0][1]}, B is {kinds[1][0]} {kinds[1][1]}")
         pair = ModelPair(None, None, arch, ckpt_a, ckpt_b, load)
         try:
-            pair._check_compatible(None)
+            pair._check_compatible(None, allow_fused=True)
             return pair
         except PairError:
             pass  # the checkpoints disagree with the cached entry: discover again (and report from there)
@@ -925,7 +946,7 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
     model = meta_model(cfg_a, trust_remote_code=trust_remote_code)
     tokenizer = None if same_tokenizer else _load_tokenizer(ckpt_a.folder, trust_remote_code)
     pair = ModelPair(model, tokenizer, discover(model), ckpt_a, ckpt_b, load)
-    pair._check_compatible(None if same_tokenizer else _load_tokenizer(ckpt_b.folder, trust_remote_code))
+    pair._check_compatible(None if same_tokenizer else _load_tokenizer(ckpt_b.folder, trust_remote_code), allow_fused=True)
     store_architecture(key, pair.arch)  # only once the checkpoints agree with it
     return pair
 

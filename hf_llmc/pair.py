@@ -76,6 +76,36 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool):
         return None
 
 
+def fused_pieces(arch: Architecture, ckpt: LazyCheckpoint) -> dict[int, tuple[list[str], list[str]]]:
+    """``{block: (fused parameters, stored keys)}`` for the parameters transformers assembles
+    from several stored tensors (``arch.fused``, e.g. MoE experts stored one tensor per expert).
+
+    A block's pieces are its stored keys that belong to no parameter and lie under the fused
+    parameters' module (``...experts.``); their element counts must add up to the fused
+    parameters', else the layout is refused. Elementwise operations (lerp) on the pieces equal
+    the same operations on the assembled tensors."""
+    out: dict[int, tuple[list[str], list[str]]] = {}
+    if not arch.fused:
+        return out
+    mapped = {ckpt.key_for(n, arch.aliases) for n in [*arch.parameters, *arch.aliases]} - {None}
+    for name in arch.fused:
+        block = arch.block_of(name)
+        if block is None or block >= arch.num_blocks:
+            raise PairError(f"{arch.model_class}: fused tensor {name} lies outside the decoder blocks; not supported")
+        out.setdefault(block, ([], []))[0].append(name)
+    word = arch.block_prefix.rsplit(".", 1)[-1]
+    for block, (names, keys) in out.items():
+        modules = {f".{n.rsplit('.', 2)[-2]}." for n in names}  # e.g. ".experts."
+        keys.extend(k for k in ckpt.keys() if k not in mapped and f".{word}.{block}." in f".{k}"
+                    and any(m in k for m in modules))
+        if sum(math.prod(ckpt.shape(k)) for k in keys) != sum(arch.numel[n] for n in names):
+            raise PairError(
+                f"{arch.model_class}: cannot match the fused tensors of block {block} ({', '.join(names)}) to the "
+                f"checkpoint's stored tensors; this layout is not supported"
+            )
+    return out
+
+
 class ModelPair:
     """A live model holding A (or B), with lazy checkpoints of both."""
 
@@ -180,7 +210,9 @@ class ModelPair:
         adapters.attach(pair)  # adapters: the live model holds A's merged values
         return pair
 
-    def _check_compatible(self, tokenizer_b) -> None:
+    def _check_compatible(self, tokenizer_b, *, allow_fused: bool = False) -> None:
+        """Same parameter names and shapes in B (and the same vocabulary). ``allow_fused``
+        (streamed merges): fused parameters are checked through their stored pieces instead."""
         mismatches, missing = [], []
         for name in self.arch.parameters:
             key = self.ckpt_b.key_for(name, self.arch.aliases)
@@ -194,12 +226,20 @@ class ModelPair:
             more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
             raise PairError(f"shape mismatch between A and B: {'; '.join(mismatches[:3])}{more}")
         fused = [n for n in missing if n in self.arch.fused]
-        if fused:
+        if fused and not allow_fused:
             more = f" (+{len(fused) - 1} more)" if len(fused) > 1 else ""
             raise PairError(
                 f"{self.arch.model_class}: transformers assembles {fused[0]}{more} from several stored tensors on "
-                "load (fused experts); hf-llmc reads checkpoints tensor by tensor and cannot use this layout yet"
+                "load (fused experts); barriers and scans cannot move them tensor by tensor yet "
+                "(`hf-llmc merge` can, with --method lerp)"
             )
+        if fused:
+            pieces_a = {k: self.ckpt_a.shape(k) for _, keys in fused_pieces(self.arch, self.ckpt_a).values() for k in keys}
+            pieces_b = {k: self.ckpt_b.shape(k) for _, keys in fused_pieces(self.arch, self.ckpt_b).values() for k in keys}
+            if pieces_a != pieces_b:
+                diff = sorted(set(pieces_a.items()) ^ set(pieces_b.items()))[:1]
+                raise PairError(f"the stored pieces of the fused tensors differ between A and B (first: {diff[0][0]})")
+            missing = [n for n in missing if n not in fused]
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
             raise PairError(f"B lacks parameters of A: {', '.join(missing[:3])}{more}")

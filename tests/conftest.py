@@ -152,6 +152,25 @@ def tiny_model(tiny_tokenizer) -> Callable[..., torch.nn.Module]:
 
 
 @pytest.fixture(scope="session")
+def moe_pair_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """``{"a", "b"}``: two random tiny Mixtral models (2 blocks, 4 experts) with the tiny tokenizer.
+    transformers 5 fuses Mixtral's per-expert checkpoint tensors into one parameter on load."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    root = tmp_path_factory.mktemp("moe-pair")
+    dirs = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        dirs[name] = root / name
+        AutoModelForCausalLM.from_config(config).save_pretrained(dirs[name])
+        tiny_tokenizer.save_pretrained(dirs[name])
+    return dirs
+
+
+@pytest.fixture(scope="session")
 def save_tiny_model(tiny_model, tiny_tokenizer) -> Callable[..., Path]:
     """Factory: ``save_tiny_model(model_type, dir, seed=0, **overrides) -> Path``."""
 

@@ -71,6 +71,26 @@ def test_distances_match_direct_computation(gpt2_demo, tmp_path):
         distances(gpt2_demo.a, gpt2_demo.b, granularity="neuron")
 
 
+def test_distances_of_fused_experts(moe_pair_dirs):
+    """Mixtral's experts are fused parameters on load and per-expert tensors on disk: the
+    distances equal those of the fused parameters of the transformers-loaded models."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_llmc.pair import PairError
+
+    a, b = moe_pair_dirs["a"], moe_pair_dirs["b"]
+    sd_a, sd_b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (a, b))
+    rows = {r["group"]: r for r in distances(a, b, granularity="sublayer")["groups"]}
+    for group, prefix in (("mlp.1", "model.layers.1.mlp."), ("attn.0", "model.layers.0.self_attn.")):
+        keys = [k for k in sd_a if k.startswith(prefix)]
+        assert any("experts" in k for k in keys) == (group == "mlp.1")
+        direct = _direct(sd_a, sd_b, keys)
+        for field, value in direct.items():
+            assert math.isclose(rows[group][field], value, rel_tol=1e-9), (group, field)
+    with pytest.raises(PairError, match="select all of them or none"):
+        distances(a, b, layers=r"re:model\.layers\.1\.mlp\.experts\.down_proj")
+
+
 def test_robustness_points_and_directions(gpt2_demo, tmp_path):
     pair = ModelPair.from_pretrained(gpt2_demo.a, gpt2_demo.b, device="cpu")
     blocks = pair.blocks(DataConfig(data=str(gpt2_demo.eval_text), seq_len=SEQ, max_tokens=SEQ * N_BLOCKS))

@@ -22,6 +22,7 @@ from hf_llmc import MergeSpec, ModelPair, save_merged
 from hf_llmc.cli import main
 from hf_llmc.demo import synthetic_text
 from hf_llmc.export import DELAY_ENV, TMP_MARK, MergeSpecError, lazy_pair, parse_alpha
+from hf_llmc.selection import resolve
 
 REL = 1e-5
 
@@ -354,3 +355,36 @@ def test_sigkill_never_leaves_a_partial_folder(dirs, tmp_path):
     assert not list(tmp_path.glob(f".*{TMP_MARK}*"))
     assert AutoModelForCausalLM.from_pretrained(fresh) is not None
     assert state(fresh).keys() == state(existing).keys()
+
+
+def test_fused_experts_merge_equals_straightforward(moe_pair_dirs, tmp_path):
+    """Mixtral (experts stored one tensor per expert, fused into one parameter on load): the
+    streamed merge mixes the stored pieces; the result equals from_pretrained + lerp of the fused
+    parameters + save_pretrained, key for key and bit for bit, and loads as that model."""
+    from hf_llmc.architecture import discover
+
+    a, b = moe_pair_dirs["a"], moe_pair_dirs["b"]
+    out = tmp_path / "merged"
+    assert main(["merge", str(a), str(b), "--set", "attn.0=0.3", "--set", "mlp.1=0.7", "--out", str(out)]) == 0
+    model_a = AutoModelForCausalLM.from_pretrained(a)
+    params_b = dict(AutoModelForCausalLM.from_pretrained(b).named_parameters())
+    arch = discover(model_a)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in arch.fused
+    alphas = {p: alpha for spec, alpha in (("attn.0", 0.3), ("mlp.1", 0.7)) for g in resolve(spec, arch) for p in g.parameters}
+    with torch.no_grad():
+        for name, param in model_a.named_parameters():
+            if name in alphas:
+                param.copy_((1 - alphas[name]) * param + alphas[name] * params_b[name])
+    model_a.save_pretrained(tmp_path / "reference")
+    merged, reference = state(out), state(tmp_path / "reference")
+    assert merged.keys() == reference.keys() and any(".experts.0." in k for k in merged)
+    for key, value in merged.items():
+        assert torch.equal(value, reference[key]), key
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model_a.state_dict().items())
+    pair = lazy_pair(a, b)
+    with pytest.raises(MergeSpecError, match="use --method lerp"):
+        save_merged(pair, MergeSpec(layers="mlp.1", alpha=0.5, method="slerp"), tmp_path / "slerp")
+    with pytest.raises(MergeSpecError, match=r"must move together; select them as one group \(mlp\.0\)"):
+        save_merged(pair, MergeSpec(layers=r"re:model\.layers\.0\.mlp\.experts\.down_proj"), tmp_path / "half")
+    assert not (tmp_path / "slerp").exists() and not (tmp_path / "half").exists()

@@ -67,18 +67,9 @@ def test_trust_remote_code_is_off_by_default(dirs, tmp_path):
         ModelPair.from_pretrained(remote, dirs["llama1"], device="cpu")
 
 
-def test_fused_expert_layout_is_named(tmp_path, tiny_tokenizer):
-    """Mixtral: transformers 5 fuses the per-expert checkpoint tensors on load; the error says so
-    instead of claiming B lacks parameters."""
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    from hf_llmc.export import lazy_pair
-
-    config = MixtralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=64)
-    for name, seed in (("a", 0), ("b", 1)):
-        torch.manual_seed(seed)
-        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
-    with pytest.raises(PairError, match=r"MixtralForCausalLM: transformers assembles model\.layers\.0\.mlp\.experts\.gate_up_proj .*\(fused experts\)"):
-        lazy_pair(tmp_path / "a", tmp_path / "b")
+def test_fused_expert_layout_is_named(moe_pair_dirs):
+    """Mixtral: transformers 5 fuses the per-expert checkpoint tensors on load; a live pair (for
+    barriers and scans) says so instead of claiming B lacks parameters."""
+    with pytest.raises(PairError, match=r"MixtralForCausalLM: transformers assembles model\.layers\.0\.mlp\.experts\.gate_up_proj "
+                                        r".*\(fused experts\); barriers and scans cannot .*`hf-llmc merge` can"):
+        ModelPair.from_pretrained(moe_pair_dirs["a"], moe_pair_dirs["b"], device="cpu")
