@@ -91,3 +91,18 @@ def store_architecture(key: str | None, arch: Architecture) -> None:
         write_json_atomic(_architecture_path(key), dataclasses.asdict(arch))
     except OSError:
         pass
+
+
+def folder_architecture(folder: Path, trust_remote_code: bool = False) -> Architecture:
+    """The architecture of the model whose ``config.json`` is in ``folder``: cached, else
+    discovered on the meta device (and cached). Reads no weights."""
+    config = None if trust_remote_code else read_config(folder)
+    key = architecture_key(config) if config is not None else None
+    arch = load_architecture(key)
+    if arch is None:
+        from .architecture import discover, meta_model
+        from .pair import _load_config
+
+        arch = discover(meta_model(_load_config(folder, trust_remote_code), trust_remote_code=trust_remote_code))
+        store_architecture(key, arch)
+    return arch

@@ -80,9 +80,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic, halving on out-of-memory).")
 
 
-#: Commands that may finish without importing transformers (a repeated streamed merge, an
+#: Commands that may finish without importing transformers (cached architectures, an
 #: upload, reports); :func:`load_pair` silences transformers when they do load a model.
-LIGHT_COMMANDS = ("merge", "push", "report", "sweep-report")
+LIGHT_COMMANDS = ("layers", "distance", "merge", "push", "report", "sweep-report")
 
 
 def quiet_transformers() -> None:
@@ -159,9 +159,8 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_layers(args) -> int:
-    from .architecture import discover, meta_model
+    from .cache import folder_architecture
     from .checkpoint import resolve_folder
-    from .pair import _load_config
     from .selection import all_groups, resolve
 
     folder = resolve_folder(args.model, args.revision, allow_patterns=["*.json"])
@@ -172,8 +171,7 @@ def cmd_layers(args) -> int:
         if not base:
             raise UsageError(f"{args.model}: the adapter records no base model")
         folder = resolve_folder(base, None, allow_patterns=["*.json"])
-    config = _load_config(folder, args.trust_remote_code)
-    arch = discover(meta_model(config, trust_remote_code=args.trust_remote_code))
+    arch = folder_architecture(folder, args.trust_remote_code)
     groups = resolve(args.select, arch) if args.select else all_groups(arch)
     if args.json:
         payload = {

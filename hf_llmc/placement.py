@@ -341,16 +341,15 @@ def keep_modules_for(
     """Module-name patterns (for ``llm_int8_skip_modules``) of the groups ``spec`` selects, found
     on a meta-device copy of the model (configs only; no weights are read)."""
     from .adapters import is_adapter_folder, read_adapter_config
-    from .architecture import discover, meta_model
+    from .cache import folder_architecture
     from .checkpoint import resolve_folder
-    from .pair import _load_config
     from .selection import resolve
 
     folder = resolve_folder(source, revision, allow_patterns=["*.json"])
     if is_adapter_folder(folder):
         base = base_model or read_adapter_config(folder).get("base_model_name_or_path")
         folder = resolve_folder(base, None, allow_patterns=["*.json"])
-    arch = discover(meta_model(_load_config(folder, trust_remote_code), trust_remote_code=trust_remote_code))
+    arch = folder_architecture(folder, trust_remote_code)
     names = [arch.canonical(p) for g in resolve(spec, arch) for p in g.parameters]
     names += [alias for alias, canon in arch.aliases.items() if canon in names]
     names += arch.head  # transformers' default: the output head stays unquantized

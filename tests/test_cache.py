@@ -43,7 +43,7 @@ def test_second_pair_uses_the_cache_and_merges_the_same(model_type, save_tiny_mo
     assert _weights(tmp_path / "m1") == _weights(tmp_path / "m2")
 
 
-def test_cli_repeat_merge_imports_no_transformers(save_tiny_model, tmp_path, cache):
+def test_cli_repeat_commands_import_no_transformers(save_tiny_model, tmp_path, cache):
     a = save_tiny_model("llama", tmp_path / "a", seed=0)
     b = save_tiny_model("llama", tmp_path / "b", seed=1)
     code = (
@@ -51,14 +51,13 @@ def test_cli_repeat_merge_imports_no_transformers(save_tiny_model, tmp_path, cac
         "print('transformers' in sys.modules); sys.exit(rc)"
     )
     imported = []
-    for out in ("m1", "m2"):
-        proc = subprocess.run(
-            [sys.executable, "-c", code, "merge", str(a), str(b), "--layers", "attn.1", "--alpha", "0.5", "--out", str(tmp_path / out)],
-            env={**os.environ, "HF_LLMC_CACHE": str(cache)}, capture_output=True, text=True, timeout=300,
-        )
+    merge = ["merge", str(a), str(b), "--layers", "attn.1", "--alpha", "0.5", "--out"]
+    for args in ([*merge, str(tmp_path / "m1")], [*merge, str(tmp_path / "m2")], ["layers", str(b), "--select", "attn.1"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, "HF_LLMC_CACHE": str(cache)},
+                              capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         imported.append(proc.stdout.strip().splitlines()[-1])
-    assert imported == ["True", "False"]
+    assert imported == ["True", "False", "False"]  # `layers` reuses the entry of the same config
     assert _weights(tmp_path / "m1") == _weights(tmp_path / "m2")
     # the merged tensors are the straightforward mix (independent reads of A and B)
     from safetensors.torch import load_file
