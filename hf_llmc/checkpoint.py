@@ -121,6 +121,10 @@ class LazyCheckpoint:
         self._files = files  # tensor name -> file
         # Parameter name -> stored key where transformers renames on save (Architecture.stored_names).
         self.stored_names: dict[str, str] = {}
+        # Fused parameters (stored as several tensors) and the function that assembles one of
+        # them, set for live pairs (hf_llmc.pair.FusedAssembler).
+        self.fused: frozenset[str] = frozenset()
+        self.assembler = None
         self._handles: dict[Path, object] = {}
 
     # -- construction -------------------------------------------------------------------------
@@ -238,7 +242,10 @@ class LazyCheckpoint:
         return handle[key].dtype if self.pickled else handle.dtype(key)
 
     def get(self, name: str, aliases: dict[str, str] | None = None) -> torch.Tensor:
-        """The stored tensor for ``name`` (CPU, stored dtype, memory-mapped where possible)."""
+        """The stored tensor for ``name`` (CPU, stored dtype, memory-mapped where possible); a
+        fused parameter is assembled from its stored pieces."""
+        if name in self.fused and self.assembler is not None:
+            return self.assembler(name)
         key = self._require(name, aliases)
         handle = self._handle(self._files[key])
         return handle[key] if self.pickled else handle.get(key)
@@ -254,6 +261,8 @@ class LazyCheckpoint:
     def read_into(self, name: str, out: torch.Tensor, aliases: dict[str, str] | None = None) -> bool:
         """Read tensor ``name`` straight into ``out`` (no temporary) when ``out`` is a contiguous
         CPU tensor of the stored dtype and shape; returns False when it cannot."""
+        if name in self.fused:
+            return False
         key = self._require(name, aliases)
         if self.pickled or out.device.type != "cpu" or not out.is_contiguous():
             return False
@@ -262,10 +271,10 @@ class LazyCheckpoint:
     def iter_chunks(self, name: str, chunk_bytes: int = 8 << 20, aliases: dict[str, str] | None = None):
         """Yield ``(start, flat_tensor)`` pieces of tensor ``name`` in storage order, each at most
         ``chunk_bytes`` large, so huge tensors never need a full-size temporary."""
-        key = self._require(name, aliases)
-        if self.pickled:
+        if self.pickled or name in self.fused:
             yield 0, self.get(name, aliases).reshape(-1)
             return
+        key = self._require(name, aliases)
         yield from self._handle(self._files[key]).iter_chunks(key, chunk_bytes)
 
     def _require(self, name: str, aliases: dict[str, str] | None = None) -> str:

@@ -933,7 +933,7 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
             raise PairError(f"architecture mismatch: A is {kinds[0][0]} {kinds[0][1]}, B is {kinds[1][0]} {kinds[1][1]}")
         pair = ModelPair(None, None, arch, ckpt_a, ckpt_b, load)
         try:
-            pair._check_compatible(None, allow_fused=True)
+            pair._check_compatible(None)
             return pair
         except PairError:
             pass  # the checkpoints disagree with the cached entry: discover again (and report from there)
@@ -946,7 +946,7 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
     model = meta_model(cfg_a, trust_remote_code=trust_remote_code)
     tokenizer = None if same_tokenizer else _load_tokenizer(ckpt_a.folder, trust_remote_code)
     pair = ModelPair(model, tokenizer, discover(model), ckpt_a, ckpt_b, load)
-    pair._check_compatible(None if same_tokenizer else _load_tokenizer(ckpt_b.folder, trust_remote_code), allow_fused=True)
+    pair._check_compatible(None if same_tokenizer else _load_tokenizer(ckpt_b.folder, trust_remote_code))
     store_architecture(key, pair.arch)  # only once the checkpoints agree with it
     return pair
 

@@ -106,6 +106,41 @@ def fused_pieces(arch: Architecture, ckpt: LazyCheckpoint) -> dict[int, tuple[li
     return out
 
 
+class FusedAssembler:
+    """Builds the fused parameters (MoE experts) of one checkpoint from their stored pieces with
+    transformers' own load-time converters: the operations ``from_pretrained`` applies, on one
+    parameter at a time."""
+
+    def __init__(self, model, arch: Architecture, ckpt: LazyCheckpoint):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, dot_natural_key, rename_source_key
+
+        self.model, self.ckpt = model, ckpt
+        conversions = get_model_conversion_mapping(model)
+        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in conversions if not isinstance(c, WeightRenaming) and hasattr(c, "source_patterns")]
+        self.by_pattern = {p: c for c in converters for p in c.source_patterns}
+        self.sources: dict[str, list[tuple[str, str]]] = {}  # parameter -> [(stored key, pattern)]
+        for _, keys in fused_pieces(arch, ckpt).values():
+            for key in sorted(keys, key=dot_natural_key):  # expert 2 before expert 10, as transformers does
+                target, pattern = rename_source_key(key, renamings, converters)
+                if pattern in self.by_pattern:
+                    self.sources.setdefault(target, []).append((key, pattern))
+        unmatched = sorted(set(arch.fused) - set(self.sources))
+        if unmatched:
+            raise PairError(f"{arch.model_class}: no stored pieces found for the fused tensor {unmatched[0]}")
+
+    def __call__(self, name: str) -> torch.Tensor:
+        from copy import deepcopy
+
+        sources = self.sources[name]
+        converter = deepcopy(self.by_pattern[sources[0][1]])
+        for key, pattern in sources:
+            converter.add_tensor(name, key, pattern, self.ckpt.get(key))
+        value = converter.convert(name, model=self.model, config=self.model.config)[name]
+        return value[0] if isinstance(value, list) else value
+
+
 class ModelPair:
     """A live model holding A (or B), with lazy checkpoints of both."""
 
@@ -115,8 +150,11 @@ class ModelPair:
         self.arch = arch
         self.ckpt_a = ckpt_a
         self.ckpt_b = ckpt_b
+        live = model is not None and next(iter(model.parameters())).device.type != "meta"
         for ckpt in (ckpt_a, ckpt_b):
             ckpt.stored_names = arch.stored_names
+            if arch.fused and live:  # the live model's fused parameters are read assembled
+                ckpt.fused, ckpt.assembler = frozenset(arch.fused), FusedAssembler(model, arch, ckpt)
         self.load = load
         self.interp = Interpolator(model, arch, ckpt_a, ckpt_b)
         self._endpoint_cache: dict[tuple, BlockStats] = {}
@@ -210,9 +248,9 @@ class ModelPair:
         adapters.attach(pair)  # adapters: the live model holds A's merged values
         return pair
 
-    def _check_compatible(self, tokenizer_b, *, allow_fused: bool = False) -> None:
-        """Same parameter names and shapes in B (and the same vocabulary). ``allow_fused``
-        (streamed merges): fused parameters are checked through their stored pieces instead."""
+    def _check_compatible(self, tokenizer_b) -> None:
+        """Same parameter names and shapes in B (fused parameters: the same stored pieces) and
+        the same vocabulary."""
         mismatches, missing = [], []
         for name in self.arch.parameters:
             key = self.ckpt_b.key_for(name, self.arch.aliases)
@@ -226,13 +264,6 @@ class ModelPair:
             more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
             raise PairError(f"shape mismatch between A and B: {'; '.join(mismatches[:3])}{more}")
         fused = [n for n in missing if n in self.arch.fused]
-        if fused and not allow_fused:
-            more = f" (+{len(fused) - 1} more)" if len(fused) > 1 else ""
-            raise PairError(
-                f"{self.arch.model_class}: transformers assembles {fused[0]}{more} from several stored tensors on "
-                "load (fused experts); barriers and scans cannot move them tensor by tensor yet "
-                "(`hf-llmc merge` can, with --method lerp)"
-            )
         if fused:
             pieces_a = {k: self.ckpt_a.shape(k) for _, keys in fused_pieces(self.arch, self.ckpt_a).values() for k in keys}
             pieces_b = {k: self.ckpt_b.shape(k) for _, keys in fused_pieces(self.arch, self.ckpt_b).values() for k in keys}

@@ -180,3 +180,25 @@ def test_gpt_neox_renamed_head(neox_pair, tmp_path):
     with safe_open(tmp_path / "m" / "model.safetensors", "pt") as fh:
         head = fh.get_tensor("embed_out.weight")
     assert torch.equal(head, 0.5 * sd_a["lm_head.weight"] + 0.5 * sd_b["lm_head.weight"])
+
+
+def test_fused_experts_barrier_equals_fresh_model(moe_pair_dirs, tmp_path):
+    """Mixtral (per-expert tensors on disk, fused parameters in the model): B's fused tensors
+    are assembled from their pieces; every path point equals a fresh model holding the
+    interpolated state dict, and restoring A is exact."""
+    from hf_llmc.demo import synthetic_text
+
+    a, b = moe_pair_dirs["a"], moe_pair_dirs["b"]
+    (tmp_path / "eval.txt").write_text(synthetic_text("mixed", 10, 5))
+    pair = ModelPair.from_pretrained(a, b, device="cpu")
+    assert "model.layers.1.mlp.experts.gate_up_proj" in pair.arch.fused
+    blocks = pair.blocks(DataConfig(data=str(tmp_path / "eval.txt"), seq_len=32, max_tokens=32 * 4))
+    sd_a, sd_b = state_dict(a), state_dict(b)
+    for layers, base, method in (("mlp.1", "a", "lerp"), ("block.0", "b", "lerp"), (None, "a", "lerp"), ("mlp.0", "a", "slerp")):
+        result = pair.barrier(blocks, layers=layers, alphas=[0.3], base=base, method=method)
+        state = interpolated_state(sd_a, sd_b, _names(pair, layers), 0.3, base, method, pair.arch.tied)
+        loss, _ = plain_eval(a, state, blocks.ids)
+        assert rel(result.loss[result.alphas.index(0.3)], loss) < TOL, (layers, base, method)
+    pair.interp.set_base("a")
+    for name, param in pair.model.named_parameters():
+        assert torch.equal(param, sd_a[name]), name
