@@ -112,8 +112,11 @@ class FusedAssembler:
     parameter at a time."""
 
     def __init__(self, model, arch: Architecture, ckpt: LazyCheckpoint):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, dot_natural_key, rename_source_key
+        try:  # transformers-internal API (5.x): where a new release would break this
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming, dot_natural_key, rename_source_key
+        except ImportError as err:
+            raise PairError(f"{arch.model_class}: fused tensors need transformers' conversion API ({err})") from None
 
         self.model, self.ckpt = model, ckpt
         conversions = get_model_conversion_mapping(model)
