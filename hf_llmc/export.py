@@ -911,7 +911,7 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
     from .adapters import AdapterCheckpoint, base_identity
     from .architecture import discover, meta_model
     from .cache import architecture_key, load_architecture, read_config, store_architecture
-    from .pair import LoadConfig, ModelPair, PairError, _load_config, _load_tokenizer
+    from .pair import LoadConfig, ModelPair, PairError, _load_config, _load_tokenizer, check_same_architecture
 
     opts = dict(allow_pickle=allow_pickle, token=token, base_model=base_model)
     ckpt_a = LazyCheckpoint.open(a, revision=revision_a, **opts)
@@ -928,9 +928,7 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
     key = architecture_key(raw_a) if raw_a is not None and raw_b is not None and not trust_remote_code else None
     arch = load_architecture(key)
     if arch is not None and same_tokenizer:
-        kinds = [(c.get("model_type"), c.get("architectures")) for c in (raw_a, raw_b)]
-        if kinds[0] != kinds[1]:
-            raise PairError(f"architecture mismatch: A is {kinds[0][0]} {kinds[0][1]}, B is {kinds[1][0]} {kinds[1][1]}")
+        check_same_architecture(*[(c.get("model_type"), c.get("architectures")) for c in (raw_a, raw_b)])
         pair = ModelPair(None, None, arch, ckpt_a, ckpt_b, load)
         try:
             pair._check_compatible(None)
@@ -939,10 +937,7 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
             pass  # the checkpoints disagree with the cached entry: discover again (and report from there)
     cfg_a = _load_config(ckpt_a.folder, trust_remote_code)
     cfg_b = _load_config(ckpt_b.folder, trust_remote_code)
-    if (cfg_a.model_type, cfg_a.architectures) != (cfg_b.model_type, cfg_b.architectures):
-        raise PairError(
-            f"architecture mismatch: A is {cfg_a.model_type} {cfg_a.architectures}, B is {cfg_b.model_type} {cfg_b.architectures}"
-        )
+    check_same_architecture((cfg_a.model_type, cfg_a.architectures), (cfg_b.model_type, cfg_b.architectures))
     model = meta_model(cfg_a, trust_remote_code=trust_remote_code)
     tokenizer = None if same_tokenizer else _load_tokenizer(ckpt_a.folder, trust_remote_code)
     pair = ModelPair(model, tokenizer, discover(model), ckpt_a, ckpt_b, load)

@@ -67,6 +67,12 @@ def _load_config(folder: Path, trust_remote_code: bool):
         raise PairError(f"{folder.name}: no usable config.json ({str(err).splitlines()[0][:200]})") from None
 
 
+def check_same_architecture(a: tuple, b: tuple) -> None:
+    """A's and B's ``(model_type, architectures)`` must agree."""
+    if a != b:
+        raise PairError(f"architecture mismatch: A is {a[0]} {a[1]}, B is {b[0]} {b[1]}")
+
+
 def _load_tokenizer(folder: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
@@ -221,11 +227,7 @@ class ModelPair:
         ckpt_b = LazyCheckpoint.open(b, revision=revision_b, allow_pickle=allow_pickle, token=token, base_model=base_model)
         cfg_a = _load_config(ckpt_a.folder, trust_remote_code)
         cfg_b = _load_config(ckpt_b.folder, trust_remote_code)
-        if (cfg_a.model_type, cfg_a.architectures) != (cfg_b.model_type, cfg_b.architectures):
-            raise PairError(
-                f"architecture mismatch: A is {cfg_a.model_type} {cfg_a.architectures}, "
-                f"B is {cfg_b.model_type} {cfg_b.architectures}"
-            )
+        check_same_architecture((cfg_a.model_type, cfg_a.architectures), (cfg_b.model_type, cfg_b.architectures))
         kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=not ckpt_a.pickled)
         if dtype is not None:
             kwargs["dtype"] = DTYPES[dtype]
