@@ -90,8 +90,9 @@ def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyChec
     for g in groups:
         for p in g.parameters:
             names.setdefault(arch.canonical(p), None)
-    pieces = {names_[0]: keys for names_, keys in fused_pieces(arch, ckpt_a).values()}
-    for block_names, _ in fused_pieces(arch, ckpt_a).values():
+    fused = list(fused_pieces(arch, ckpt_a).values())
+    pieces = {block_names[0]: keys for block_names, keys in fused}
+    for block_names, _ in fused:
         for g in groups:
             inside = {arch.canonical(p) for p in g.parameters} & set(block_names)
             if inside and inside != set(block_names):
