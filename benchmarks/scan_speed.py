@@ -100,6 +100,17 @@ def straightforward(model, sd: dict, ids: torch.Tensor, points, batch_size: int)
     return losses, forwards
 
 
+def distinct_points(points):
+    """The scan's points with the full-model row once (it is the same point for every group)."""
+    seen_full = False
+    for p in points:
+        if p.group.name == "full":
+            if seen_full:
+                continue
+            seen_full = True
+        yield p
+
+
 def run(sizes: dict, threads: int | None, store: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="hf-llmc-scan-speed-") as tmp:
         return _run(sizes, threads, Path(tmp), store)
@@ -141,12 +152,7 @@ def _run(sizes: dict, threads: int | None, tmp: Path, store: bool) -> dict:
 
         # The same points for the straightforward method (endpoints and full row once).
         points = [(("A", "a", 0.0, "interp", None), [], 0.0, "a"), (("B", "b", 1.0, "interp", None), [], 0.0, "b")]
-        seen_full = False
-        for p in runner.points:
-            if p.group.name == "full":
-                if seen_full:
-                    continue
-                seen_full = True
+        for p in distinct_points(runner.points):
             names = [pair.arch.canonical(n) for n in p.group.parameters]
             points.append((p.key, names, p.alpha, p.base))
         with Timer() as t_sf:
@@ -163,12 +169,7 @@ def _run(sizes: dict, threads: int | None, tmp: Path, store: bool) -> dict:
         # Lower bound: every point runs at least its suffix (first block .. head); the full row
         # counts once; endpoints are full forwards.
         share = 2.0
-        seen_full = False
-        for p in runner.points:
-            if p.group.name == "full":
-                if seen_full:
-                    continue
-                seen_full = True
+        for p in distinct_points(runner.points):
             k = p.group.first_block or 0
             share += ((n_blocks - k) * block_f + head_f) / full_f
         bound = share * t_full

@@ -65,12 +65,15 @@ def from_args(cls, args: argparse.Namespace, **overrides):
 
 
 # -- shared options ------------------------------------------------------------------------------
-def _add_pair_args(p: argparse.ArgumentParser) -> None:
+def _add_pair_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
+    """The two model arguments and the loading options (all, all but ``exclude``, or ``only`` these)."""
     from .pair import LoadConfig
 
+    if only is not None:
+        exclude = tuple(f.name for f in dataclasses.fields(LoadConfig) if f.name not in only)
     p.add_argument("model_a", help="Model A: local folder or Hub id.")
     p.add_argument("model_b", help="Model B: local folder or Hub id.")
-    add_fields(p, LoadConfig, group="loading")
+    add_fields(p, LoadConfig, group="loading", exclude=exclude)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -599,19 +602,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("merge", help="Write a layer-wise merge of A and B (streamed safetensors + model card).")
-    p.add_argument("model_a", help="Model A: local folder or Hub id.")
-    p.add_argument("model_b", help="Model B: local folder or Hub id.")
+    _add_pair_args(p, exclude=("dtype",))
     from .autoselect import AutoConfig
     from .data import DataConfig
     from .export import ExportConfig, MergeSpec, PushConfig
-    from .pair import LoadConfig
 
     g = p.add_argument_group("what to merge")
     add_fields(g, MergeSpec)
     g.add_argument("--set", dest="sets", action="append", metavar="LAYERS=ALPHA", help=dataclasses.fields(MergeSpec)[2].metadata["help"])
     add_fields(p, AutoConfig, group="automatic choice")
     add_fields(p, ExportConfig, group="output")
-    add_fields(p, LoadConfig, group="loading", exclude=("dtype",))
     g = p.add_argument_group("evaluation (perplexities and barrier in the model card)")
     g.add_argument("--eval-data", "--data", dest="data", metavar="PATH", help=dataclasses.fields(DataConfig)[0].metadata["help"])
     g.add_argument("--eval-dataset", "--dataset", dest="dataset", metavar="NAME", help=dataclasses.fields(DataConfig)[1].metadata["help"])
@@ -648,14 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("distance", help="Per-group weight distance, relative distance and cosine similarity (no data needed).")
-    p.add_argument("model_a", help="Model A: local folder or Hub id.")
-    p.add_argument("model_b", help="Model B: local folder or Hub id.")
+    _add_pair_args(p, only=("revision_a", "revision_b", "trust_remote_code", "allow_pickle"))
     p.add_argument("--granularity", choices=["block", "sublayer", "module"], default="block", help="Groups: block, sublayer or module.")
     p.add_argument("--layers", help="Layer spec instead of --granularity, e.g. attn.0-3,mlp.7.")
-    p.add_argument("--revision-a", help="Hub revision of model A.")
-    p.add_argument("--revision-b", help="Hub revision of model B.")
-    p.add_argument("--trust-remote-code", action="store_true", help="Run custom modelling code shipped with a checkpoint.")
-    p.add_argument("--allow-pickle", action="store_true", help="Allow pickled .bin/.pt weights (weights_only=True).")
     p.add_argument("--json-out", help="Write the rows as JSON to this file.")
     p.set_defaults(func=cmd_distance)
 

@@ -250,33 +250,31 @@ def test_read_only_token_gets_permission_message(hub, model_dir, inprocess):
         push_folder(model_dir, "tester/api-readonly", token=READ_ONLY, endpoint=hub.url)
 
 
-def test_server_error_gives_status_and_reason(hub, model_dir, inprocess):
+def _push_with_fault(hub, model_dir, endpoint: str, fault: tuple[int, str], repo: str, token: str):
+    """The HubError of a push while the server answers ``endpoint`` with ``fault`` (status, body)."""
     from hf_llmc.hub import HubError, push_folder
 
-    hub.faults["commit"] = (500, "storage backend down")
+    hub.faults[endpoint] = fault
     try:
         with pytest.raises(HubError) as info:
-            push_folder(model_dir, "tester/api-500", token=VALID, endpoint=hub.url)
+            push_folder(model_dir, repo, token=token, endpoint=hub.url)
     finally:
         hub.faults.clear()
-    message = str(info.value)
+    return info.value
+
+
+def test_server_error_gives_status_and_reason(hub, model_dir, inprocess):
+    message = str(_push_with_fault(hub, model_dir, "commit", (500, "storage backend down"), "tester/api-500", VALID))
     assert "HTTP 500" in message and "storage backend down" in message and "uploading the folder" in message
     assert "\n" not in message
     assert len(hub.commits("tester/api-500")) == 1  # only the repo's initial commit
 
 
 def test_server_echoing_the_token_is_redacted(hub, model_dir, inprocess):
-    from hf_llmc.hub import HubError, push_folder
-
-    hub.faults["create"] = (502, "bad gateway for request with {authorization}")
-    try:
-        with pytest.raises(HubError) as info:
-            push_folder(model_dir, "tester/api-echo", token=SENTINEL, endpoint=hub.url)
-    finally:
-        hub.faults.clear()
-    message = str(info.value)
+    error = _push_with_fault(hub, model_dir, "create", (502, "bad gateway for request with {authorization}"), "tester/api-echo", SENTINEL)
+    message = str(error)
     assert "HTTP 502" in message and "bad gateway for request with Bearer ***" in message
-    assert SENTINEL not in "".join(traceback.format_exception(info.value))
+    assert SENTINEL not in "".join(traceback.format_exception(error))
 
 
 def test_unchanged_push_makes_no_commit_and_pr(hub, model_dir, inprocess):
