@@ -38,7 +38,9 @@ if str(ROOT) not in sys.path:
 
 FULL = dict(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=16, num_kv_heads=8,
             vocab_size=32000, seq_len=512, blocks=64, batch_size=16, naive_points=3)
-SMOKE = dict(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2,
+# Every dimension a multiple of 64: every bitsandbytes backend accepts the 4-bit weights (the
+# packed CPU layout used on AVX512-BF16 CPUs needs output rows in blocks of 32).
+SMOKE = dict(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
              vocab_size=320, seq_len=32, blocks=4, batch_size=2, naive_points=1)
 
 

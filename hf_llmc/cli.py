@@ -7,12 +7,15 @@ traceback is printed unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -556,7 +559,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         from .security import redact
 
-        self.exit(2, f"{self.prog}: error: {redact(message)}\n(see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {redact(message)} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -689,6 +692,23 @@ def _classify(err: BaseException) -> int:
     return 1
 
 
+@contextlib.contextmanager
+def third_parties_quiet(debug: bool):
+    """Without ``--debug``, no warning or log line of a library (bitsandbytes, peft, transformers,
+    torch ...) reaches the terminal, so an error stays one line; with it, they all do."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not sys.stderr.isatty():  # no datasets progress bars in logs (an error stays one line)
@@ -696,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
+    with third_parties_quiet(args.debug):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command not in LIGHT_COMMANDS:
             quiet_transformers()

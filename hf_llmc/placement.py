@@ -13,6 +13,12 @@ than ``param.copy_``:
   with bitsandbytes' own quantizers, exactly as at load time. After loading, every quantized
   weight is re-written once through this path, so "restore" gives bitwise the values every
   endpoint was evaluated with.
+* bitsandbytes may change a 4-bit weight's layout at forward time: on CPUs with AVX512-BF16,
+  ``Linear4bit.forward`` repacks the weight into a CPU layout in place (its ``quant_state`` then
+  says bfloat16). Writes always quantize from the dtype recorded before any forward and store
+  the canonical layout, which bitsandbytes repacks deterministically at the next forward; so a
+  weight's state depends only on its value, never on what was evaluated before. Modules whose
+  shape that layout cannot hold stay in the generic layout (and are reported).
 """
 
 from __future__ import annotations
@@ -159,6 +165,50 @@ def _quant_kind(param) -> str | None:
     return {"Int8Params": "int8", "Params4bit": "nf4"}.get(cls)
 
 
+#: bitsandbytes' packed CPU 4-bit layout (``_convert_weight_packed_for_cpu``) groups output rows
+#: in blocks of 32 and reshapes the block scales to (out, in / blocksize).
+CPU_PACK_BLOCK_N = 32
+
+
+def cpu_packable(shape: tuple[int, ...], blocksize: int) -> bool:
+    """Whether a 4-bit weight of ``shape`` (out, in) fits bitsandbytes' packed CPU layout."""
+    return len(shape) == 2 and shape[0] % CPU_PACK_BLOCK_N == 0 and shape[1] % blocksize == 0
+
+
+def _bnb_packs_on_cpu() -> bool:
+    """Whether this bitsandbytes repacks 4-bit weights on this CPU at forward time."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def keep_unpackable_unpacked(model: nn.Module) -> list[str]:
+    """Keep the CPU 4-bit modules whose shape bitsandbytes' packed CPU layout cannot hold in the
+    generic layout (bitsandbytes would stop on an assertion at their first forward); returns their
+    names. Raises :class:`PlacementError` naming the module where this bitsandbytes offers no way."""
+    kept = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if _quant_kind(weight) != "nf4" or state is None or weight.device.type != "cpu":
+            continue
+        if cpu_packable(tuple(state.shape), weight.blocksize):
+            continue
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            if module.support_avx512bf16_for_cpu:
+                module.support_avx512bf16_for_cpu = False
+                kept.append(name)
+        elif _bnb_packs_on_cpu():
+            raise PlacementError(
+                f"{name}: its 4-bit weight {tuple(state.shape)} cannot use bitsandbytes' packed CPU layout "
+                f"(needs out features divisible by {CPU_PACK_BLOCK_N} and in features by {weight.blocksize}); "
+                "load it unquantized, in 8 bit, or on a GPU"
+            )
+    return kept
+
+
 class ParamWriter:
     """Writes a full-precision value into a parameter wherever and however it is stored."""
 
@@ -180,6 +230,14 @@ class ParamWriter:
                 full = f"{mname}.{pname}" if mname else pname
                 self.offloaded[full] = (hook.weights_map, pname)
         self.quantized = {n: _quant_kind(p) for n, p in self.params.items() if _quant_kind(p)}
+        # The dtype each 4-bit weight was quantized from, read before any forward could repack it
+        # (the packed CPU layout's quant_state says bfloat16 and keeps the original aside).
+        self._quantized_from = {
+            n: getattr(p.quant_state, "original_dtype", p.quant_state.dtype)
+            if getattr(p.quant_state, "packing_format_for_cpu", False) else p.quant_state.dtype
+            for n, p in self.params.items() if self.quantized.get(n) == "nf4"
+        }
+        self.cpu_unpacked = keep_unpackable_unpacked(model) if "nf4" in self.quantized.values() else []
 
     @property
     def needed(self) -> bool:
@@ -241,9 +299,10 @@ class ParamWriter:
             if state is not None:
                 state.CB = state.SCB = None
             return
-        old = param.quant_state
+        # Quantized from the recorded dtype into the canonical layout, whatever layout the weight
+        # is in now; bitsandbytes repacks it (deterministically) at the next forward where it does.
         data, quant_state = F.quantize_4bit(
-            value.to(param.device, old.dtype).contiguous(),
+            value.to(param.device, self._quantized_from[name]).contiguous(),
             blocksize=param.blocksize,
             compress_statistics=param.compress_statistics,
             quant_type=param.quant_type,
@@ -251,6 +310,8 @@ class ParamWriter:
         )
         param.data = data
         param.quant_state = quant_state
+        if hasattr(module, "quant_state"):
+            module.quant_state = quant_state
 
     def describe(self) -> dict:
         return {"offloaded_parameters": len(self.offloaded), "quantized_parameters": len(self.quantized)}
@@ -303,6 +364,12 @@ def quantization_info(pair) -> dict | None:
             else "re-quantized after each set (bitsandbytes quantizer)"
         ),
         "base_switch": "quantized weights of the base switch are re-quantized from the checkpoint values",
+        "cpu_packed_layout": (
+            "used where bitsandbytes packs 4-bit weights for this CPU (AVX512-BF16); weights are always "
+            "re-quantized in the canonical layout and repacked by bitsandbytes at the next forward"
+            if load.load_in_4bit and _bnb_packs_on_cpu() and pair.model.device.type == "cpu" else "not used"
+        ),
+        "kept_in_generic_layout": list(writer.cpu_unpacked) if writer else [],
     }
 
 

@@ -181,10 +181,10 @@ def test_cli_errors_never_show_the_token(models, monkeypatch, capsys, tmp_path):
     assert main(["--debug", "distance", str(missing), str(models["b"])]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "CheckpointError" in err and TOKEN not in err
-    # argparse errors (exit 2) are one line + a hint, redacted, with no usage dump
+    # argparse errors (exit 2) are one line ending in a hint, redacted, with no usage dump
     with pytest.raises(SystemExit) as info:
         main(["barrier", str(models["a"]), str(models["b"]), "--data", "x.txt", "--method", TOKEN])
     err = capsys.readouterr().err
     assert info.value.code == 2 and TOKEN not in err
-    assert err.splitlines() == ["hf-llmc barrier: error: argument --method: invalid choice: '***' (choose from 'lerp', 'slerp')",
+    assert err.splitlines() == ["hf-llmc barrier: error: argument --method: invalid choice: '***' (choose from 'lerp', 'slerp') "
                                 "(see `hf-llmc barrier --help`)"]
