@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,13 @@ def tiny(gpt2_pair):
 DATA = ["--seq-len", "48", "--max-tokens", "240"]
 
 
+def free_port() -> int:
+    """A TCP port the OS says is free now (never a fixed one: parallel runs would collide)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _launch(prefix: list[str], args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
@@ -44,7 +52,7 @@ def test_torchrun_scan_points_matches_single_process(tiny, tmp_path, capsys):
     common = ["scan", str(a), str(b), "--data", str(text), *DATA, "--base", "both", "--alphas", "0.25,0.5"]
     assert main(common + ["--out", str(tmp_path / "single")]) == 0
     capsys.readouterr()
-    proc = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517"],
+    proc = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())],
                    common + ["--out", str(tmp_path / "par"), "--parallel", "points"], tmp_path)
     assert proc.stdout.count("results:") == 1  # only process 0 reports
     single = {(r["group"], r["base"], r["alpha"]): r for r in map(json.loads, open(tmp_path / "single/results.jsonl"))}
@@ -65,7 +73,7 @@ def test_accelerate_launch_barrier_data_matches_single_process(tiny, tmp_path, c
     assert main(common + ["--json-out", str(tmp_path / "single.json")]) == 0
     capsys.readouterr()
     proc = _launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518"],
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())],
                    common + ["--parallel", "data", "--json-out", str(tmp_path / "par.json")], tmp_path)
     assert proc.stdout.count("barrier_mid =") == 1
     single = json.loads((tmp_path / "single.json").read_text())
