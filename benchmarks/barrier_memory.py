@@ -21,7 +21,7 @@ BATCH = 1  # blocks per forward, the same for both methods (activations are not 
 
 
 def build_pair(root: Path, quick: bool) -> tuple[Path, Path, int]:
-    from hf_llmc.demo import init_model, tiny_config
+    from hf_llmc.testing import init_model, tiny_config
 
     cfg = tiny_config("gpt2", num_layers=2 if quick else 10, hidden_size=64 if quick else 512,
                       num_heads=4 if quick else 8, vocab_size=1000 if quick else 16000, max_positions=256)
@@ -49,8 +49,8 @@ def child(method: str, a: str, b: str, out: str) -> None:
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401 - import cost belongs to the baseline
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    from hf_llmc.pair import ModelPair
-    from hf_llmc.data import TokenBlocks
+    from hf_llmc import ModelPair
+    from hf_llmc import TokenBlocks
 
     torch.set_num_threads(2)
     cfg = json.loads((Path(a) / "config.json").read_text())

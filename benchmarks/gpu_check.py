@@ -136,8 +136,9 @@ def naive_point_seconds(a: Path, b: Path, groups, ids, s: dict, device: torch.de
 
 
 def run(args) -> dict:
-    from hf_llmc.pair import ModelPair
-    from hf_llmc.scan import ScanConfig, ScanRunner
+    from hf_llmc import ModelPair
+    from hf_llmc import ScanConfig
+    from hf_llmc.analyses.scan import ScanRunner
 
     s = SMOKE if args.smoke else FULL
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -207,7 +208,7 @@ def run(args) -> dict:
 
         # 4. 4-bit loading (bitsandbytes); the interpolated group stays in bf16
         try:
-            from hf_llmc.placement import keep_modules_for
+            from hf_llmc.model.placement import keep_modules_for
 
             _reset_peak(device)
             t0 = time.perf_counter()

@@ -42,8 +42,8 @@ QUICK = dict(n_layer=4, n_embd=128, n_head=4, vocab_size=1000, n_positions=128)
 
 # -- workers (run in subprocesses) ---------------------------------------------------------------
 def _selected_names(model, layers: str) -> list[str]:
-    from hf_llmc.architecture import discover
-    from hf_llmc.selection import resolve
+    from hf_llmc.model.architecture import discover
+    from hf_llmc import resolve
 
     arch = discover(model)
     return sorted({arch.canonical(p) for g in resolve(layers, arch) for p in g.parameters})

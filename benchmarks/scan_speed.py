@@ -42,7 +42,7 @@ QUICK = {"num_layers": 4, "hidden_size": 64, "num_heads": 4, "vocab_size": 512, 
 
 def build_pair(root: Path, sizes: dict, seed: int = 0) -> tuple[Path, Path]:
     """A (random init) and B (A + 0.5·std-scaled Gaussian noise per tensor), saved as safetensors."""
-    from hf_llmc.demo import init_model, tiny_config
+    from hf_llmc.testing import init_model, tiny_config
 
     config = tiny_config("llama", num_layers=sizes["num_layers"], hidden_size=sizes["hidden_size"],
                          num_heads=sizes["num_heads"], vocab_size=sizes["vocab_size"],
@@ -119,8 +119,9 @@ def run(sizes: dict, threads: int | None, store: bool = True) -> dict:
 def _run(sizes: dict, threads: int | None, tmp: Path, store: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from hf_llmc.pair import ModelPair
-    from hf_llmc.scan import ScanConfig, ScanRunner, row_key
+    from hf_llmc import ModelPair
+    from hf_llmc import ScanConfig
+    from hf_llmc.analyses.scan import ScanRunner, row_key
     from safetensors.torch import load_file
 
     if threads:
@@ -144,7 +145,7 @@ def _run(sizes: dict, threads: int | None, tmp: Path, store: bool) -> dict:
     for label, cfg in (("single-block", ScanConfig(granularity="block", base="both", alphas="0.5")),
                        ("cumulative-deep", ScanConfig(mode="cumulative", order="deep", base="both", alphas="0.5"))):
         out = tmp / f"scan-{label}"
-        pair._endpoint_cache.clear()  # both methods evaluate the endpoints inside the timing
+        pair.endpoint_cache.clear()  # both methods evaluate the endpoints inside the timing
         runner = ScanRunner(pair, blocks, dataclasses.replace(cfg, batch_size=batch_size), out, progress=False,
                             prefix_store_bytes=None if store else 0)
         with Timer() as t_hf:

@@ -44,7 +44,7 @@ QUICK = {"num_layers": 4, "hidden_size": 32, "num_heads": 4, "vocab_size": 512, 
 
 def eval_text(tokenizer, n_tokens: int, seed: int = 4242) -> str:
     """Mixed-domain text of at least ``n_tokens`` tokens (documents no training set used)."""
-    from hf_llmc.demo import synthetic_documents
+    from hf_llmc.testing import synthetic_documents
 
     docs: list[str] = []
     chunk = 0
@@ -58,7 +58,7 @@ def eval_text(tokenizer, n_tokens: int, seed: int = 4242) -> str:
 
 def fixed_decision(mean: float, se: float, n: int, threshold: float, confidence: float) -> tuple[list[float], str]:
     """The full-budget run's own interval (one fixed n, no looks) and its decision."""
-    from hf_llmc.sequential import t_quantile
+    from hf_llmc.engine.stats import t_quantile
 
     half = t_quantile(1 - (1 - confidence) / 2, n - 1) * se
     low, high = mean - half, mean + half
@@ -72,11 +72,12 @@ def evaluated_tokens(rows: list[dict]) -> int:
 
 
 def run(sizes: dict, threshold: float, threads: int | None, root: Path) -> dict:
-    from hf_llmc.data import DEFAULT_MAX_TOKENS, DataConfig
-    from hf_llmc.demo import build_pair
-    from hf_llmc.pair import ModelPair
-    from hf_llmc.scan import ScanConfig, run_scan
-    from hf_llmc.sequential import SequentialConfig
+    from hf_llmc import DataConfig
+    from hf_llmc.config.data import DEFAULT_MAX_TOKENS
+    from hf_llmc.testing import build_pair
+    from hf_llmc import ModelPair
+    from hf_llmc import ScanConfig, run_scan
+    from hf_llmc import SequentialConfig
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """hf-llmc: layer-wise linear mode connectivity for Hugging Face transformer checkpoints.
 
-Public names are imported lazily so that ``import hf_llmc`` (and CLI commands that need no
-model, such as ``hf-llmc push``) stay fast.
+The documented Python API is :data:`__all__`. Names are imported lazily, so ``import hf_llmc``
+stays fast and the command line imports torch only for the commands that need it.
 """
 
 from __future__ import annotations
@@ -11,33 +11,86 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+#: Public name -> module that defines it.
 _EXPORTS = {
-    "BarrierResult": "barrier",
-    "Group": "selection",
-    "LoadConfig": "pair",
-    "MergeSpec": "export",
-    "ModelPair": "pair",
-    "parse_spec": "selection",
-    "resolve": "selection",
-    "save_merged": "export",
-    "ScanConfig": "scan",
-    "SequentialConfig": "sequential",
-    "DataConfig": "data",
+    # loading and the pair
+    "ModelPair": "api",
+    "LoadConfig": "config.load",
+    "lazy_pair": "model.pair",
+    # settings
+    "DataConfig": "config.data",
+    "ScanConfig": "config.scan",
+    "SequentialConfig": "config.scan",
+    "RobustnessConfig": "config.scan",
+    "MergeSpec": "config.merge",
+    "ExportConfig": "config.merge",
+    "PushConfig": "config.merge",
+    "AutoConfig": "config.merge",
+    # layer specs
+    "parse_spec": "config.spec",
+    "Group": "model.selection",
+    "resolve": "model.selection",
+    # data and evaluation
+    "TokenBlocks": "engine.data",
+    "load_blocks": "engine.data",
+    # analyses
+    "BarrierResult": "analyses.barrier",
+    "barrier": "analyses.barrier",
+    "run_scan": "analyses.scan",
+    "run_robustness": "analyses.robustness",
+    "distances": "analyses.distances",
+    "auto_select": "analyses.autoselect",
+    # outputs
+    "save_merged": "outputs.merge.save",
+    "auto_merge": "outputs.merge.save",
+    "MergeResult": "outputs.merge.save",
+    "push_folder": "outputs.hub",
+    "render_report": "outputs.report",
+    # errors
+    "HfLlmcError": "config.errors",
+    "UsageError": "config.errors",
+    "SpecError": "config.errors",
+    "DataError": "config.errors",
+    "MergeSpecError": "config.errors",
+    "ScanError": "config.errors",
+    "OutputExistsError": "config.errors",
+    "CheckpointError": "config.errors",
+    "PairError": "config.errors",
+    "NonFiniteLossError": "config.errors",
+    "HubError": "config.errors",
 }
+_RENAMED = {"render_report": "render"}
 
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .barrier import BarrierResult
-    from .export import MergeSpec, save_merged
-    from .pair import LoadConfig, ModelPair
-    from .data import DataConfig
-    from .scan import ScanConfig
-    from .selection import Group, parse_spec, resolve
-    from .sequential import SequentialConfig
+    from .analyses.autoselect import auto_select
+    from .analyses.barrier import BarrierResult, barrier
+    from .analyses.distances import distances
+    from .analyses.robustness import run_robustness
+    from .analyses.scan import run_scan
+    from .api import ModelPair
+    from .config.data import DataConfig
+    from .config.errors import (CheckpointError, DataError, HfLlmcError, HubError, MergeSpecError, NonFiniteLossError,
+                                OutputExistsError, PairError, ScanError, SpecError, UsageError)
+    from .config.load import LoadConfig
+    from .config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
+    from .config.scan import RobustnessConfig, ScanConfig, SequentialConfig
+    from .config.spec import parse_spec
+    from .engine.data import TokenBlocks, load_blocks
+    from .model.pair import lazy_pair
+    from .model.selection import Group, resolve
+    from .outputs.hub import push_folder
+    from .outputs.merge.save import MergeResult, auto_merge, save_merged
+    from .outputs.report import render as render_report
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, _RENAMED.get(name, name))
     raise AttributeError(f"module 'hf_llmc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

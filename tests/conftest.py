@@ -34,14 +34,7 @@ from typing import Any, Callable  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from hf_llmc.demo import (  # noqa: E402
-    DemoPair,
-    build_pair,
-    init_model,
-    synthetic_documents,
-    tiny_config,
-    train_tokenizer,
-)
+from hf_llmc.testing import DemoPair, build_pair, init_model, synthetic_documents, tiny_config, train_tokenizer  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

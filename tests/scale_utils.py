@@ -36,7 +36,7 @@ def write_eval_text(path: Path, ids: torch.Tensor) -> Path:
 
 def build_full_pair(root: Path, model_type: str = "llama", *, noise: float = 0.3, dtype=torch.float32, **sizes):
     """A (seeded init) and B = A + Gaussian noise, both saved with a tokenizer; returns (a, b)."""
-    from hf_llmc.demo import init_model, tiny_config
+    from hf_llmc.testing import init_model, tiny_config
 
     root = Path(root)
     cfg = tiny_config(model_type, vocab_size=VOCAB, **({"num_layers": 2, "hidden_size": 64} | sizes))

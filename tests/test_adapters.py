@@ -12,11 +12,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from hf_llmc.adapters import AdapterCheckpoint
-from hf_llmc.checkpoint import CheckpointError, LazyCheckpoint
+from hf_llmc.model.checkpoint.adapters import AdapterCheckpoint
+from hf_llmc import CheckpointError
+from hf_llmc.model.checkpoint import open_source
 from hf_llmc.cli import main
-from hf_llmc.demo import init_model, tiny_config
-from hf_llmc.pair import ModelPair, PairError
+from hf_llmc.testing import init_model, tiny_config
+from hf_llmc import ModelPair, PairError
 
 REL = 2e-5
 NUMBERS = ("loss_a", "loss_b", "accuracy_a", "accuracy_b", "barrier_max", "barrier_mid", "barrier_mid_se",
@@ -140,9 +141,9 @@ def test_base_model_override_and_different_bases(lora, tmp_path):
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = str(tmp_path / "deleted")
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="base-model"):
-        LazyCheckpoint.open(adapter)
-    ck = LazyCheckpoint.open(adapter, base_model=moved)
+    with pytest.raises(CheckpointError, match="base_model="):
+        open_source(adapter)
+    ck = open_source(adapter, base_model=moved)
     assert ck.folder == moved
     # Two adapters on different (if identical-looking) bases: refused.
     with pytest.raises(PairError, match="different base"):
@@ -197,8 +198,8 @@ def test_unsupported_adapters_are_refused(lora, tmp_path):
     cfg["use_dora"] = True
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="DoRA"):
-        LazyCheckpoint.open(bad)
+        open_source(bad)
     cfg.update(use_dora=False, peft_type="IA3")
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="IA3"):
-        LazyCheckpoint.open(bad)
+        open_source(bad)

@@ -11,11 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from hf_llmc import cli
-from hf_llmc.analysis import RobustnessConfig, distances, random_direction, robustness_summary, run_robustness
-from hf_llmc.data import DataConfig
-from hf_llmc.pair import ModelPair
-from hf_llmc.report import render
-from hf_llmc.scan import RESULTS, ScanError, read_rows
+from hf_llmc import RobustnessConfig, distances, run_robustness
+from hf_llmc.analyses.robustness import random_direction
+from hf_llmc.outputs.report import robustness_summary
+from hf_llmc import DataConfig
+from hf_llmc import ModelPair
+from hf_llmc.outputs.report import render
+from hf_llmc import ScanError
+from hf_llmc.engine.io import RESULTS, read_rows
 
 from test_scan import Reference  # plain-torch reference evaluation (saved state dicts + fresh model)
 
@@ -76,7 +79,7 @@ def test_distances_of_fused_experts(moe_pair_dirs):
     distances equal those of the fused parameters of the transformers-loaded models."""
     from transformers import AutoModelForCausalLM
 
-    from hf_llmc.pair import PairError
+    from hf_llmc import PairError
 
     a, b = moe_pair_dirs["a"], moe_pair_dirs["b"]
     sd_a, sd_b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (a, b))

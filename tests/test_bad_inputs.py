@@ -278,9 +278,9 @@ def build_inputs(root: Path, save_tiny_model, tiny_model, tiny_tokenizer) -> dic
     from transformers import AutoModelForCausalLM
 
     from hf_llmc import ModelPair
-    from hf_llmc.data import DataConfig
-    from hf_llmc.demo import synthetic_text
-    from hf_llmc.scan import ScanConfig, run_scan
+    from hf_llmc import DataConfig
+    from hf_llmc.testing import synthetic_text
+    from hf_llmc import ScanConfig, run_scan
 
     inp = {
         "A": save_tiny_model("gpt2", root / "model-a", seed=0),

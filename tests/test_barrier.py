@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from hf_llmc.barrier import parse_alphas
-from hf_llmc.data import DataConfig
-from hf_llmc.pair import ModelPair
+from hf_llmc.config.alphas import parse_alphas
+from hf_llmc import DataConfig
+from hf_llmc import ModelPair
 
 from reference import interpolated_state, plain_eval, rel, state_dict
 
@@ -163,7 +163,7 @@ def test_gpt_neox_renamed_head(neox_pair, tmp_path):
     transformers load-time rename); barriers and merges read and write it under that key."""
     from safetensors import safe_open
 
-    from hf_llmc.export import lazy_pair, save_merged
+    from hf_llmc import lazy_pair, save_merged
 
     with safe_open(neox_pair.a / "model.safetensors", "pt") as fh:
         assert "embed_out.weight" in fh.keys() and "lm_head.weight" not in fh.keys()
@@ -186,7 +186,7 @@ def test_fused_experts_barrier_equals_fresh_model(moe_pair_dirs, tmp_path):
     """Mixtral (per-expert tensors on disk, fused parameters in the model): B's fused tensors
     are assembled from their pieces; every path point equals a fresh model holding the
     interpolated state dict, and restoring A is exact."""
-    from hf_llmc.demo import synthetic_text
+    from hf_llmc.testing import synthetic_text
 
     a, b = moe_pair_dirs["a"], moe_pair_dirs["b"]
     (tmp_path / "eval.txt").write_text(synthetic_text("mixed", 10, 5))

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_llmc.architecture import discover
-from hf_llmc.cache import architecture_key, load_architecture, read_config
-from hf_llmc.export import lazy_pair, save_merged
+from hf_llmc.model.architecture import discover
+from hf_llmc.model.cache import architecture_key, load_architecture, read_config
+from hf_llmc import lazy_pair, save_merged
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from test_merge import shared_pair_dirs, plain_loss
 from transformers import AutoModelForCausalLM
 
 from hf_llmc import MergeSpec, ModelPair, save_merged
-from hf_llmc.card import TAGS, template_text
+from hf_llmc.outputs.card import TAGS, template_text
 from hf_llmc.cli import main
-from hf_llmc.export import lazy_pair
+from hf_llmc import lazy_pair
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_llmc.checkpoint import CheckpointError, LazyCheckpoint, display_name, resolve_folder
+from hf_llmc import CheckpointError
+
+from hf_llmc.config.security import display_name
+
+from hf_llmc.model.checkpoint import open_source
+
+from hf_llmc.model.checkpoint.folders import resolve_folder
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +22,7 @@ def gpt2_dir(save_tiny_model, tmp_path_factory):
 
 
 def test_single_file_reads_equal_safetensors(gpt2_dir):
-    ckpt = LazyCheckpoint.open(gpt2_dir)
+    ckpt = open_source(gpt2_dir)
     ref = load_file(gpt2_dir / "model.safetensors")
     assert sorted(ckpt.keys()) == sorted(ref)
     for name, tensor in ref.items():
@@ -32,7 +38,7 @@ def test_single_file_reads_equal_safetensors(gpt2_dir):
 
 
 def test_tied_alias_resolves(gpt2_dir):
-    ckpt = LazyCheckpoint.open(gpt2_dir)
+    ckpt = open_source(gpt2_dir)
     assert "lm_head.weight" not in ckpt.keys()
     aliases = {"lm_head.weight": "transformer.wte.weight"}
     assert torch.equal(ckpt.get("lm_head.weight", aliases), ckpt.get("transformer.wte.weight"))
@@ -45,7 +51,7 @@ def test_sharded(tiny_model, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    ckpt = LazyCheckpoint.open(tmp_path)
+    ckpt = open_source(tmp_path)
     for name, param in model.named_parameters():
         assert torch.equal(ckpt.get(name), param.detach())
 
@@ -55,7 +61,7 @@ def test_missing_shard(tiny_model, tmp_path):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"shard {shard.name} is listed in model.safetensors.index.json but missing"):
-        LazyCheckpoint.open(tmp_path)
+        open_source(tmp_path)
 
 
 def test_truncated_file(gpt2_dir, tmp_path):
@@ -64,7 +70,7 @@ def test_truncated_file(gpt2_dir, tmp_path):
     data = (target / "model.safetensors").read_bytes()
     (target / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        LazyCheckpoint.open(target)
+        open_source(target)
 
 
 def test_pickle_refused_unless_opted_in(tiny_model, tmp_path):
@@ -72,9 +78,9 @@ def test_pickle_refused_unless_opted_in(tiny_model, tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     model.config.save_pretrained(tmp_path)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"only pickled weights \(pytorch_model.bin\); refusing.*--allow-pickle"):
-        LazyCheckpoint.open(tmp_path)
-    ckpt = LazyCheckpoint.open(tmp_path, allow_pickle=True)
+    with pytest.raises(CheckpointError, match=r"only pickled weights \(pytorch_model.bin\); refusing.*allow_pickle=True"):
+        open_source(tmp_path)
+    ckpt = open_source(tmp_path, allow_pickle=True)
     assert ckpt.pickled and torch.equal(ckpt.get("transformer.h.0.attn.c_attn.weight"), state["transformer.h.0.attn.c_attn.weight"])
 
 
@@ -82,7 +88,7 @@ def test_missing_and_offline(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="no such model folder"):
         resolve_folder(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no model weights"):
-        LazyCheckpoint.open(tmp_path)
+        open_source(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="Hub cannot be reached"):
         resolve_folder("someone/some-model-that-is-not-cached")

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from hf_llmc.data import DataConfig, DataError, load_blocks, tokenize_stream
+from hf_llmc import DataConfig, DataError, load_blocks
+
+from hf_llmc.engine.data import tokenize_stream
 
 DOCS = ["the first document is short.", "a second one, somewhat longer than the first document.", "third!"]
 
@@ -94,7 +96,7 @@ def test_cache_is_used_and_keyed_by_settings(tok, tmp_path):
         ('{"body": "x"}\n', dict(data="d.jsonl"), "no column 'text'"),
         ("hello", dict(data="d.txt", seq_len=0), "at least 2"),
         ("hello", dict(data="d.txt", seq_len=-3), "at least 2"),
-        ("hello", dict(data="d.txt", max_tokens=0), "--max-tokens 0"),
+        ("hello", dict(data="d.txt", max_tokens=0), "max_tokens=0"),
         ("hello", dict(), "exactly one of"),
     ],
 )

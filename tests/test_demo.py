@@ -10,16 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_llmc.demo import (
-    DEMO_DEFAULTS,
-    EOS_TOKEN,
-    MODEL_TYPES,
-    DemoPair,
-    build_pair,
-    synthetic_documents,
-    synthetic_text,
-    tiny_config,
-)
+from hf_llmc import OutputExistsError
+from hf_llmc.cli.demo import DEMO_DEFAULTS
+
+from hf_llmc.testing import EOS_TOKEN, MODEL_TYPES, DemoPair, build_pair, synthetic_documents, synthetic_text, tiny_config
 
 
 def _eval_blocks(pair: DemoPair, n_blocks: int = 16, seq_len: int = 64) -> torch.Tensor:
@@ -215,7 +209,7 @@ def test_run_demo_writes_scan_report_merge_and_card(tmp_path):
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM
 
-    from hf_llmc.demo import run_demo
+    from hf_llmc.cli.demo import run_demo
 
     out = tmp_path / "demo"
     tiny = dict(num_layers=2, hidden_size=32, vocab_size=300, pretrain_steps=2, finetune_steps=10, eval_blocks=4)
@@ -226,6 +220,6 @@ def test_run_demo_writes_scan_report_merge_and_card(tmp_path):
     card = ModelCard.load(parts["card"])
     assert card.data.base_model_relation == "merge" and str(tmp_path) not in card.content
     AutoModelForCausalLM.from_pretrained(parts["merged"])
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExistsError):
         run_demo(out, progress=False, **tiny)
     assert not list(tmp_path.glob(".demo.tmp-*"))  # no temporary folder left behind

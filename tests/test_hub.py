@@ -48,7 +48,7 @@ def build_model_folder(out: Path) -> Path:
     """A real tiny GPT-2 saved in 3 safetensors shards + index, a model card, a nested file."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from hf_llmc.demo import init_model, tiny_config
+    from hf_llmc.testing import init_model, tiny_config
 
     model = init_model(tiny_config("gpt2", num_layers=2, hidden_size=64, vocab_size=500), seed=3)
     model.save_pretrained(out, max_shard_size="250KB")
@@ -233,7 +233,7 @@ def test_push_not_a_model_is_a_usage_error(hub, tmp_path, capsys, monkeypatch):
 
 # -- Python API (in process) -----------------------------------------------------------------------
 def test_exception_does_not_carry_the_token(hub, model_dir, inprocess):
-    from hf_llmc.hub import HubError, push_folder
+    from hf_llmc import HubError, push_folder
 
     with pytest.raises(HubError) as info:
         push_folder(model_dir, "tester/api-wrong", token=SENTINEL, endpoint=hub.url)
@@ -244,7 +244,7 @@ def test_exception_does_not_carry_the_token(hub, model_dir, inprocess):
 
 
 def test_read_only_token_gets_permission_message(hub, model_dir, inprocess):
-    from hf_llmc.hub import HubError, push_folder
+    from hf_llmc import HubError, push_folder
 
     with pytest.raises(HubError, match=r"permission denied .*HTTP 403.*write access"):
         push_folder(model_dir, "tester/api-readonly", token=READ_ONLY, endpoint=hub.url)
@@ -252,7 +252,7 @@ def test_read_only_token_gets_permission_message(hub, model_dir, inprocess):
 
 def _push_with_fault(hub, model_dir, endpoint: str, fault: tuple[int, str], repo: str, token: str):
     """The HubError of a push while the server answers ``endpoint`` with ``fault`` (status, body)."""
-    from hf_llmc.hub import HubError, push_folder
+    from hf_llmc import HubError, push_folder
 
     hub.faults[endpoint] = fault
     try:
@@ -278,7 +278,7 @@ def test_server_echoing_the_token_is_redacted(hub, model_dir, inprocess):
 
 
 def test_unchanged_push_makes_no_commit_and_pr(hub, model_dir, inprocess):
-    from hf_llmc.hub import push_folder
+    from hf_llmc import push_folder
 
     url = push_folder(model_dir, "tester/api-again", token=VALID, endpoint=hub.url)
     first = hub.commits("tester/api-again")[-1]
@@ -298,7 +298,7 @@ def test_unchanged_push_makes_no_commit_and_pr(hub, model_dir, inprocess):
 def test_invalid_card_metadata_is_one_line(hub, model_dir, tmp_path, inprocess):
     import shutil
 
-    from hf_llmc.hub import HubError, push_folder
+    from hf_llmc import HubError, push_folder
 
     bad = tmp_path / "bad-card"
     shutil.copytree(model_dir, bad)
@@ -312,7 +312,7 @@ def test_invalid_card_metadata_is_one_line(hub, model_dir, tmp_path, inprocess):
 def test_refuses_folder_that_contains_the_token(hub, model_dir, tmp_path, inprocess):
     import shutil
 
-    from hf_llmc.hub import HubError, push_folder
+    from hf_llmc import HubError, push_folder
 
     leaky = tmp_path / "leaky"
     shutil.copytree(model_dir, leaky)
@@ -327,7 +327,9 @@ def test_refuses_folder_that_contains_the_token(hub, model_dir, tmp_path, inproc
 def test_model_folder_checks(model_dir, tmp_path):
     import shutil
 
-    from hf_llmc.hub import ModelFolderError, check_model_folder
+    from hf_llmc.config.errors import ModelFolderError
+
+    from hf_llmc.outputs.hub import check_model_folder
 
     with pytest.raises(ModelFolderError, match="no such folder"):
         check_model_folder(tmp_path / "missing")
@@ -356,7 +358,7 @@ def test_timeouts_and_offline_map_to_cannot_reach():
     import httpx2
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    from hf_llmc.hub import _describe
+    from hf_llmc.outputs.hub import _describe
 
     kw = dict(endpoint="http://hub.example", repo_id="u/r", step="uploading the folder")
     timeout = _describe(httpx2.ReadTimeout("read timed out"), **kw)

@@ -20,9 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_llmc import MergeSpec, ModelPair, save_merged
 from hf_llmc.cli import main
-from hf_llmc.demo import synthetic_text
-from hf_llmc.export import DELAY_ENV, TMP_MARK, MergeSpecError, lazy_pair, parse_alpha
-from hf_llmc.selection import resolve
+from hf_llmc.testing import synthetic_text
+from hf_llmc import MergeSpecError, lazy_pair
+from hf_llmc.config.alphas import parse_alpha
+from hf_llmc.engine.io import TMP_MARK
+from hf_llmc import resolve
 
 REL = 1e-5
 
@@ -210,8 +212,9 @@ def test_pair_merge_returns_the_live_model(dirs, live, tmp_path):
 
 
 def test_auto_choice(dirs, live, tmp_path):
-    from hf_llmc.autoselect import AutoConfig, NoMergeableGroupError, auto_select
-    from hf_llmc.scan import ScanConfig, run_scan
+    from hf_llmc import AutoConfig, auto_select
+    from hf_llmc.config.errors import NoMergeableGroupError
+    from hf_llmc import ScanConfig, run_scan
 
     data = str(dirs["eval"])
     ids = live.blocks(data).ids
@@ -276,7 +279,7 @@ def test_auto_choice(dirs, live, tmp_path):
     (["--layers", "attn.0", "--alpha", "1.5"], "outside [0, 1]"),
     (["--set", "attn.0=-0.1"], "outside [0, 1]"),
     (["--set", "attn.0"], "expected LAYERS=ALPHA"),
-    (["--alpha", "0.5"], "--alpha needs --layers"),
+    (["--alpha", "0.5"], "alpha needs --layers"),
     (["--layers", "attn.9"], "out of range"),
     (["--layers", "bogus.1"], "unknown kind"),
     (["--layers", "attn.0", "--alpha", "x"], "expected a number"),
@@ -318,10 +321,20 @@ def test_overwrite_semantics(dirs, tmp_path, capsys):
     assert not list(tmp_path.glob(f".*{TMP_MARK}*"))
 
 
+#: A merge in a child process that writes one tensor every 0.2 s (its progress callback sleeps),
+#: so the test can kill it midway.
+SLOW_MERGE = """
+import sys, time
+from hf_llmc import lazy_pair, save_merged
+a, b, out, overwrite = sys.argv[1:5]
+save_merged(lazy_pair(a, b), "attn.*=0.5", out, max_shard_size="40KB", overwrite=overwrite == "1",
+            progress=lambda done, total: time.sleep(0.2))
+"""
+
+
 def _start(dirs, out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, DELAY_ENV: "0.2", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "hf_llmc", "merge", str(dirs["a"]), str(dirs["b"]), "--layers", "attn.*",
-           "--max-shard-size", "40KB", "--out", str(out), *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", SLOW_MERGE, str(dirs["a"]), str(dirs["b"]), str(out), "1" if "--overwrite" in extra else "0"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -361,7 +374,7 @@ def test_fused_experts_merge_equals_straightforward(moe_pair_dirs, tmp_path):
     """Mixtral (experts stored one tensor per expert, fused into one parameter on load): the
     streamed merge mixes the stored pieces; the result equals from_pretrained + lerp of the fused
     parameters + save_pretrained, key for key and bit for bit, and loads as that model."""
-    from hf_llmc.architecture import discover
+    from hf_llmc.model.architecture import discover
 
     a, b = moe_pair_dirs["a"], moe_pair_dirs["b"]
     out = tmp_path / "merged"
@@ -383,7 +396,7 @@ def test_fused_experts_merge_equals_straightforward(moe_pair_dirs, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in model_a.state_dict().items())
     pair = lazy_pair(a, b)
-    with pytest.raises(MergeSpecError, match="use --method lerp"):
+    with pytest.raises(MergeSpecError, match="use method='lerp'"):
         save_merged(pair, MergeSpec(layers="mlp.1", alpha=0.5, method="slerp"), tmp_path / "slerp")
     with pytest.raises(MergeSpecError, match=r"must move together; select them as one group \(mlp\.0\)"):
         save_merged(pair, MergeSpec(layers=r"re:model\.layers\.0\.mlp\.experts\.down_proj"), tmp_path / "half")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from hf_llmc.pair import ModelPair, PairError
+from hf_llmc import ModelPair, PairError
 
 
 @pytest.fixture(scope="module")
@@ -63,5 +63,5 @@ def test_trust_remote_code_is_off_by_default(dirs, tmp_path):
     cfg["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
     (remote / "config.json").write_text(json.dumps(cfg))
     (remote / "configuration_evil.py").write_text("raise SystemExit('remote code ran')\n")
-    with pytest.raises(PairError, match="trust-remote-code"):
+    with pytest.raises(PairError, match="trust_remote_code=True"):
         ModelPair.from_pretrained(remote, dirs["llama1"], device="cpu")

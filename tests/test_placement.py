@@ -9,8 +9,9 @@ import json
 import pytest
 
 from hf_llmc.cli import main
-from hf_llmc.pair import ModelPair
-from hf_llmc.placement import PlacementError, parse_device_map, parse_max_memory
+from hf_llmc import ModelPair
+from hf_llmc.config.errors import PlacementError
+from hf_llmc.model.placement import parse_device_map, parse_max_memory
 
 from scale_utils import assert_same_result, build_full_pair, eval_ids, write_eval_text
 

@@ -14,9 +14,10 @@ from test_merge import shared_pair_dirs, plain_loss, state
 from transformers import AutoModelForCausalLM
 
 from hf_llmc.cli import main
-from hf_llmc.export import MergeSpec
-from hf_llmc.recipes import RecipeError, load_recipe, parse_recipe, recipe_schema
-from hf_llmc.scan import GRANULARITIES
+from hf_llmc import MergeSpec
+from hf_llmc.cli.recipes import load_recipe, parse_recipe, recipe_schema
+from hf_llmc.config.errors import RecipeError
+from hf_llmc.config.scan import GRANULARITIES
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -85,14 +86,14 @@ def _with(path: str, value):
     ("steps.0.merge", {"layers": "attn.0", "base": "c"}, "steps[0].merge.base: 'c' is not one of a, b"),
     ("steps.0.merge", {"layers": "attn.0", "alpha": 1.5}, "outside [0, 1]"),
     ("steps.0.merge", {"layers": "bogus.0"}, "unknown kind 'bogus'"),
-    ("steps.0.merge", {"alpha": 0.5}, "--alpha needs --layers"),
+    ("steps.0.merge", {"alpha": 0.5}, "alpha needs layers=SPEC"),
     ("steps.0.merge", {"layers": "attn.0", "overwrite": "yes"}, "overwrite: expected true/false, got string 'yes'"),
     ("steps.0.merge", {"auto": True, "layers": "attn.0"}, "auto chooses the groups"),
     ("steps.0", {"scan": {"mode": "diagonal"}}, "'diagonal' is not one of single, cumulative, window"),
-    ("steps.0", {"scan": {"window": 0, "mode": "window"}}, "--window 0: must be at least 1"),
+    ("steps.0", {"scan": {"window": 0, "mode": "window"}}, "window=0: must be at least 1"),
     ("steps.0", {"push": {"folder": "{pair}/merge"}}, "missing required key 'push_to_hub'"),
     ("steps.0", {"barrier": {"out": "{pear}"}}, "bad placeholder"),
-    ("load", {"dtype": "float64"}, "load.dtype: 'float64' is not one of float32, bfloat16, float16"),
+    ("load", {"dtype": "float64"}, "load.dtype: expected one of float32, bfloat16, float16 or null, got string 'float64'"),
     ("load", {"revision_a": "main"}, "load.revision_a: unknown key"),
     ("pairs", [{"name": "p", "a": {"model": "a"}, "b": {"model": "b"}}] * 2, "two pairs are named 'p'"),
     ("steps", [{"merge": {"layers": "attn.0", "name": "m"}}, {"barrier": {"name": "m"}}], "two steps are named 'm'"),
@@ -170,7 +171,7 @@ def test_run_recipe_end_to_end(dirs, monkeypatch, capsys):
     ids = None
     barrier = json.loads((root / "runs" / "tiny" / "attn0" / "barrier.json").read_text())
     model_a = AutoModelForCausalLM.from_pretrained(dirs["a"])
-    from hf_llmc.data import DataConfig, load_blocks
+    from hf_llmc import DataConfig, load_blocks
     from transformers import AutoTokenizer
 
     ids = load_blocks(AutoTokenizer.from_pretrained(dirs["a"]), DataConfig(data="eval.txt"), model_a.config).ids

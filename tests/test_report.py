@@ -9,10 +9,12 @@ import re
 import pytest
 
 from hf_llmc import cli
-from hf_llmc.data import DataConfig
-from hf_llmc.pair import ModelPair
-from hf_llmc.report import heatmap_matrix, render
-from hf_llmc.scan import RESULTS, ScanConfig, build_plan, read_rows, run_scan
+from hf_llmc import DataConfig
+from hf_llmc import ModelPair
+from hf_llmc.outputs.report import heatmap_matrix, render
+from hf_llmc import ScanConfig, run_scan
+from hf_llmc.analyses.scan import build_plan
+from hf_llmc.engine.io import RESULTS, read_rows
 
 SEQ = 32
 

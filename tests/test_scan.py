@@ -24,21 +24,13 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_llmc import cli
-from hf_llmc.architecture import find_block_list
-from hf_llmc.data import DataConfig
-from hf_llmc.pair import ModelPair
-from hf_llmc.scan import (
-    RESULTS,
-    ScanConfig,
-    ScanRunner,
-    ScanError,
-    ScanSettingsError,
-    build_plan,
-    cumulative_order,
-    read_rows,
-    row_key,
-    run_scan,
-)
+from hf_llmc.model.architecture import find_block_list
+from hf_llmc import DataConfig
+from hf_llmc import ModelPair
+from hf_llmc import ScanConfig, ScanError, run_scan
+from hf_llmc.analyses.scan import ScanRunner, build_plan, cumulative_order, row_key
+from hf_llmc.config.errors import ScanSettingsError
+from hf_llmc.engine.io import RESULTS, read_rows
 
 SEQ = 32
 N_BLOCKS = 4
@@ -359,7 +351,7 @@ def test_output_folder_rules(gpt2, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     cfg = ScanConfig(granularity="block", alphas="0.5")
-    with pytest.raises(ScanError, match="--overwrite"):
+    with pytest.raises(ScanError, match="overwrite=True"):
         run_scan(pair, blocks, cfg, out, progress=False)
     with pytest.raises(ScanSettingsError, match="nothing to resume"):
         run_scan(pair, blocks, cfg, out, resume=True, progress=False)

@@ -16,11 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_llmc.checkpoint import CheckpointError, LazyCheckpoint
+from hf_llmc import CheckpointError
+
+from hf_llmc.model.checkpoint import open_source
 from hf_llmc.cli import main
-from hf_llmc.export import lazy_pair, save_merged
-from hf_llmc.recipes import RecipeError, parse_recipe
-from hf_llmc.security import UnsafePathError, known_tokens, redact, safe_join
+from hf_llmc import lazy_pair, save_merged
+from hf_llmc.cli.recipes import parse_recipe
+from hf_llmc.config.errors import RecipeError
+from hf_llmc.config.security import UnsafePathError, known_tokens, redact, safe_join
 
 TOKEN = "tok-7e1f0c2a9b8d4e3f"  # not shaped like hf_..., so only the known-token guard can hide it
 
@@ -53,7 +56,7 @@ def test_index_naming_a_shard_outside_the_folder_is_refused(models, tmp_path, na
     index["weight_map"] = {k: (target if v == victim else v) for k, v in index["weight_map"].items()}
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="lies outside the model folder; refusing to read it"):
-        LazyCheckpoint.open(folder)
+        open_source(folder)
     # the merge writer reads through the same checkpoints: refused before anything is written
     with pytest.raises(CheckpointError, match="outside the model folder"):
         save_merged(lazy_pair(folder, models["b"]), "attn.0=0.5", tmp_path / "merged")
@@ -67,7 +70,7 @@ def test_index_with_a_malformed_weight_map_is_a_checkpoint_error(models, tmp_pat
     for weight_map in (["model-00001-of-00002.safetensors"], {"x": 3}, None):
         (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
         with pytest.raises(CheckpointError, match="unreadable index"):
-            LazyCheckpoint.open(folder)
+            open_source(folder)
 
 
 def test_tensor_names_never_become_file_names(models, tmp_path):
@@ -144,13 +147,13 @@ def test_pickle_is_refused_without_opt_in_and_runs_no_code_with_it(models, tmp_p
     state = load_file(models["b"] / "model.safetensors")
     torch.save({**state, "exploit": _Exploit(marker)}, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
-        LazyCheckpoint.open(folder)
+        open_source(folder)
     with pytest.raises(CheckpointError, match=r"refused by torch.load\(weights_only=True\) \(it refers to (builtins\.)?exec\)"):
-        LazyCheckpoint.open(folder, allow_pickle=True)
+        open_source(folder, allow_pickle=True)
     assert not marker.exists()
     # the same file with tensors only loads (opt-in), tensor for tensor
     torch.save(state, folder / "pytorch_model.bin")
-    ckpt = LazyCheckpoint.open(folder, allow_pickle=True)
+    ckpt = open_source(folder, allow_pickle=True)
     assert ckpt.pickled and all(torch.equal(ckpt.get(k), v) for k, v in state.items())
 
 

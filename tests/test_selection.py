@@ -2,9 +2,11 @@
 
 import pytest
 
-from hf_llmc.architecture import discover, meta_model
-from hf_llmc.demo import tiny_config
-from hf_llmc.selection import SpecItem, all_groups, format_spec, parse_spec, resolve, union
+from hf_llmc.model.architecture import discover, meta_model
+from hf_llmc.testing import tiny_config
+from hf_llmc import parse_spec, resolve
+from hf_llmc.config.spec import SpecItem, format_spec
+from hf_llmc.model.selection import all_groups, union
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,18 @@ import torch
 from reference import interpolated_state, plain_eval, state_dict
 
 from hf_llmc import cli
-from hf_llmc.data import DataConfig
-from hf_llmc.demo import synthetic_text
-from hf_llmc.pair import ModelPair
-from hf_llmc.report import load_run, summarize
-from hf_llmc.scan import ScanConfig, ScanError, read_rows, row_key, run_scan, settings_hash
-from hf_llmc.sequential import (SequentialConfig, SequentialScanRunner, block_order, cell_alpha, estimate,
-                                look_schedule, mark_undecided, run_looks, t_quantile)
+from hf_llmc import DataConfig
+from hf_llmc.testing import synthetic_text
+from hf_llmc import ModelPair
+from hf_llmc.outputs.report import load_run, summarize
+from hf_llmc import ScanConfig, ScanError, run_scan
+from hf_llmc.analyses.scan import row_key, settings_hash
+from hf_llmc.engine.io import read_rows
+from hf_llmc import SequentialConfig
+from hf_llmc.analyses.scan import SequentialScanRunner
+from hf_llmc.analyses.sequential import block_order, cell_alpha, estimate, look_schedule, run_looks
+from hf_llmc.engine.stats import t_quantile
+from hf_llmc.outputs.report import mark_undecided
 
 SEQ = 32
 N_BLOCKS = 256
@@ -272,7 +277,7 @@ def test_decisions_agree_with_full_budget_and_use_fewer_tokens(scans):
 def test_prefix_reuse_keeps_working(setup, tmp_path):
     """Points of a group starting at block k >= 1 never run block 0: its input comes from the
     hidden states recorded while the endpoints ran on the same batches of the block order."""
-    from hf_llmc.architecture import find_block_list
+    from hf_llmc.model.architecture import find_block_list
 
     _, block_list = find_block_list(setup.pair.model)
     calls = [0]
@@ -389,7 +394,7 @@ def test_cli_barrier_and_scan_report_sequential_fields(setup, tmp_path, capsys):
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from hf_llmc.report import heatmap_matrix
+    from hf_llmc.outputs.report import heatmap_matrix
 
     manifest, rows = load_run(scan_dir)
     again = summarize(manifest, rows)

@@ -1,0 +1,172 @@
+"""``hf-llmc merge --auto``: which groups can be averaged without a barrier?
+
+Groups are ranked by their single-group barrier at the merge α (from a single-group scan in
+``--scan-dir``, or measured here), then added in that order while the measured barrier of the
+chosen set stays <= ``--max-barrier``; the first group that pushes it over stops the search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config.alphas import format_alpha
+from ..config.errors import AutoSelectError, NoMergeableGroupError, SpecError
+from ..config.merge import DEFAULT_CANDIDATES, AutoConfig, MergeSpec
+from ..engine.data import blocks_for
+from ..engine.evaluation import check_finite, endpoint, evaluator_for, point
+from ..engine.io import read_rows
+from ..model.selection import Group, resolve, union
+from .scan import MANIFEST, RESULTS
+
+
+@dataclass
+class AutoChoice:
+    """The result of :func:`auto_select`: the ranking, each greedy step and the chosen groups."""
+
+    alpha: float
+    base: str
+    method: str
+    max_barrier: float
+    source: str
+    candidates: list[dict]
+    steps: list[dict]
+    chosen: list[str]
+    items: list[str]
+    loss_a: float
+    loss_b: float
+    loss_merged: float
+    auto_layers: str | None = None
+    scan_dir: str | None = None
+
+    @property
+    def perplexity_merged(self) -> float:
+        return math.exp(self.loss_merged) if self.loss_merged < 700 else float("inf")
+
+    def spec(self) -> MergeSpec:
+        """The :class:`~hf_llmc.config.merge.MergeSpec` of the chosen groups at α."""
+        alpha = format_alpha(self.alpha, None)
+        plain = [item for item in self.items if not item.startswith("re:")]  # one comma list
+        sets = ([f"{','.join(plain)}={alpha}"] if plain else []) + [
+            f"{item}={alpha}" for item in self.items if item.startswith("re:")]
+        return MergeSpec(sets=sets, method=self.method, base=self.base)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"perplexity_merged": self.perplexity_merged}
+
+
+def spec_item(name: str, arch) -> str:
+    """A layer-spec item selecting exactly the group ``name`` (a module path becomes a regex)."""
+    try:
+        groups = resolve(name, arch)
+        if len(groups) == 1 and groups[0].name == name:
+            return name
+    except SpecError:
+        pass
+    return f"re:^{re.escape(name)}\\.[^.]+$"
+
+
+def _group_for(name: str, arch) -> Group:
+    item = spec_item(name, arch)
+    groups = resolve(item, arch)
+    return groups[0] if len(groups) == 1 else union(groups, arch, name)
+
+
+def _scan_barriers(scan_dir: Path, arch, *, alpha: float, base: str, method: str, fingerprint: str | None,
+                   candidates: set[str] | None) -> list[tuple[str, float]]:
+    manifest_file = scan_dir / MANIFEST
+    if not (scan_dir / RESULTS).is_file():
+        raise AutoSelectError(f"scan_dir={scan_dir.name!r}: no {RESULTS}; run a single-group scan into it first")
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text())
+        settings = manifest.get("settings", {})
+        if settings.get("mode", "single") != "single":
+            raise AutoSelectError(f"scan_dir={scan_dir.name!r}: a {settings.get('mode')} scan; auto=True needs a single-group scan")
+        if settings.get("method", method) != method:
+            raise AutoSelectError(f"scan_dir={scan_dir.name!r}: scanned with method={settings.get('method')!r}, merging with {method}")
+        scanned = (manifest.get("data") or {}).get("fingerprint")
+        if fingerprint and scanned and scanned != fingerprint:
+            raise AutoSelectError(f"scan_dir={scan_dir.name!r}: the scan used other evaluation data; pass the scan's data")
+    out: dict[str, float] = {}
+    for row in read_rows(scan_dir / RESULTS):
+        if row.get("kind") in ("endpoint", "full") or row.get("group") == "full" or row.get("direction", "interp") != "interp":
+            continue
+        if row.get("base") != base or not math.isclose(float(row.get("alpha", -1)), alpha, abs_tol=1e-9):
+            continue
+        if row.get("barrier") is None or (candidates is not None and row["group"] not in candidates):
+            continue
+        out[row["group"]] = float(row["barrier"])
+    if not out:
+        raise AutoSelectError(
+            f"scan_dir={scan_dir.name!r}: no single-group results at alpha={alpha:g} into base {base.upper()}; "
+            "scan with that α and base"
+        )
+    order = {name: i for i, name in enumerate(arch.parameters)}
+    return sorted(out.items(), key=lambda kv: order.get(_group_for(kv[0], arch).parameters[0], 0))
+
+
+def auto_select(pair, data, cfg: AutoConfig, *, alpha: float = 0.5, base: str = "a", method: str = "lerp",
+                batch_size: int | None = None) -> AutoChoice:
+    """Choose the groups to merge at ``alpha`` (see the module docstring); ``data`` as for
+    :func:`~hf_llmc.engine.data.blocks_for`."""
+    if cfg.max_barrier is None or not math.isfinite(cfg.max_barrier):
+        raise AutoSelectError("max_barrier: give a finite number of nats, e.g. 0.02")
+    arch = pair.arch
+    blocks = blocks_for(pair, data)
+    ev = evaluator_for(pair, blocks, batch_size)
+    order = ("b", "a") if base == "a" else ("a", "b")
+    ends = {w: endpoint(pair, w, ev, blocks) for w in order}
+    ref = (1 - alpha) * ends["a"].loss + alpha * ends["b"].loss
+
+    def measure(group: Group) -> float:
+        stats = point(pair, ev, group, alpha, base=base, method=method)
+        return check_finite(stats, f"{group.name} at alpha={alpha:g}").loss
+
+    if cfg.scan_dir:
+        wanted = {g.name for g in resolve(cfg.auto_layers, arch)} if cfg.auto_layers else None
+        ranked = _scan_barriers(Path(cfg.scan_dir), arch, alpha=alpha, base=base, method=method,
+                                fingerprint=blocks.fingerprint, candidates=wanted)
+        source = f"single-group scan in {Path(cfg.scan_dir).name}"
+    else:
+        ranked = [(g.name, measure(g) - ref) for g in resolve(cfg.auto_layers or DEFAULT_CANDIDATES, arch)]
+        source = "single-group barriers measured for this merge"
+    position = {name: i for i, (name, _) in enumerate(ranked)}
+    ranked.sort(key=lambda kv: (kv[1], position[kv[0]]))
+    candidates = [{"group": name, "barrier": value} for name, value in ranked]
+    if ranked[0][1] > cfg.max_barrier:
+        name, value = ranked[0]
+        raise NoMergeableGroupError(
+            f"no group stays under max_barrier={cfg.max_barrier:g}: the lowest single-group barrier is "
+            f"{name} at {value:+.4f} nats"
+        )
+
+    steps: list[dict] = []
+    chosen: list[Group] = []
+    loss_merged = float("nan")
+    for name, single in ranked:
+        group = _group_for(name, arch)
+        trial = chosen + [group]
+        if len(trial) == 1 and not cfg.scan_dir:
+            set_loss = single + ref  # measured above
+        else:
+            set_loss = measure(union(trial, arch, ",".join(g.name for g in trial)) if len(trial) > 1 else group)
+        accepted = set_loss - ref <= cfg.max_barrier
+        steps.append({"group": name, "single_barrier": single, "set_barrier": set_loss - ref, "accepted": accepted})
+        if not accepted:
+            break
+        chosen.append(group)
+        loss_merged = set_loss
+    if not chosen:
+        raise NoMergeableGroupError(
+            f"no group stays under max_barrier={cfg.max_barrier:g} when measured (first candidate {ranked[0][0]})"
+        )
+    return AutoChoice(
+        alpha=alpha, base=base, method=method, max_barrier=cfg.max_barrier, source=source,
+        candidates=candidates, steps=steps, chosen=[g.name for g in chosen],
+        items=[spec_item(g.name, arch) for g in chosen],
+        loss_a=ends["a"].loss, loss_b=ends["b"].loss, loss_merged=loss_merged,
+        auto_layers=cfg.auto_layers, scan_dir=Path(cfg.scan_dir).name if cfg.scan_dir else None,
+    )

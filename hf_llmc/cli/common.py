@@ -1,0 +1,84 @@
+"""What several commands share: the console, loading the pair from the options, the data and
+sequential settings, and the scan summary table."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..config.data import DataConfig
+from ..config.errors import DataError, UsageError
+from ..config.load import LoadConfig
+from ..config.scan import SequentialConfig
+from .parser import from_args
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def load_pair(args: argparse.Namespace, **overrides):
+    """The live :class:`~hf_llmc.ModelPair` from the command's loading options; ``overrides``
+    replace loading options (e.g. ``keep_modules``)."""
+    from ..api import ModelPair
+    from ..model.quiet import quiet_transformers
+
+    quiet_transformers()
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(LoadConfig) if hasattr(args, f.name)}
+    options.update(overrides)
+    return ModelPair.from_pretrained(args.model_a, args.model_b, **options)
+
+
+def quant_overrides(args: argparse.Namespace) -> dict:
+    """With --load-in-8bit/4bit and --layers: keep the interpolated groups' modules unquantized."""
+    if not (getattr(args, "load_in_8bit", False) or getattr(args, "load_in_4bit", False)) or not getattr(args, "layers", None):
+        return {}
+    from ..model.placement import keep_modules_for
+
+    return {"keep_modules": keep_modules_for(
+        args.model_a, args.layers, revision=args.revision_a, base_model=args.base_model,
+        trust_remote_code=args.trust_remote_code,
+    )}
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """The evaluation data options, checked (and the local file found) before any model loads."""
+    cfg = from_args(DataConfig, args)
+    cfg.validate()
+    if cfg.data is not None and not Path(cfg.data).expanduser().is_file():
+        raise DataError(f"data={cfg.data!r}: no such file")
+    return cfg
+
+
+def sequential_config(args: argparse.Namespace) -> SequentialConfig | None:
+    """SequentialConfig from --target-se/--decide/... (None when neither is given)."""
+    cfg = from_args(SequentialConfig, args)
+    if not cfg.enabled:
+        return None
+    cfg.validate()
+    if getattr(args, "parallel", "none") != "none":
+        raise UsageError("--target-se/--decide (sequential estimation) cannot be combined with --parallel yet")
+    return cfg
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def print_scan_summary(summary: dict) -> None:
+    """The compact table of a scan's (or robustness run's) summary.json, with the endpoints."""
+    from ..outputs.report import compact_table, robustness_table
+
+    header, body = robustness_table(summary) if summary.get("command") == "robustness" else compact_table(summary)
+    table = Table(title=f"{summary.get('command', 'scan')}: {len(summary.get('groups', []))} groups (barriers in nats)")
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+    ends = summary.get("endpoints", {})
+    if "a" in ends and "b" in ends:
+        console.print(f"L_A = {ends['a']['loss']:.4f}, L_B = {ends['b']['loss']:.4f} nats; tokens = {ends['a']['tokens']:,}")

@@ -1,0 +1,71 @@
+"""``hf-llmc`` entry point: parse (torch-free), run the command's module, map errors to one line.
+
+Exit codes: 0 success, 2 usage errors (bad spec, bad option values, unusable output folder), 1
+other failures. No traceback, and no library's warning or log line, unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import os
+import sys
+import warnings
+
+from ..config.errors import exit_code
+from .errors import cli_message
+from .parser import build_parser
+
+
+@contextlib.contextmanager
+def third_parties_quiet(debug: bool):
+    """Without ``--debug``, no warning or log line of a library (bitsandbytes, peft, transformers,
+    torch ...) reaches the terminal, so an error stays one line; with it, they all do."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``hf-llmc`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # no datasets progress bars in logs (an error stays one line)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with third_parties_quiet(args.debug):
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        command = importlib.import_module(f"{__package__}.{args.command_module}")
+        return int(command.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI maps every failure to a one-line message
+        from ..config.security import redact
+
+        if args.debug:  # the full traceback, with any token in it redacted
+            import traceback
+
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
+            return exit_code(err)
+        print(f"hf-llmc {args.command}: error: {cli_message(err, parser, args.command)}", file=sys.stderr)
+        return exit_code(err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""``hf-llmc merge A B --layers SPEC --out DIR``: write a merged model (streamed, with its card)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+from ..config.alphas import parse_alpha
+from ..config.errors import UsageError
+from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
+from ..engine.io import check_output_dir
+from .common import data_config
+from .parser import from_args
+
+
+def run(args: argparse.Namespace) -> int:
+    # Every option is checked before torch is imported or a model is loaded.
+    spec = from_args(MergeSpec, args, sets=args.sets or [])
+    auto = from_args(AutoConfig, args)
+    export = from_args(ExportConfig, args)
+    push = from_args(PushConfig, args)
+    if not export.out:
+        raise UsageError("--out DIR is required")
+    if auto.auto:
+        if spec.layers or spec.sets:
+            raise UsageError("--auto chooses the groups itself; drop --layers / --set")
+        alpha, end = parse_alpha(0.5 if spec.alpha is None else spec.alpha, allow_extrapolation=spec.allow_extrapolation)
+        if end is not None:
+            raise UsageError("--auto merges at one alpha; a gradient START:END is not supported")
+    else:
+        if auto.scan_dir or auto.auto_layers:
+            raise UsageError("--scan-dir and --auto-layers need --auto")
+        spec.validate()
+    export.validate()
+    data = data_config(args) if (args.data or args.dataset) else None
+    if auto.auto and data is None:
+        raise UsageError("--auto measures barriers: give --eval-data PATH or --eval-dataset NAME")
+    if push.push_to_hub is None and (push.private or push.revision or push.commit_message):
+        raise UsageError("--private, --revision and --commit-message need --push-to-hub")
+    check_output_dir(export.out, export.overwrite)
+
+    from rich.table import Table
+
+    from ..analyses.autoselect import auto_select
+    from ..model.pair import lazy_pair
+    from ..outputs.merge.save import save_merged
+    from .common import console, load_pair
+
+    if data is not None:
+        pair = load_pair(args)
+    else:  # writing needs no model: both checkpoints are read tensor by tensor
+        pair = lazy_pair(args.model_a, args.model_b, revision_a=args.revision_a, revision_b=args.revision_b,
+                         trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                         base_model=args.base_model)
+    choice = None
+    if auto.auto:
+        choice = auto_select(pair, data, auto, alpha=alpha, base=spec.base, method=spec.method, batch_size=args.batch_size)
+        table = Table(title=f"automatic choice at alpha={alpha:g} (max barrier {auto.max_barrier:g} nats; {choice.source})")
+        for col in ("step", "group", "single barrier", "set barrier", "kept"):
+            table.add_column(col, justify="left" if col in ("group", "kept") else "right")
+        for i, step in enumerate(choice.steps, 1):
+            table.add_row(str(i), step["group"], f"{step['single_barrier']:+.4f}", f"{step['set_barrier']:+.4f}",
+                          "yes" if step["accepted"] else "no (stop)")
+        console.print(table)
+        console.print(f"chosen: {', '.join(choice.chosen)}; merged perplexity {choice.perplexity_merged:.3f} "
+                      f"(A {math.exp(choice.loss_a):.3f}, B {math.exp(choice.loss_b):.3f})")
+        spec = dataclasses.replace(choice.spec(), allow_extrapolation=spec.allow_extrapolation)
+    result = save_merged(
+        pair, spec, export.out, max_shard_size=export.max_shard_size, dtype=export.dtype, overwrite=export.overwrite,
+        data=data, batch_size=args.batch_size, auto=choice, push=push, progress=True,
+    )
+    table = Table(title=f"merged into {Path(result.folder).name} (method {result.spec.method}, base {result.spec.base.upper()})")
+    for col in ("group", "alpha", "parameters"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for row in result.plan.rows:
+        table.add_row(row.group, row.alpha_text, f"{row.numel:,}")
+    console.print(table)
+    shards = sum(f.endswith(".safetensors") for f in result.files)
+    console.print(
+        f"changed {result.plan.numel_changed:,} of {result.plan.numel_total:,} parameters "
+        f"({100 * result.plan.fraction_changed:.2f} %); {shards} safetensors file(s) in {result.seconds:.1f} s"
+    )
+    ev = result.evaluation
+    if ev:
+        console.print(
+            f"perplexity: A {ev['a']['perplexity']:.3f}, B {ev['b']['perplexity']:.3f}, merged {ev['merged']['perplexity']:.3f}; "
+            f"barrier of the merged groups: mid {ev['barrier_mid']:+.4f}, max {ev['barrier_max']:+.4f} nats"
+        )
+    if result.url:
+        print(f"pushed to {push.push_to_hub}: {result.url}")
+    return 0

@@ -1,0 +1,557 @@
+"""YAML recipes: experiments (model pairs, data, barriers, scans, merges, pushes) as files.
+
+A recipe names one or more model pairs (with revisions), the evaluation data and an ordered list
+of steps; ``hf-llmc run RECIPE.yaml`` runs every step on every pair with the same API calls the
+other commands make. The schema is derived from the settings dataclasses (:class:`LoadConfig`,
+:class:`DataConfig`, :class:`ScanConfig`, :class:`MergeSpec`, ...) and their help texts, so a
+recipe accepts exactly the options of the command line, and :func:`load_recipe` rejects unknown
+keys, wrong types and missing fields with messages that name the offending key::
+
+    description: GPT-2 fine-tunes, attention merge
+    out: runs/gpt2                         # output root; steps write to {pair}/{step} below it
+    pairs:
+      - name: imdb-vs-dialog
+        a: {model: lvwerra/gpt2-imdb}
+        b: {model: microsoft/DialoGPT-small, revision: main}
+    data: {dataset: "Salesforce/wikitext:wikitext-2-raw-v1:validation", max_tokens: 65536}
+    steps:
+      - barrier: {}                        # the full-model barrier
+      - scan: {granularity: sublayer}
+      - merge: {layers: "attn.*", alpha: 0.5, eval: true}
+
+Paths (``out``, ``scan_dir``, ``folder``) may use ``{pair}`` and ``{step}`` and are relative to
+the output root; local model folders and data files are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config.alphas import parse_alpha, parse_alphas
+from ..config.data import DataConfig
+from ..config.errors import RecipeError, UnsafePathError
+from ..config.fields import choices as literal_choices
+from ..config.files import write_json_atomic
+from ..config.load import LoadConfig
+from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
+from ..config.scan import Method, ScanConfig
+from ..config.security import display_name, safe_join
+
+STEP_KINDS = ("barrier", "scan", "merge", "push")
+DEFAULT_STEP_OUT = "{pair}/{step}"
+
+
+# -- schema dataclasses --------------------------------------------------------------------------
+@dataclass
+class ModelRef:
+    """One model of a pair."""
+
+    model: str = field(metadata={"help": "Local folder (relative to the working directory), Hub id, or PEFT adapter."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision: branch, tag (e.g. step143000) or commit."})
+
+
+@dataclass
+class PairEntry:
+    """Two checkpoints to compare."""
+
+    a: ModelRef = field(metadata={"help": "Model A."})
+    b: ModelRef = field(metadata={"help": "Model B."})
+    name: str | None = field(default=None, metadata={"help": "Name of the pair's output folder (default: pair-N)."})
+
+
+@dataclass
+class StepCommon:
+    """Options every step takes."""
+
+    name: str | None = field(default=None, metadata={"help": "Step name, used in output paths as {step} (default: the step kind, numbered when repeated)."})
+    out: str | None = field(default=None, metadata={"help": "Output path below the output root; may use {pair} and {step} (default: {pair}/{step})."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace existing output."})
+
+
+@dataclass
+class BarrierStep:
+    """The barrier of one layer-wise (or the full) path."""
+
+    layers: str | None = field(default=None, metadata={"help": "Layer spec (default: the full model), e.g. attn.0-3,mlp.7 or re:<regex>."})
+    alphas: str | float = field(default="0,0.25,0.5,0.75,1", metadata={"help": "Comma-separated α values or a count N of evenly spaced points (0.5 always included)."})
+    base: Literal["a", "b"] = field(default="a", metadata={"help": "Which model the unselected tensors come from."})
+    method: Method = field(default="lerp", metadata={"help": "Interpolation method per tensor."})
+    allow_extrapolation: bool = field(default=False, metadata={"help": "Allow α outside [0, 1]."})
+
+
+@dataclass
+class ScanStepOptions:
+    resume: bool = field(default=False, metadata={"help": "Continue an interrupted scan in the same folder."})
+
+
+@dataclass
+class MergeStepOptions:
+    eval: bool = field(default=False, metadata={"help": "Evaluate A, B and the merge on the recipe's data and put the numbers in the model card."})
+
+
+@dataclass
+class PushStep:
+    """Upload an existing folder to the Hub."""
+
+    folder: str = field(metadata={"help": "Folder to upload, relative to the output root; may use {pair}."})
+
+
+@dataclass
+class RunSettings:
+    """Top-level recipe settings."""
+
+    description: str | None = field(default=None, metadata={"help": "What the experiment is for."})
+    out: str | None = field(default=None, metadata={"help": "Output root (default: a folder named after the recipe file)."})
+    batch_size: int | None = field(default=None, metadata={"help": "Blocks per forward (default: automatic)."})
+
+
+#: Settings classes whose fields make up each step kind (first class wins a shared field name).
+STEP_SCHEMAS: dict[str, tuple] = {
+    "barrier": (StepCommon, BarrierStep),
+    "scan": (StepCommon, ScanStepOptions, ScanConfig),
+    "merge": (StepCommon, MergeSpec, ExportConfig, MergeStepOptions, AutoConfig, PushConfig),
+    "push": (StepCommon, PushStep, PushConfig),
+}
+#: Fields a recipe may not set: revisions belong to each model, the rest is internal.
+EXCLUDED = {LoadConfig: {"revision_a", "revision_b"}}
+TOP_KEYS = ("description", "out", "batch_size", "pairs", "load", "data", "steps", "provenance")
+
+
+# -- validation ----------------------------------------------------------------------------------
+def _classes(kind: str) -> list[type]:
+    return list(STEP_SCHEMAS[kind])
+
+
+def schema_fields(classes: list[type]) -> dict[str, tuple[type, dataclasses.Field]]:
+    """Recipe key -> (owning class, field) for the union of ``classes``' fields."""
+    out: dict[str, tuple[type, dataclasses.Field]] = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.name not in EXCLUDED.get(cls, set()) and f.metadata.get("recipe", True):
+                out.setdefault(f.name, (cls, f))
+    return out
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        text = " or ".join(_type_name(a) for a in args)
+        return text + (" or null" if len(args) < len(typing.get_args(tp)) else "")
+    if origin is list or tp is list:
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}s" if args else "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _value_name(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {value}".lower()
+    kind = {int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text}" if len(text) <= 40 else kind
+
+
+def _coerce(value, tp, path: str):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{path}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except RecipeError:
+                continue
+        hint = " (quote it)" if str in args and isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        raise RecipeError(f"{path}: expected {_type_name(tp)}, got {_value_name(value)}{hint}")
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: expected {_type_name(tp)}, got {_value_name(value)}")
+        args = typing.get_args(tp)
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:
+        return value
+    if not ok:
+        hint = " (quote it)" if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        raise RecipeError(f"{path}: expected {_type_name(tp)}, got {_value_name(value)}{hint}")
+    return float(value) if tp is float else value
+
+
+def _check_keys(mapping, known: list[str], path: str) -> None:
+    if not isinstance(mapping, dict):
+        raise RecipeError(f"{path}: expected a mapping with keys {', '.join(known)}, got {_value_name(mapping)}")
+    for key in mapping:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known keys: {', '.join(known)})"
+            raise RecipeError(f"{path}.{key}: unknown key{hint}")
+
+
+def build_many(classes: list[type], mapping, path: str) -> dict[type, object]:
+    """Validate ``mapping`` against the union of ``classes``' fields; one instance per class."""
+    schema = schema_fields(classes)
+    _check_keys(mapping if mapping is not None else {}, list(schema), path)
+    mapping = mapping or {}
+    values: dict[str, object] = {}
+    for key, (cls, f) in schema.items():
+        hints = typing.get_type_hints(cls)
+        if key in mapping:
+            values[key] = _coerce(mapping[key], hints[f.name], f"{path}.{key}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{path}: missing required key '{key}' ({f.metadata.get('help', '')})")
+    out = {}
+    for cls in classes:
+        names = {f.name for f in dataclasses.fields(cls)}
+        out[cls] = cls(**{k: v for k, v in values.items() if k in names})
+    return out
+
+
+def build(cls: type, mapping, path: str):
+    """One settings dataclass from a recipe mapping (see :func:`build_many`)."""
+    return build_many([cls], mapping, path)[cls]
+
+
+# -- recipes -------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One validated step: its kind, name, output path template and settings objects."""
+
+    kind: str
+    name: str
+    settings: dict[type, object]
+    path: str
+
+    def get(self, cls):
+        return self.settings[cls]
+
+    @property
+    def common(self) -> StepCommon:
+        return self.settings[StepCommon]
+
+
+@dataclass
+class Recipe:
+    """A validated recipe."""
+
+    source: str
+    settings: RunSettings
+    pairs: list[PairEntry]
+    load: LoadConfig
+    data: DataConfig | None
+    steps: list[Step]
+
+    def pair_name(self, i: int) -> str:
+        return self.pairs[i].name or f"pair-{i + 1}"
+
+    def root(self, out: str | os.PathLike | None = None) -> Path:
+        return Path(out or self.settings.out or Path(self.source).stem)
+
+    def output(self, step: Step, pair_index: int, root: Path, template: str | None = None) -> Path:
+        text = template or step.common.out or DEFAULT_STEP_OUT
+        return root / text.format(pair=self.pair_name(pair_index), step=step.name)
+
+
+def _check_template(text: str, path: str) -> None:
+    try:
+        filled = text.format(pair="p", step="s")
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as err:
+        raise RecipeError(f"{path}: bad placeholder in {text!r} ({err}); use {{pair}} and {{step}}") from None
+    try:  # outputs never escape the output root (a recipe from elsewhere cannot write anywhere)
+        safe_join(".", filled)
+    except UnsafePathError:
+        raise RecipeError(f"{path}: {text!r} must stay inside the output folder (a relative path without '..')") from None
+
+
+def _validate_step(kind: str, step: Step, recipe_data: DataConfig | None, n_pairs: int, path: str) -> None:
+    common = step.common
+    for key in ("out",):
+        if getattr(common, key):
+            _check_template(getattr(common, key), f"{path}.{key}")
+    if n_pairs > 1 and common.out and "{pair}" not in common.out:
+        raise RecipeError(f"{path}.out: {n_pairs} pairs would write to the same folder; include {{pair}}")
+    needs_data = kind in ("barrier", "scan")
+    try:
+        if kind == "barrier":
+            settings = step.get(BarrierStep)
+            parse_alphas(settings.alphas, allow_extrapolation=settings.allow_extrapolation)
+        elif kind == "scan":
+            step.get(ScanConfig).validate()
+        elif kind == "merge":
+            spec, auto, opts = step.get(MergeSpec), step.get(AutoConfig), step.get(MergeStepOptions)
+            if auto.auto:
+                if spec.layers or spec.sets:
+                    raise RecipeError(f"{path}: auto chooses the groups; drop layers/sets")
+                start, end = parse_alpha(0.5 if spec.alpha is None else spec.alpha, allow_extrapolation=spec.allow_extrapolation)
+                if end is not None:
+                    raise RecipeError(f"{path}.alpha: auto merges at one α, not a gradient")
+                if auto.scan_dir:
+                    _check_template(auto.scan_dir, f"{path}.scan_dir")
+            else:
+                if auto.scan_dir or auto.auto_layers:
+                    raise RecipeError(f"{path}: scan_dir and auto_layers need auto: true")
+                spec.validate()
+            needs_data = auto.auto or opts.eval
+            step.get(ExportConfig).validate()
+        elif kind == "push":
+            if not step.get(PushConfig).push_to_hub:
+                raise RecipeError(f"{path}: missing required key 'push_to_hub' (the Hub repo id)")
+            _check_template(step.get(PushStep).folder, f"{path}.folder")
+    except RecipeError:
+        raise
+    except ValueError as err:
+        raise RecipeError(f"{path}: {err}") from None
+    if needs_data and recipe_data is None:
+        raise RecipeError(f"{path}: this step evaluates the models; add a top-level 'data' section")
+
+
+def parse_recipe(payload, source: str = "<recipe>") -> Recipe:
+    """Validate a parsed YAML document; raise :class:`RecipeError` naming the offending key."""
+    where = Path(source).name
+    _check_keys(payload, list(TOP_KEYS), where)
+    for key in ("pairs", "steps"):
+        if key not in payload:
+            raise RecipeError(f"{where}: missing required key '{key}'")
+        if not isinstance(payload[key], list) or not payload[key]:
+            raise RecipeError(f"{where}.{key}: expected a non-empty list, got {_value_name(payload[key])}")
+    settings = build(RunSettings, {k: payload[k] for k in ("description", "out", "batch_size") if k in payload}, where)
+    pairs = [build(PairEntry, p, f"{where}.pairs[{i}]") for i, p in enumerate(payload["pairs"])]
+    names = [p.name or f"pair-{i + 1}" for i, p in enumerate(pairs)]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise RecipeError(f"{where}.pairs: two pairs are named {dup!r}")
+    load = build(LoadConfig, payload.get("load"), f"{where}.load")
+    data = None
+    if payload.get("data") is not None:
+        data = build(DataConfig, payload["data"], f"{where}.data")
+        try:
+            data.validate()
+        except ValueError as err:
+            raise RecipeError(f"{where}.data: {err}") from None
+    steps: list[Step] = []
+    counts: dict[str, int] = {}
+    for i, raw in enumerate(payload["steps"]):
+        path = f"{where}.steps[{i}]"
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise RecipeError(f"{path}: expected a mapping with one key, the step kind ({', '.join(STEP_KINDS)})")
+        kind, body = next(iter(raw.items()))
+        if kind not in STEP_KINDS:
+            close = difflib.get_close_matches(str(kind), STEP_KINDS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(STEP_KINDS)})"
+            raise RecipeError(f"{path}.{kind}: unknown step kind{hint}")
+        built = build_many(_classes(kind), body, f"{path}.{kind}")
+        counts[kind] = counts.get(kind, 0) + 1
+        step = Step(kind, "", built, f"{path}.{kind}")
+        steps.append(step)
+        _validate_step(kind, step, data, len(pairs), f"{path}.{kind}")
+    totals = {k: sum(s.kind == k for s in steps) for k in STEP_KINDS}
+    seen: dict[str, int] = {}
+    for step in steps:
+        seen[step.kind] = seen.get(step.kind, 0) + 1
+        step.name = step.common.name or (step.kind if totals[step.kind] == 1 else f"{step.kind}-{seen[step.kind]}")
+    step_names = [s.name for s in steps]
+    dup = next((n for n in step_names if step_names.count(n) > 1), None)
+    if dup:
+        raise RecipeError(f"{where}.steps: two steps are named {dup!r}")
+    return Recipe(str(source), settings, pairs, load, data, steps)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a YAML recipe file (nothing is downloaded or loaded)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        payload = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path.name}: not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path.name}: not valid YAML{where} ({getattr(err, 'problem', None) or err})") from None
+    if payload is None:
+        raise RecipeError(f"{path.name}: empty recipe")
+    return parse_recipe(payload, str(path))
+
+
+def recipe_schema() -> dict:
+    """Every recipe key with its type and help text, derived from the settings dataclasses."""
+
+    def describe(classes) -> dict:
+        out = {}
+        for key, (cls, f) in schema_fields(list(classes)).items():
+            tp = typing.get_type_hints(cls)[f.name]
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            entry = {"type": _type_name(tp), "help": f.metadata.get("help", "")}
+            if dataclasses.is_dataclass(tp):
+                entry["keys"] = describe([tp])
+            allowed = literal_choices(tp)
+            if allowed is not None:
+                entry["choices"] = list(allowed)
+            if required:
+                entry["required"] = True
+            elif f.default is not dataclasses.MISSING and f.default is not None:
+                entry["default"] = f.default
+            out[key] = entry
+        return out
+
+    return {
+        **describe([RunSettings]),
+        "pairs": {"type": "a list of mappings", "required": True, "keys": describe([PairEntry])},
+        "load": {"type": "a mapping", "keys": describe([LoadConfig])},
+        "data": {"type": "a mapping", "keys": describe([DataConfig])},
+        "steps": {"type": "a list of {KIND: mapping}", "required": True,
+                  "kinds": {kind: describe(_classes(kind)) for kind in STEP_KINDS}},
+        "provenance": {"type": "a mapping", "help": "Written by hf-llmc into hf_llmc_config.yaml (library versions, "
+                       "device, dtype, data fingerprint of the run); informational, ignored when the recipe runs."},
+    }
+
+
+# -- running -------------------------------------------------------------------------------------
+def _needs_live(recipe: Recipe) -> bool:
+    for step in recipe.steps:
+        if step.kind in ("barrier", "scan"):
+            return True
+        if step.kind == "merge" and (step.get(AutoConfig).auto or step.get(MergeStepOptions).eval):
+            return True
+    return False
+
+
+def plan_outputs(recipe: Recipe, out: str | os.PathLike | None = None) -> list[dict]:
+    """What :func:`run_recipe` will do: one entry per (pair, step) with its output path."""
+    root = recipe.root(out)
+    rows = []
+    for i, pair in enumerate(recipe.pairs):
+        for step in recipe.steps:
+            if step.kind == "push":
+                target = recipe.output(step, i, root, step.get(PushStep).folder)
+            elif step.kind == "merge":
+                target = recipe.output(step, i, root)
+            elif step.kind == "barrier":
+                target = recipe.output(step, i, root) / "barrier.json"
+            else:
+                target = recipe.output(step, i, root)
+            rows.append({"pair": recipe.pair_name(i), "a": pair.a.model, "revision_a": pair.a.revision,
+                         "b": pair.b.model, "revision_b": pair.b.revision, "step": step.name, "kind": step.kind,
+                         "output": str(target)})
+    return rows
+
+
+def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrite: bool = False,
+               progress: bool = True, echo=print) -> list[dict]:
+    """Run every step of ``recipe`` on every pair; return one summary dict per (pair, step)."""
+    from ..analyses.scan import run_scan
+    from ..api import ModelPair
+    from ..model.pair import lazy_pair
+    from ..outputs.hub import push_folder
+
+    root = recipe.root(out)
+    load = recipe.load
+    live = _needs_live(recipe)
+    summaries = []
+    for i, entry in enumerate(recipe.pairs):
+        name = recipe.pair_name(i)
+        echo(f"[{name}] {entry.a.model} vs {entry.b.model}")
+        options = {f.name: getattr(load, f.name) for f in dataclasses.fields(LoadConfig)
+                   if f.name not in ("revision_a", "revision_b")}
+        if live:
+            pair = ModelPair.from_pretrained(entry.a.model, entry.b.model, revision_a=entry.a.revision,
+                                             revision_b=entry.b.revision, **options)
+        else:
+            pair = lazy_pair(entry.a.model, entry.b.model, revision_a=entry.a.revision, revision_b=entry.b.revision,
+                             trust_remote_code=load.trust_remote_code, allow_pickle=load.allow_pickle,
+                             base_model=load.base_model)
+        blocks = pair.blocks(recipe.data) if live and recipe.data is not None else None
+        for step in recipe.steps:
+            summary = {"pair": name, "step": step.name, "kind": step.kind}
+            replace = overwrite or step.common.overwrite
+            if step.kind == "barrier":
+                s = step.get(BarrierStep)
+                result = pair.barrier(blocks, layers=s.layers, alphas=s.alphas, base=s.base, method=s.method,
+                                      batch_size=recipe.settings.batch_size, allow_extrapolation=s.allow_extrapolation)
+                target = recipe.output(step, i, root) / "barrier.json"
+                if target.exists() and not replace:
+                    raise RecipeError(f"{target}: exists; pass --overwrite (or overwrite: true) to replace it")
+                write_json_atomic(target, {"model_a": display_name(entry.a.model), "revision_a": entry.a.revision,
+                                     "model_b": display_name(entry.b.model), "revision_b": entry.b.revision,
+                                     **result.to_dict()})
+                summary.update(output=str(target), barrier_mid=result.barrier_mid, barrier_max=result.barrier_max)
+                echo(f"  {step.name}: barrier_mid {result.barrier_mid:+.4f} nats, barrier_max {result.barrier_max:+.4f} -> {target}")
+            elif step.kind == "scan":
+                cfg = step.get(ScanConfig)
+                if cfg.batch_size is None and recipe.settings.batch_size:
+                    cfg = dataclasses.replace(cfg, batch_size=recipe.settings.batch_size)
+                target = recipe.output(step, i, root)
+                rows = run_scan(pair, blocks, cfg, target, resume=step.get(ScanStepOptions).resume, progress=progress,
+                                overwrite=replace)
+                summary.update(output=str(target), rows=len(rows))
+                echo(f"  {step.name}: {len(rows)} result rows -> {target}")
+            elif step.kind == "merge":
+                summary.update(_run_merge(recipe, step, pair, blocks, i, root, replace, progress, echo))
+            elif step.kind == "push":
+                push = step.get(PushConfig)
+                folder = recipe.output(step, i, root, step.get(PushStep).folder)
+                url = push_folder(folder, push.push_to_hub, private=push.private, revision=push.revision,
+                                  commit_message=push.commit_message)
+                summary.update(output=str(folder), url=url)
+                echo(f"  {step.name}: pushed {folder.name} to {push.push_to_hub}: {url}")
+            summaries.append(summary)
+    return summaries
+
+
+def _run_merge(recipe: Recipe, step: Step, pair, blocks, i: int, root: Path, overwrite: bool, progress: bool, echo) -> dict:
+    from ..analyses.autoselect import auto_select
+    from ..outputs.merge.save import save_merged
+
+    spec, auto, export = step.get(MergeSpec), step.get(AutoConfig), step.get(ExportConfig)
+    push = step.get(PushConfig)
+    target = recipe.output(step, i, root)
+    choice = None
+    if auto.auto:
+        if auto.scan_dir:
+            auto = dataclasses.replace(auto, scan_dir=str(recipe.output(step, i, root, auto.scan_dir)))
+        alpha, _ = parse_alpha(0.5 if spec.alpha is None else spec.alpha, allow_extrapolation=spec.allow_extrapolation)
+        choice = auto_select(pair, blocks, auto, alpha=alpha, base=spec.base, method=spec.method,
+                             batch_size=recipe.settings.batch_size)
+        spec = dataclasses.replace(choice.spec(), allow_extrapolation=spec.allow_extrapolation)
+        echo(f"  {step.name}: auto chose {', '.join(choice.chosen)} (merged perplexity {choice.perplexity_merged:.3f})")
+    evaluate = auto.auto or step.get(MergeStepOptions).eval
+    result = save_merged(pair, spec, target, max_shard_size=export.max_shard_size, dtype=export.dtype,
+                         overwrite=overwrite, data=recipe.data if evaluate else None,
+                         batch_size=recipe.settings.batch_size, auto=choice, push=push, progress=progress)
+    echo(f"  {step.name}: merged {spec.describe()} ({100 * result.plan.fraction_changed:.2f} % of the parameters) -> {target}")
+    out = {"output": str(target), "fraction_changed": result.plan.fraction_changed, "spec": spec.describe()}
+    if result.evaluation:
+        out["perplexity"] = result.evaluation["merged"]["perplexity"]
+    if result.url:
+        out["url"] = result.url
+    return out

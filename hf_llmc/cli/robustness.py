@@ -1,0 +1,38 @@
+"""``hf-llmc robustness A B --data TEXT --out DIR``: loss along random directions vs the path."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config.scan import RobustnessConfig
+from ..config.spec import parse_spec
+from ..engine.io import RESULTS, check_run_dir
+from .common import data_config
+from .parser import from_args
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = from_args(RobustnessConfig, args, prefix=not args.no_prefix)
+    cfg.validate()
+    if cfg.layers:
+        parse_spec(cfg.layers)
+    out = Path(args.out)
+    check_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+    data = data_config(args)
+
+    from ..analyses.robustness import run_robustness
+    from ..engine.data import blocks_for
+    from ..outputs.report import render
+    from .common import console, load_pair, print_scan_summary
+
+    pair = load_pair(args)
+    if cfg.layers:
+        pair.groups(cfg.layers)  # validate the spec against the model before any data work
+    blocks = blocks_for(pair, data)
+    run_robustness(pair, blocks, cfg, out, resume=args.resume, overwrite=args.overwrite, progress=True)
+    written = render(out)
+    print_scan_summary(json.loads(written["summary"].read_text()))
+    console.print(f"results: {out / RESULTS}; report: {written['html']}")
+    return 0

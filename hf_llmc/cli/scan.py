@@ -1,0 +1,50 @@
+"""``hf-llmc scan A B --data TEXT --out DIR``: barriers of many groups, resumable, with a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config.scan import ScanConfig
+from ..engine.io import RESULTS, check_run_dir
+from .common import data_config, sequential_config
+from .parser import from_args
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = from_args(ScanConfig, args, prefix=not args.no_prefix, sequential=sequential_config(args))
+    cfg.validate()
+    out = Path(args.out)
+    parallel = getattr(args, "parallel", "none")
+    if parallel == "none":  # every option is checked before torch is imported
+        check_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+    data = data_config(args)
+
+    from ..analyses.distributed import init_processes, is_main_process, run_scan_parallel, setup_parallel
+
+    if parallel != "none":
+        init_processes()
+        if is_main_process():  # only process 0 owns the output folder
+            check_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+
+    from ..analyses.scan import ScanRunner, run_scan
+    from ..engine.data import blocks_for
+    from ..outputs.report import render
+    from .common import console, load_pair, print_scan_summary
+
+    shard = setup_parallel(args)
+    pair = load_pair(args)
+    pair.shard = shard
+    blocks = blocks_for(pair, data)
+    if parallel == "none":
+        run_scan(pair, blocks, cfg, out, resume=args.resume, overwrite=args.overwrite, progress=True)
+    else:
+        runner = ScanRunner(pair, blocks, cfg, out, progress=False)
+        run_scan_parallel(runner, parallel, resume=args.resume, overwrite=args.overwrite)
+        if not is_main_process():
+            return 0  # only process 0 reports
+    written = render(out)
+    print_scan_summary(json.loads(written["summary"].read_text()))
+    console.print(f"results: {out / RESULTS}; report: {written['html']}")
+    return 0

@@ -1,0 +1,35 @@
+"""Where the evaluation tokens come from and how they are cut into blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import DataError
+from .fields import setting
+
+DEFAULT_MAX_TOKENS = 262144
+
+
+@dataclass
+class DataConfig:
+    """Where the evaluation tokens come from and how they are cut."""
+
+    data: str | None = setting(None, "Local evaluation text: .txt (one document) or .jsonl/.json/.csv/.parquet (one document per row).")
+    dataset: str | None = setting(None, "Hub dataset NAME[:CONFIG][:SPLIT] (split default: validation, else test, else train).")
+    text_column: str = setting("text", "Column holding the text in tabular data.")
+    seq_len: int | None = setting(None, "Tokens per block (default: min(1024, the model's maximum positions)).")
+    max_tokens: int = setting(DEFAULT_MAX_TOKENS, "Cap on evaluation tokens (the stream is cut before blocking).")
+
+    def validate(self) -> None:
+        """Check the options without reading any data.
+
+        Raises:
+            DataError: not exactly one of ``data`` / ``dataset``, or a ``seq_len`` /
+                ``max_tokens`` below 2.
+        """
+        if (self.data is None) == (self.dataset is None):
+            raise DataError("give exactly one of data=PATH or dataset=NAME")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise DataError(f"seq_len={self.seq_len}: must be at least 2 (one predicted token per block)")
+        if self.max_tokens < 2:
+            raise DataError(f"max_tokens={self.max_tokens}: must be at least 2")

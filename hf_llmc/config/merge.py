@@ -1,0 +1,133 @@
+"""What a merge moves where (:class:`MergeSpec`), how it is written (:class:`ExportConfig`),
+published (:class:`PushConfig`) or chosen automatically (:class:`AutoConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from .alphas import format_alpha, parse_alpha
+from .errors import MergeSpecError
+from .fields import check_choice, setting
+from .load import DType
+from .scan import Method
+from .spec import parse_spec
+
+DEFAULT_ALPHA = 0.5
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+DEFAULT_MAX_BARRIER = 0.02
+DEFAULT_CANDIDATES = "attn.*,mlp.*"
+
+
+@dataclass
+class MergeSpec:
+    """Which tensors move to which point of the A-B path; the rest comes from the base."""
+
+    layers: str | None = setting(None, "Layer spec to merge at --alpha, e.g. attn.0-3 or attn.*,mlp.0 (grammar of `hf-llmc layers`).")
+    alpha: str | float | None = setting(None, "α for --layers: a number (0 = A, 1 = B; default 0.5), or START:END for a linear gradient over the selected blocks in order.")
+    sets: list[str] = setting(help="LAYERS=ALPHA items (repeatable --set), e.g. attn.0-3=0.5; a later item wins where items overlap.", cli=False, default_factory=list)
+    method: Method = setting("lerp", "Interpolation per tensor: lerp ((1-α)·A + α·B) or slerp.")
+    base: Literal["a", "b"] = setting("a", "Checkpoint the tensors outside the spec (and config, tokenizer) come from.")
+    allow_extrapolation: bool = setting(False, "Allow α outside [0, 1].")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sets, str):
+            self.sets = [self.sets]
+        self.sets = list(self.sets or [])
+
+    @classmethod
+    def parse(cls, text: str, **kwargs) -> "MergeSpec":
+        """``"attn.0-3=0.5; mlp.*=0.25"`` (``;``-separated ``LAYERS=ALPHA`` items) -> spec."""
+        return cls(sets=[s.strip() for s in text.split(";") if s.strip()], **kwargs)
+
+    def entries(self) -> list[tuple[str, float, float | None]]:
+        """Validated ``(layers, alpha_start, alpha_end)`` items in order (``alpha_end`` None = constant).
+
+        Raises:
+            MergeSpecError: a bad method or base, a malformed item or α, or nothing to merge.
+            SpecError: a malformed layer spec.
+        """
+        check_choice(MergeSpec, self, "method", MergeSpecError)
+        check_choice(MergeSpec, self, "base", MergeSpecError)
+        out: list[tuple[str, float, float | None]] = []
+        if self.layers:
+            parse_spec(self.layers)
+            alpha = DEFAULT_ALPHA if self.alpha is None else self.alpha
+            out.append((self.layers, *parse_alpha(alpha, allow_extrapolation=self.allow_extrapolation)))
+        elif self.alpha is not None:
+            raise MergeSpecError("alpha needs layers=SPEC (or write a LAYERS=ALPHA item in sets)")
+        for item in self.sets:
+            layers, eq, value = str(item).rpartition("=")
+            if not eq or not layers.strip() or not value.strip():
+                raise MergeSpecError(f"set {item}: expected LAYERS=ALPHA, e.g. attn.0-3=0.5")
+            parse_spec(layers.strip())
+            out.append((layers.strip(), *parse_alpha(value, allow_extrapolation=self.allow_extrapolation, what=f"set {item}:")))
+        if not out:
+            raise MergeSpecError("nothing to merge: give layers=SPEC [alpha=X], set SPEC=X, or auto=True")
+        return out
+
+    def validate(self) -> None:
+        """Raise on any bad value (see :meth:`entries`)."""
+        self.entries()
+
+    @property
+    def single_alpha(self) -> float | None:
+        """The α when every item uses one constant α, else None."""
+        values = {(s, e) for _, s, e in self.entries()}
+        if len(values) == 1:
+            start, end = values.pop()
+            if end is None or end == start:
+                return start
+        return None
+
+    def describe(self) -> str:
+        """``attn.0-3=0.5; mlp.*=0.1:0.9`` (the ``--set`` form of every item)."""
+        return "; ".join(f"{layers}={format_alpha(s, e)}" for layers, s, e in self.entries())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_spec(spec: "MergeSpec | str | dict") -> MergeSpec:
+    """A :class:`MergeSpec` from itself, its ``;``-separated text form, or a dict of its fields."""
+    if isinstance(spec, MergeSpec):
+        return spec
+    if isinstance(spec, str):
+        return MergeSpec.parse(spec)
+    if isinstance(spec, dict):
+        return MergeSpec(**spec)
+    raise TypeError(f"merge spec: expected MergeSpec, str or dict, got {type(spec).__name__}")
+
+
+@dataclass
+class ExportConfig:
+    """Where and how the merged checkpoint is written."""
+
+    out: str | None = setting(None, "Output folder (written atomically).")
+    max_shard_size: str = setting(DEFAULT_MAX_SHARD_SIZE, "Largest safetensors shard, e.g. 5GB or 500MB (model.safetensors.index.json when sharded).")
+    dtype: DType | None = setting(None, "Output dtype of floating tensors (default: as stored in the base).")
+    overwrite: bool = setting(False, "Replace an existing non-empty output folder (kept intact until the new one is complete).")
+
+    def validate(self) -> None:
+        """Raise :class:`~hf_llmc.config.errors.MergeSpecError` on a bad ``dtype``."""
+        check_choice(ExportConfig, self, "dtype", MergeSpecError)
+
+
+@dataclass
+class PushConfig:
+    """Publishing the merged folder on the Hugging Face Hub."""
+
+    push_to_hub: str | None = setting(None, "Hub repo id (user/name) to upload the merged folder to.")
+    private: bool = setting(False, "Create the Hub repo as private.")
+    revision: str | None = setting(None, "Hub branch to push to (created from main if missing).")
+    commit_message: str | None = setting(None, "Commit message of the upload.")
+
+
+@dataclass
+class AutoConfig:
+    """Automatic choice of the merged groups."""
+
+    auto: bool = setting(False, "Choose the groups automatically: lowest single-group barriers first, while the chosen set's barrier stays <= --max-barrier.")
+    scan_dir: str | None = setting(None, "Folder of a single-group `hf-llmc scan` (same data, method and base) to rank the groups; default: measure them now.")
+    max_barrier: float = setting(DEFAULT_MAX_BARRIER, "Largest barrier (nats, loss - reference line at α) the chosen set may have.")
+    auto_layers: str | None = setting(None, f"Candidate groups (layer spec); default: {DEFAULT_CANDIDATES} when measuring, every group of the scan with --scan-dir.")

@@ -1,0 +1,62 @@
+"""What may be shown and where files may go: tokens never appear in logs, cards or errors; a
+name read from a checkpoint or recipe never leads outside its folder; local paths are published
+by their last component only."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from .errors import UnsafePathError
+
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN")
+
+
+def known_tokens() -> list[str]:
+    """Tokens this process could use (environment and huggingface_hub's stored token)."""
+    tokens = [os.environ[k] for k in _TOKEN_ENV if os.environ.get(k)]
+    try:
+        from huggingface_hub import get_token
+
+        stored = get_token()
+        if stored:
+            tokens.append(stored)
+    except Exception:  # noqa: BLE001 - redaction must never fail
+        pass
+    return [t for t in tokens if len(t) >= 4]
+
+
+def redact(text: str, extra: list[str] | tuple[str, ...] = ()) -> str:
+    """Replace every known token (and anything shaped like an ``hf_`` token) by ``***``."""
+    for token in sorted({*known_tokens(), *extra}, key=len, reverse=True):
+        text = text.replace(token, "***")
+    return _TOKEN_RE.sub("***", text)
+
+
+def safe_join(root: str | os.PathLike, name: str) -> Path:
+    """``root / name`` for a *relative* ``name`` that stays inside ``root``; else
+    :class:`UnsafePathError`. Checked on the text (absolute paths, drive letters, ``..`` parts),
+    not by resolving links: Hub cache snapshots are links into the cache's blob store."""
+    text = str(name)
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if not text or text.startswith(("/", "\\")) or PureWindowsPath(text).drive or ".." in parts or "\x00" in text:
+        raise UnsafePathError(f"{name}: lies outside {Path(root).name or root}")
+    return Path(root) / text
+
+
+def display_name(source: str | os.PathLike) -> str:
+    """A name safe to publish: a Hub id as is, a local folder by its last component only."""
+    path = Path(source).expanduser()
+    return path.resolve().name if path.exists() else str(source)
+
+
+def public_name(value: str | os.PathLike | None) -> str | None:
+    """A local path by its last component; anything else (Hub ids, dataset names) unchanged."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if path.is_absolute() or path.exists():
+        return display_name(value)
+    return str(value)

@@ -1,0 +1,201 @@
+"""Evaluation text -> deterministic, non-overlapping token blocks.
+
+Protocol: documents are tokenized with A's tokenizer (its default special-token behaviour),
+concatenated with the EOS id between documents, capped at ``max_tokens`` and cut into blocks of
+``seq_len`` tokens; the last partial block is dropped. Tokenizations are cached on disk, keyed by
+tokenizer, data and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config.data import DataConfig
+from ..config.errors import DataError, PairError
+from ..config.files import cache_root
+from ..config.security import display_name
+
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class TokenBlocks:
+    """[N, seq_len] token ids plus what is needed to reproduce them."""
+
+    ids: torch.Tensor
+    source: str
+    fingerprint: str
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def default_seq_len(config) -> int:
+    limit = max_positions(config)
+    return min(1024, limit) if limit else 1024
+
+
+def _read_documents(cfg: DataConfig) -> tuple[list[str], str]:
+    """Documents and a content fingerprint of their source."""
+    if cfg.data is not None:
+        path = Path(cfg.data).expanduser()
+        if not path.is_file():
+            raise DataError(f"data={cfg.data!r}: no such file")
+        raw = path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        suffix = path.suffix.lower()
+        if suffix in TABLE_SUFFIXES:
+            docs = _table_documents(TABLE_SUFFIXES[suffix], str(path), cfg.text_column, cfg.data)
+        else:
+            if b"\x00" in raw[:65536]:
+                raise DataError(f"data={cfg.data!r}: looks binary (NUL bytes); give a text file")
+            try:
+                docs = [raw.decode("utf-8")]
+            except UnicodeDecodeError:
+                raise DataError(f"data={cfg.data!r}: not UTF-8 text") from None
+        return docs, digest
+    return _hub_documents(cfg)
+
+
+def _quiet_datasets() -> None:
+    """No "Generating split" bars or info logs: our own output stays one line per problem."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _table_documents(builder: str, path: str, column: str, shown: str) -> list[str]:
+    from datasets import load_dataset
+
+    _quiet_datasets()
+    try:
+        ds = load_dataset(builder, data_files=path, split="train")
+    except Exception as err:  # datasets raises many types for malformed files
+        raise DataError(f"data={shown!r}: cannot be read as {builder} ({type(err).__name__})") from None
+    if column not in ds.column_names:
+        raise DataError(f"data={shown!r}: no column '{column}' (columns: {', '.join(ds.column_names)}); set text_column=NAME")
+    return [t for t in ds[column] if isinstance(t, str)]
+
+
+def _hub_documents(cfg: DataConfig) -> tuple[list[str], str]:
+    from datasets import get_dataset_split_names, load_dataset
+
+    _quiet_datasets()
+    parts = cfg.dataset.split(":")
+    name, config, split = parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else None
+    try:
+        if split is None:
+            names = get_dataset_split_names(name, config)
+            split = next((s for s in ("validation", "test", "train") if s in names), None)
+            if split is None:
+                raise DataError(f"dataset={cfg.dataset!r}: no validation, test or train split ({names})")
+        ds = load_dataset(name, config, split=split)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"dataset={cfg.dataset!r}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    if cfg.text_column not in ds.column_names:
+        raise DataError(f"dataset={cfg.dataset!r}: no column '{cfg.text_column}' (columns: {', '.join(ds.column_names)})")
+    fingerprint = getattr(ds, "_fingerprint", f"{name}:{config}:{split}")
+    return [t for t in ds[cfg.text_column] if isinstance(t, str)], f"{cfg.dataset}:{split}:{fingerprint}"
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    h = hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab, tokenizer.eos_token_id]).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where tokenized blocks are cached: ``HF_LLMC_CACHE/tokens``."""
+    return cache_root() / "tokens"
+
+
+def load_blocks(tokenizer, cfg: DataConfig, model_config=None, *, use_cache: bool = True) -> TokenBlocks:
+    """Tokenize the configured data into ``[N, seq_len]`` blocks (see the module protocol)."""
+    cfg.validate()
+    limit = max_positions(model_config) if model_config is not None else None
+    seq_len = cfg.seq_len or (default_seq_len(model_config) if model_config is not None else 1024)
+    if limit and seq_len > limit:
+        raise DataError(f"seq_len={seq_len}: above the model's maximum positions ({limit})")
+    docs, digest = _read_documents(cfg)
+    key = hashlib.sha256(
+        json.dumps([digest, _tokenizer_fingerprint(tokenizer), cfg.text_column, seq_len, cfg.max_tokens]).encode()
+    ).hexdigest()[:24]
+    source = cfg.data or cfg.dataset
+    cached = cache_dir() / f"{key}.pt"
+    if use_cache and cached.is_file():
+        try:
+            return TokenBlocks(torch.load(cached, weights_only=True), source, key)
+        except Exception:
+            pass  # a damaged cache entry is rebuilt
+    ids = tokenize_stream(tokenizer, docs, cfg.max_tokens)
+    if not ids:
+        raise DataError(f"{source}: no tokens in the evaluation data")
+    n = len(ids) // seq_len
+    if n == 0:
+        raise DataError(f"{source}: {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
+    blocks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if use_cache:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".tmp{os.getpid()}")
+            torch.save(blocks, tmp)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # caching is an optimisation only
+    return TokenBlocks(blocks, source, key)
+
+
+def tokenize_stream(tokenizer, docs: list[str], max_tokens: int) -> list[int]:
+    """Concatenate tokenized documents with EOS between them, capped at ``max_tokens``."""
+    eos = tokenizer.eos_token_id
+    out: list[int] = []
+    for doc in docs:
+        if not doc:
+            continue
+        if out and eos is not None:
+            out.append(eos)
+        out.extend(tokenizer(doc)["input_ids"])
+        if len(out) >= max_tokens:
+            break
+    return out[:max_tokens]
+
+
+def blocks_for(pair, data: DataConfig | TokenBlocks | str | os.PathLike | torch.Tensor) -> TokenBlocks:
+    """Token blocks for ``pair`` from a :class:`DataConfig`, a local file path, ready blocks or an
+    id tensor (text is tokenized with A's tokenizer, blocks fit A's maximum positions).
+
+    Raises:
+        DataError: the data cannot be read or cut into blocks.
+        PairError: text was given but the pair has no tokenizer.
+    """
+    if isinstance(data, TokenBlocks):
+        return data
+    if isinstance(data, torch.Tensor):
+        return TokenBlocks(data, "tensor", "tensor")
+    if isinstance(data, (str, os.PathLike)):
+        data = DataConfig(data=str(data))
+    if pair.tokenizer is None:
+        raise PairError(f"{display_name(pair.source_a)}: no tokenizer; pass token blocks instead")
+    return load_blocks(pair.tokenizer, data, pair.model.config)

@@ -1,0 +1,355 @@
+"""Loss, perplexity and top-1 accuracy of the live model on fixed token blocks.
+
+Per-block sums are kept so barriers get paired standard errors. Prefix reuse: when only decoder
+blocks ``k..L-1`` (or the head) differ from the base model, the hidden states entering block ``k``
+are computed once under the base model and fed back through the model's own forward, skipping
+blocks ``0..k-1`` (each skipped block returns its input; block ``k-1`` returns the cached states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config.errors import NonFiniteLossError
+from ..model.architecture import find_block_list
+
+DEFAULT_CPU_BATCH = 8
+DEFAULT_GPU_BATCH = 32
+
+
+@dataclass
+class BlockStats:
+    """Per-block sums over the predicted positions (``tokens_per_block`` = seq_len - 1)."""
+
+    indices: torch.Tensor  # [n] block indices into the token-block tensor
+    loss_sum: torch.Tensor  # [n] float64 summed cross-entropy (nats)
+    correct: torch.Tensor  # [n] int64 top-1 hits
+    tokens_per_block: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.indices.numel()) * self.tokens_per_block
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_sum.sum() / self.tokens)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.sum()) / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if math.isfinite(self.loss) and self.loss < 700 else float("inf")
+
+    @property
+    def block_loss(self) -> torch.Tensor:
+        """Mean loss of each block (float64)."""
+        return self.loss_sum / self.tokens_per_block
+
+    @property
+    def block_error(self) -> torch.Tensor:
+        """Top-1 error rate of each block (float64)."""
+        return 1.0 - self.correct.double() / self.tokens_per_block
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+
+
+class _Stop(Exception):
+    """Aborts a forward once the wanted hidden states were captured."""
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the input embeddings (where input ids must go)."""
+    emb = model.get_input_embeddings()
+    return emb.weight.device if emb.weight.device.type != "meta" else torch.device("cpu")
+
+
+class Evaluator:
+    """Evaluates the live model on ``blocks`` ([N, seq_len] token ids), optionally reusing a prefix."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: torch.Tensor,
+        block_list: nn.ModuleList,
+        *,
+        batch_size: int | None = None,
+        cache_device: str | torch.device | None = None,
+        shard=None,
+        prefix_store_bytes: int = 0,
+    ):
+        self.model = model
+        # Hidden states entering every block, recorded per base state during a full forward
+        # run with ``record=True`` while they fit in ``prefix_store_bytes`` (0 = off).
+        self.prefix_store_bytes = prefix_store_bytes
+        self._store: dict[tuple, list[torch.Tensor]] = {}  # (state, batch) -> [h_1 .. h_{L-1}]
+        self._store_bytes = 0
+        # Data-parallel split (hf_llmc.distributed.DataShard): this process evaluates its share
+        # of the blocks and gathers every process's per-block sums. None = all blocks here.
+        self.shard = shard
+        self.blocks = blocks
+        self.block_list = block_list
+        self.device = model_device(model)
+        self.batch_size = batch_size or (DEFAULT_GPU_BATCH if self.device.type == "cuda" else DEFAULT_CPU_BATCH)
+        self.cache_device = torch.device(cache_device) if cache_device else None
+        self._formats: list[int] | None = None  # per block: 0 = tensor output, n = tuple of n
+        self._cache: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}  # batch -> (k, hidden)
+        self._state: object = None
+        self.forward_calls = 0
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _record_formats(self) -> None:
+        formats: list[int] = [0] * len(self.block_list)
+
+        def hook(i):
+            def fn(_mod, _args, out):
+                formats[i] = len(out) if isinstance(out, tuple) else 0
+
+            return fn
+
+        handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(self.block_list)]
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=self.blocks[:1, :2].to(self.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        self._formats = formats
+
+    @contextlib.contextmanager
+    def _skipping(self, start: int, hidden: torch.Tensor | None) -> Iterator[None]:
+        """Blocks < start return their input; block start-1 returns ``hidden``."""
+        if start <= 0:
+            yield
+            return
+        if self._formats is None:
+            self._record_formats()
+        patched = []
+
+        def passthrough(i, inject):
+            n = self._formats[i]
+
+            def forward(hidden_states=None, *args, **kwargs):
+                h = inject if inject is not None else hidden_states
+                return h if n == 0 else (h,) + (None,) * (n - 1)
+
+            return forward
+
+        try:
+            for i in range(start):
+                block = self.block_list[i]
+                inject = hidden if i == start - 1 else None
+                # An instance-level forward (accelerate's device/offload hook) is put back after.
+                patched.append((block, block.__dict__.get("forward")))
+                block.forward = passthrough(i, inject)
+            yield
+        finally:
+            for block, previous in patched:
+                if previous is None:
+                    del block.forward
+                else:
+                    block.forward = previous
+
+    @contextlib.contextmanager
+    def _capturing(self, stop: int, sink: list) -> Iterator[None]:
+        """Capture the output of block stop-1 (= hidden states entering block ``stop``) and abort."""
+
+        def hook(_mod, _args, out):
+            sink.append(out[0] if isinstance(out, tuple) else out)
+            raise _Stop
+
+        handle = self.block_list[stop - 1].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # -- forward ------------------------------------------------------------------------------
+    def _logits(self, ids: torch.Tensor, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+        with self._skipping(start, hidden):
+            self.forward_calls += 1
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    def _hidden(self, ids: torch.Tensor, stop: int, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+        sink: list = []
+        with self._skipping(start, hidden), self._capturing(stop, sink):
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+        return sink[0]
+
+    def _batches(self, indices: torch.Tensor) -> Iterator[torch.Tensor]:
+        for i in range(0, indices.numel(), self.batch_size):
+            yield indices[i : i + self.batch_size]
+
+    # -- prefix cache -------------------------------------------------------------------------
+    def invalidate(self) -> None:
+        """Forget cached prefixes (call when the base state of the model changes)."""
+        self._cache = {}
+        self._store, self._store_bytes = {}, 0
+
+    @contextlib.contextmanager
+    def _recording(self, idx: torch.Tensor) -> Iterator[None]:
+        """Keep every block's output (the hidden states entering the next block) for batch
+        ``idx`` under the current state, unless that would exceed ``prefix_store_bytes``."""
+        outs: list[torch.Tensor] = []
+        used = [self._store_bytes, True]
+
+        def hook(_mod, _args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            size = h.numel() * h.element_size()
+            if not used[1] or used[0] + size > self.prefix_store_bytes:
+                used[1] = False
+                outs.clear()
+                return
+            outs.append(h.detach().clone().to(self.cache_device or self.device))
+            used[0] += size
+
+        handles = [b.register_forward_hook(hook) for b in self.block_list[:-1]]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        if used[1] and len(outs) == len(self.block_list) - 1:
+            self._store[(self._state, tuple(idx.tolist()))] = outs
+            self._store_bytes = used[0]
+
+    def _prefix(self, k: int, idx: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering block k for the batch ``idx`` under the current (base) model.
+
+        One entry per batch; a later k continues from the cached earlier one."""
+        key = tuple(idx.tolist())
+        stored = self._store.get((self._state, key))
+        if stored is not None and 0 < k <= len(stored):
+            return stored[k - 1].to(self.device)
+        prev_k, prev = self._cache.get(key, (0, None))
+        if prev is not None and prev_k == k:
+            return prev.to(self.device)
+        if prev_k > k:
+            prev_k, prev = 0, None
+        ids = self.blocks[idx].to(self.device)
+        hidden = self._hidden(ids, k, prev_k, prev.to(self.device) if prev is not None else None)
+        self._cache[key] = (k, hidden.to(self.cache_device or self.device))
+        return hidden
+
+    # -- public -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(
+        self, indices: Sequence[int] | torch.Tensor | None = None, start_block: int | None = None, state: object = None,
+        record: bool = False,
+    ) -> BlockStats:
+        """Evaluate the live model on the given blocks (default: all).
+
+        ``start_block=k`` reuses the base model's hidden states entering block k (valid only when
+        the model differs from the base in blocks >= k / final norm / head, and the base has not
+        changed since the cache was filled). ``state`` names the base state (e.g. "a"/"b"): the
+        prefix cache is dropped whenever it changes.
+
+        ``record=True`` promises that the live model holds exactly the base ``state``: a full
+        forward then keeps the hidden states entering every block (within
+        ``prefix_store_bytes``), so later prefixes of that state cost no forward at all. The
+        recorded states are kept per ``state`` until :meth:`invalidate`.
+        """
+        if state != self._state:
+            self._cache = {}  # the incremental cache follows one state; the store is per state
+            self._state = state
+        if indices is None:
+            indices = torch.arange(self.blocks.shape[0])
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        k = start_block or 0
+        local = indices if self.shard is None else self.shard.split(indices)
+        while True:
+            try:
+                stats = self._run(local, k, record and k == 0 and self.prefix_store_bytes > 0)
+                return stats if self.shard is None else self.shard.gather(stats, indices)
+            except torch.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                self.invalidate()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _run(self, indices: torch.Tensor, k: int, record: bool = False) -> BlockStats:
+        loss_sums, corrects = [], []
+        for idx in self._batches(indices):
+            ids = self.blocks[idx].to(self.device)
+            hidden = self._prefix(k, idx) if k > 0 else None
+            with self._recording(idx) if record else contextlib.nullcontext():
+                logits = self._logits(ids, k, hidden)
+            ls, cs = token_stats(logits, ids)
+            loss_sums.append(ls.cpu())
+            corrects.append(cs.cpu())
+        return BlockStats(
+            indices=indices,
+            loss_sum=torch.cat(loss_sums) if loss_sums else torch.zeros(0, dtype=torch.float64),
+            correct=torch.cat(corrects) if corrects else torch.zeros(0, dtype=torch.long),
+            tokens_per_block=self.blocks.shape[1] - 1,
+        )
+
+
+def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed next-token cross-entropy (float64) and top-1 hits.
+
+    Computed one sequence at a time so the float32 temporaries stay one sequence large."""
+    target = ids[:, 1:].to(logits.device)
+    loss_sum = torch.empty(ids.shape[0], dtype=torch.float64)
+    correct = torch.empty(ids.shape[0], dtype=torch.long)
+    for row in range(ids.shape[0]):
+        row_logits = logits[row, :-1].float()
+        ce = F.cross_entropy(row_logits, target[row], reduction="none")
+        loss_sum[row] = ce.double().sum().cpu()
+        correct[row] = (row_logits.argmax(dim=-1) == target[row]).sum().cpu()
+    return loss_sum, correct
+
+
+# -- the pair's evaluations ---------------------------------------------------------------------------
+def evaluator_for(pair, blocks, batch_size: int | None = None) -> Evaluator:
+    """An :class:`Evaluator` of ``pair``'s live model on ``blocks`` (a
+    :class:`~hf_llmc.engine.data.TokenBlocks`), data-parallel when ``pair.shard`` is set."""
+    _, block_list = find_block_list(pair.model)
+    return Evaluator(pair.model, blocks.ids, block_list, batch_size=batch_size, shard=pair.shard)
+
+
+def check_finite(stats: BlockStats, what: str) -> BlockStats:
+    """``stats`` unchanged, or :class:`~hf_llmc.config.errors.NonFiniteLossError` naming ``what``."""
+    if not math.isfinite(stats.loss):
+        raise NonFiniteLossError(
+            f"{what}: non-finite loss ({stats.loss}); a checkpoint holds NaN/inf weights or the dtype overflows"
+        )
+    return stats
+
+
+def endpoint(pair, which: str, ev: Evaluator, blocks, indices=None) -> BlockStats:
+    """Stats of the full model ``which`` ("a" or "b"), cached per token set on the pair.
+
+    Raises:
+        NonFiniteLossError: the model's loss is NaN or infinite.
+    """
+    idx = torch.arange(blocks.num_blocks) if indices is None else torch.as_tensor(indices)
+    key = (which, blocks.fingerprint, tuple(idx.tolist()))
+    if key not in pair.endpoint_cache:
+        pair.interp.set_base(which)
+        pair.endpoint_cache[key] = check_finite(ev.run(idx, state=which), f"model {which.upper()}")
+    return pair.endpoint_cache[key]
+
+
+def point(pair, ev: Evaluator, group, alpha: float, *, base: str = "a", method: str = "lerp",
+          indices=None, prefix: bool = True) -> BlockStats:
+    """Stats of the path point of ``group`` at α into ``base`` (the live model is restored afterwards);
+    with ``prefix``, blocks before the group's first block are not recomputed."""
+    pair.interp.set_base(base)
+    start = group.first_block if prefix and group.first_block else None
+    with pair.interp.at([group], alpha, method):
+        return ev.run(indices, start_block=start, state=base)

@@ -1,0 +1,261 @@
+"""ModelPair: one live transformers model plus lazy access to both checkpoints (state only:
+loading and compatibility).
+
+Only A is instantiated. B's tensors are read on demand from its checkpoint; nothing of B is
+materialised at load time. The pair checks compatibility (architecture, parameter names and
+shapes, tokenizer vocabulary) before any number is computed. Evaluating, scanning and merging a
+pair are functions of the layers above (:mod:`hf_llmc.engine`, :mod:`hf_llmc.analyses`,
+:mod:`hf_llmc.outputs`); :class:`hf_llmc.ModelPair` adds them as one-line methods.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+
+import torch
+
+from ..config.errors import CheckpointError, PairError
+from ..config.load import LoadConfig
+from ..config.security import display_name
+from .architecture import Architecture, discover, load_config, meta_model
+from .cache import architecture_key, load_architecture, read_config, store_architecture
+from .checkpoint import open_source
+from .checkpoint.adapters import AdapterCheckpoint, base_identity
+from .checkpoint.adapters import attach as attach_adapters
+from .checkpoint.folders import TOKENIZER_PATTERNS
+from .checkpoint.fused import FusedAssembler, fused_pieces
+from .checkpoint.lazy import LazyCheckpoint
+from .interpolation import Interpolator
+from .placement import attach as attach_placement
+from .placement import load_kwargs, resolve_device
+from .selection import Group, make_group, resolve
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_same_architecture(a: tuple, b: tuple) -> None:
+    """A's and B's ``(model_type, architectures)`` must agree.
+
+    Raises:
+        PairError: naming both.
+    """
+    if a != b:
+        raise PairError(f"architecture mismatch: A is {a[0]} {a[1]}, B is {b[0]} {b[1]}")
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool):
+    """The tokenizer in ``folder`` (None when it has none that loads)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+class ModelPair:
+    """A live model holding A (or B), with lazy checkpoints of both."""
+
+    def __init__(self, model, tokenizer, arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint, load: LoadConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.ckpt_a = ckpt_a
+        self.ckpt_b = ckpt_b
+        live = model is not None and next(iter(model.parameters())).device.type != "meta"
+        for ckpt in (ckpt_a, ckpt_b):
+            ckpt.stored_names = arch.stored_names
+            if arch.fused and live:  # the live model's fused parameters are read assembled
+                ckpt.fused, ckpt.assembler = frozenset(arch.fused), FusedAssembler(model, arch, ckpt)
+        self.load = load
+        self.interp = Interpolator(model, arch, ckpt_a, ckpt_b)
+        # Endpoint statistics per (model, token set, blocks), filled by hf_llmc.engine.evaluation.endpoint.
+        self.endpoint_cache: dict[tuple, object] = {}
+        # Data-parallel evaluation across processes (hf_llmc.analyses.distributed.DataShard) or None.
+        self.shard = None
+
+    @property
+    def source_a(self) -> str:
+        return self.ckpt_a.source
+
+    @property
+    def source_b(self) -> str:
+        return self.ckpt_b.source
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        a: str | os.PathLike,
+        b: str | os.PathLike,
+        *,
+        revision_a: str | None = None,
+        revision_b: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str = "auto",
+        device_map: str | dict | None = None,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        token: str | bool | None = None,
+        base_model: str | os.PathLike | None = None,
+        max_memory: str | dict | None = None,
+        offload_folder: str | os.PathLike | None = None,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
+        keep_modules: list[str] | None = None,
+    ) -> "ModelPair":
+        """Load A as the live model and open both checkpoints lazily; verify compatibility.
+
+        A or B may be a PEFT LoRA adapter (its base + the adapter; ``base_model`` overrides the
+        recorded base). ``device_map`` / ``max_memory`` / ``offload_folder`` place the model
+        across devices, CPU and disk; ``load_in_8bit`` / ``load_in_4bit`` quantize every weight
+        outside ``keep_modules`` (see :mod:`hf_llmc.model.placement`)."""
+        from transformers import AutoModelForCausalLM
+
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        load = LoadConfig(
+            revision_a, revision_b, dtype, device, device_map, trust_remote_code, allow_pickle,
+            base_model=None if base_model is None else str(base_model),
+            max_memory=max_memory, offload_folder=None if offload_folder is None else str(offload_folder),
+            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_modules=keep_modules,
+        )
+        load.validate()
+        ckpt_a = open_source(a, revision=revision_a, allow_pickle=allow_pickle, token=token, base_model=base_model)
+        ckpt_b = open_source(b, revision=revision_b, allow_pickle=allow_pickle, token=token, base_model=base_model)
+        cfg_a = load_config(ckpt_a.folder, trust_remote_code)
+        cfg_b = load_config(ckpt_b.folder, trust_remote_code)
+        check_same_architecture((cfg_a.model_type, cfg_a.architectures), (cfg_b.model_type, cfg_b.architectures))
+        kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=not ckpt_a.pickled)
+        if dtype is not None:
+            kwargs["dtype"] = DTYPES[dtype]
+        placed = load_kwargs(
+            device=resolve_device(device), device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_modules=keep_modules,
+            dtype=kwargs.get("dtype"),
+        )
+        kwargs.update(placed)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ckpt_a.folder, **kwargs)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{display_name(a)}: cannot load the model ({str(err).splitlines()[0][:200]})") from None
+        model.eval()
+        if "device_map" not in placed:
+            model.to(resolve_device(device))
+        arch = discover(model)
+        pair = cls(model, load_tokenizer(ckpt_a.folder, trust_remote_code), arch, ckpt_a, ckpt_b, load)
+        attach_placement(pair)  # offloaded / quantized weights: a writer, checkpoint shapes
+        pair.check_compatible(load_tokenizer(ckpt_b.folder, trust_remote_code))
+        attach_adapters(pair)  # adapters: the live model holds A's merged values
+        return pair
+
+    def check_compatible(self, tokenizer_b) -> None:
+        """Same parameter names and shapes in B (fused parameters: the same stored pieces) and
+        the same vocabulary."""
+        mismatches, missing = [], []
+        for name in self.arch.parameters:
+            key = self.ckpt_b.key_for(name, self.arch.aliases)
+            if key is None:
+                missing.append(name)
+                continue
+            shape_b = self.ckpt_b.shape(key)
+            if shape_b != self.arch.shapes[name]:
+                mismatches.append(f"{name} {tuple(self.arch.shapes[name])} vs {shape_b}")
+        if mismatches:
+            more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+            raise PairError(f"shape mismatch between A and B: {'; '.join(mismatches[:3])}{more}")
+        fused = [n for n in missing if n in self.arch.fused]
+        if fused:
+            pieces_a = {k: self.ckpt_a.shape(k) for _, keys in fused_pieces(self.arch, self.ckpt_a).values() for k in keys}
+            pieces_b = {k: self.ckpt_b.shape(k) for _, keys in fused_pieces(self.arch, self.ckpt_b).values() for k in keys}
+            if pieces_a != pieces_b:
+                diff = sorted(set(pieces_a.items()) ^ set(pieces_b.items()))[:1]
+                raise PairError(f"the stored pieces of the fused tensors differ between A and B (first: {diff[0][0]})")
+            missing = [n for n in missing if n not in fused]
+        if missing:
+            more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise PairError(f"B lacks parameters of A: {', '.join(missing[:3])}{more}")
+        if self.tokenizer is not None and tokenizer_b is not None:
+            va, vb = self.tokenizer.get_vocab(), tokenizer_b.get_vocab()
+            if va != vb:
+                diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
+                raise PairError(
+                    f"different tokenizer vocabularies (A {len(va)} tokens, B {len(vb)}; first differences: "
+                    f"{', '.join(repr(t) for t, _ in diff)})"
+                )
+
+    def groups(self, spec: str | None) -> list[Group]:
+        """Resolve a layer spec (None = the whole model as one group named ``full``)."""
+        if spec is None:
+            return [self.full_group()]
+        return resolve(spec, self.arch)
+
+    def full_group(self) -> Group:
+        return make_group(self.arch, "full", "full", self.arch.parameters)
+
+
+def same_tokenizer_files(a: Path, b: Path) -> bool:
+    """Whether both folders hold the same tokenizer files, byte for byte (then their
+    vocabularies are equal without loading either tokenizer)."""
+    def files(folder: Path) -> dict[str, Path]:
+        return {f.name: f for f in Path(folder).iterdir()
+                if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in TOKENIZER_PATTERNS)}
+
+    fa, fb = files(a), files(b)
+    return fa.keys() == fb.keys() and all(fa[n].stat().st_size == fb[n].stat().st_size and fa[n].read_bytes() == fb[n].read_bytes() for n in fa)
+
+
+def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | None = None, revision_b: str | None = None,
+              trust_remote_code: bool = False, allow_pickle: bool = False, token: str | bool | None = None,
+              base_model: str | os.PathLike | None = None) -> ModelPair:
+    """A :class:`ModelPair` without a live model, for streaming a merge or computing distances:
+    both checkpoints are opened lazily and checked for compatibility, nothing is loaded.
+
+    A or B may be a PEFT adapter (``base_model`` overrides its recorded base). When both folders
+    hold the same tokenizer files, no tokenizer is loaded (``pair.tokenizer`` is None); otherwise
+    their vocabularies are compared. When this config was seen before (:mod:`hf_llmc.model.cache`)
+    as well, nothing of transformers is imported and ``pair.model`` is None; otherwise the model
+    is instantiated on the meta device to discover its architecture (``pair.model`` is that meta
+    model).
+
+    Raises:
+        CheckpointError: a checkpoint cannot be opened.
+        PairError: the two checkpoints are not compatible.
+    """
+    opts = dict(allow_pickle=allow_pickle, token=token, base_model=base_model)
+    ckpt_a = open_source(a, revision=revision_a, **opts)
+    ckpt_b = open_source(b, revision=revision_b, **opts)
+    if isinstance(ckpt_a, AdapterCheckpoint) and isinstance(ckpt_b, AdapterCheckpoint) and base_identity(ckpt_a) != base_identity(ckpt_b):
+        raise PairError(
+            f"the adapters are on different base models: A on {display_name(ckpt_a.base.source)}, "
+            f"B on {display_name(ckpt_b.base.source)}; pass base_model= to use one base for both"
+        )
+    load = LoadConfig(revision_a=revision_a, revision_b=revision_b, trust_remote_code=trust_remote_code,
+                      allow_pickle=allow_pickle, base_model=None if base_model is None else str(base_model))
+    same_tokenizer = same_tokenizer_files(ckpt_a.folder, ckpt_b.folder)
+    raw_a, raw_b = read_config(ckpt_a.folder), read_config(ckpt_b.folder)
+    key = architecture_key(raw_a) if raw_a is not None and raw_b is not None and not trust_remote_code else None
+    arch = load_architecture(key)
+    if arch is not None and same_tokenizer:
+        check_same_architecture(*[(c.get("model_type"), c.get("architectures")) for c in (raw_a, raw_b)])
+        pair = ModelPair(None, None, arch, ckpt_a, ckpt_b, load)
+        try:
+            pair.check_compatible(None)
+            return pair
+        except PairError:
+            pass  # the checkpoints disagree with the cached entry: discover again (and report from there)
+    cfg_a = load_config(ckpt_a.folder, trust_remote_code)
+    cfg_b = load_config(ckpt_b.folder, trust_remote_code)
+    check_same_architecture((cfg_a.model_type, cfg_a.architectures), (cfg_b.model_type, cfg_b.architectures))
+    model = meta_model(cfg_a, trust_remote_code=trust_remote_code)
+    tokenizer = None if same_tokenizer else load_tokenizer(ckpt_a.folder, trust_remote_code)
+    pair = ModelPair(model, tokenizer, discover(model), ckpt_a, ckpt_b, load)
+    pair.check_compatible(None if same_tokenizer else load_tokenizer(ckpt_b.folder, trust_remote_code))
+    store_architecture(key, pair.arch)  # only once the checkpoints agree with it
+    return pair

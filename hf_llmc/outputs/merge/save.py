@@ -1,0 +1,159 @@
+"""A merged model folder, written atomically: streamed weights, the base's config and tokenizer
+files, ``hf_llmc_config.yaml`` (a recipe that rebuilds it) and a model card; optionally evaluated
+and pushed to the Hub."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...analyses.autoselect import AutoChoice, auto_select
+from ...config.data import DataConfig
+from ...config.merge import DEFAULT_MAX_BARRIER, DEFAULT_MAX_SHARD_SIZE, AutoConfig, ExportConfig, MergeSpec, PushConfig, as_spec
+from ...config.security import redact
+from ...engine.io import atomic_output_dir, check_output_dir
+from ...model.checkpoint.folders import COPY_PATTERNS
+from ..card import merge_card
+from ..hub import push_folder
+from .evaluate import evaluate_merge
+from .plan import MergePlan, plan_merge
+from .reproduce import merge_command, merge_provenance, reproduction_recipe
+from .writer import INDEX_FILE, OUT_DTYPES, Progress, shard_size_bytes, write_tensors
+
+CONFIG_FILE = "hf_llmc_config.yaml"
+CARD_FILE = "README.md"
+
+
+def copy_base_files(folder: Path, dest: Path, dtype: str | None = None) -> list[str]:
+    """Copy config, generation config and tokenizer files; record a changed dtype in config.json."""
+    copied = []
+    for item in sorted(folder.iterdir()):
+        if item.is_file() and any(fnmatch.fnmatch(item.name, p) for p in COPY_PATTERNS):
+            shutil.copyfile(item, dest / item.name)
+            copied.append(item.name)
+    if dtype is not None and (dest / "config.json").is_file():
+        config = json.loads((dest / "config.json").read_text())
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        for k in keys:
+            config[k] = dtype
+        (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return copied
+
+
+@dataclass
+class MergeResult:
+    """What :func:`save_merged` wrote."""
+
+    folder: Path
+    files: list[str]
+    plan: MergePlan
+    spec: MergeSpec
+    evaluation: dict | None = None
+    command: str = ""
+    url: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def sharded(self) -> bool:
+        return INDEX_FILE in self.files
+
+
+def save_merged(
+    pair,
+    spec: MergeSpec | str | dict,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    data=None,
+    batch_size: int | None = None,
+    evaluation: dict | None = None,
+    auto=None,
+    push: PushConfig | None = None,
+    card: bool = True,
+    progress: Progress = False,
+) -> MergeResult:
+    """Stream the merge of ``pair`` described by ``spec`` into ``out_dir`` (atomically).
+
+    Reads each tensor from the pair's lazy checkpoints (the live model, if any, is not used for
+    writing). ``data`` (a :class:`~hf_llmc.config.data.DataConfig`, path or token blocks) adds A's,
+    B's and the merged model's perplexity and the merged groups' barrier to the card (needs a live
+    model); ``evaluation`` passes such numbers in precomputed. ``auto`` (an
+    :class:`~hf_llmc.analyses.autoselect.AutoChoice`) records an automatic choice. ``push`` uploads
+    the finished folder with :func:`hf_llmc.outputs.hub.push_folder`. ``progress``: True shows a
+    bar on a terminal, a callable is called as ``progress(done, total)`` after each tensor.
+
+    Returns:
+        A :class:`MergeResult` (folder, files, plan, evaluation, reproduction command, URL).
+
+    Raises:
+        MergeSpecError: a bad spec, dtype or shard size.
+        OutputExistsError: ``out_dir`` is not empty without ``overwrite``, or not writable.
+        NonFiniteTensorError: a merged tensor holds NaN/inf (nothing is written).
+    """
+    t0 = time.perf_counter()
+    spec = as_spec(spec)
+    plan = plan_merge(pair.arch, spec)
+    export = ExportConfig(out=str(out_dir), max_shard_size=str(max_shard_size), dtype=dtype, overwrite=overwrite)
+    export.validate()
+    shard_size_bytes(max_shard_size)
+    check_output_dir(out_dir, overwrite)
+    if isinstance(data, (str, os.PathLike)):
+        data = DataConfig(data=str(data))
+    data_cfg = data
+    if data is not None and evaluation is None:
+        evaluation = evaluate_merge(pair, spec, data, batch_size=batch_size)
+    if data_cfg is not None and not hasattr(data_cfg, "max_tokens"):
+        data_cfg = None  # token blocks / tensors: nothing reproducible to record
+    base_ckpt = pair.ckpt_a if spec.base == "a" else pair.ckpt_b
+    command = merge_command(pair.source_a, pair.source_b, spec, export, load=pair.load, data=data_cfg, push=push)
+    if auto is not None:
+        auto = {**auto.to_dict(), "command": merge_command(pair.source_a, pair.source_b, spec, export, load=pair.load,
+                                                           data=data_cfg, push=push, auto=auto)}
+    recipe = reproduction_recipe(pair.source_a, pair.source_b, pair.ckpt_a.revision, pair.ckpt_b.revision, spec, export,
+                                 load=pair.load, data=data_cfg)
+    recipe["provenance"] = merge_provenance(pair, base_ckpt, dtype, evaluation)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        files = write_tensors(pair, plan, tmp, max_shard_size=max_shard_size,
+                              dtype=OUT_DTYPES[dtype] if dtype else None, progress=progress)
+        files += copy_base_files(base_ckpt.folder, tmp, dtype)
+        import yaml
+
+        config_text = redact(
+            "# hf-llmc merge configuration; reproduce with: hf-llmc run hf_llmc_config.yaml\n"
+            + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+        )
+        (tmp / CONFIG_FILE).write_text(config_text)
+        files.append(CONFIG_FILE)
+        if card:
+            text = merge_card(
+                source_a=pair.source_a, source_b=pair.source_b,
+                revision_a=pair.ckpt_a.revision, revision_b=pair.ckpt_b.revision,
+                plan=plan, spec=spec, command=command, config_yaml=config_text,
+                evaluation=evaluation, auto=auto, license_folder=pair.ckpt_a.folder,
+                model_name=Path(out_dir).resolve().name, repo_id=push.push_to_hub if push else None,
+            )
+            (tmp / CARD_FILE).write_text(text)
+            files.append(CARD_FILE)
+    result = MergeResult(Path(out_dir), files, plan, spec, evaluation, command, seconds=time.perf_counter() - t0)
+    if push is not None and push.push_to_hub:
+        result.url = push_folder(result.folder, push.push_to_hub, private=push.private, revision=push.revision,
+                                 commit_message=push.commit_message)
+    return result
+
+
+def auto_merge(pair, data, out_dir: str | os.PathLike, *, max_barrier: float = DEFAULT_MAX_BARRIER, alpha: float = 0.5, base: str = "a",
+               method: str = "lerp", candidates: str | None = None, scan_dir: str | None = None,
+               batch_size: int | None = None, **save_kwargs) -> tuple[AutoChoice, MergeResult]:
+    """:func:`~hf_llmc.analyses.autoselect.auto_select` then :func:`save_merged` with the choice
+    recorded in the card (what ``hf-llmc merge --auto`` does); returns ``(choice, MergeResult)``."""
+    cfg = AutoConfig(auto=True, scan_dir=scan_dir, max_barrier=max_barrier, auto_layers=candidates)
+    choice = auto_select(pair, data, cfg, alpha=alpha, base=base, method=method, batch_size=batch_size)
+    result = save_merged(pair, choice.spec(), out_dir, data=data, batch_size=batch_size, auto=choice, **save_kwargs)
+    return choice, result
