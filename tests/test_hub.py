@@ -103,6 +103,7 @@ def runs(hub, model_dir, tmp_path_factory):
         "no-token": ([str(model_dir), "tester/none"], dead, None, None),
         "wrong-token": ([str(model_dir), "tester/wrong"], hub.url, SENTINEL, None),
         "unreachable": ([str(model_dir), "tester/dead"], dead, SENTINEL, None),
+        "imports": ([str(model_dir), "tester/light"], hub.url, VALID, None),  # run with -X importtime
     }
     procs = {}
     for name, (argv, endpoint, token, stored) in cases.items():
@@ -110,7 +111,7 @@ def runs(hub, model_dir, tmp_path_factory):
         case_dir.mkdir()
         procs[name] = (
             subprocess.Popen(
-                [sys.executable, "-m", "hf_llmc", "push", *argv],
+                [sys.executable, *(["-X", "importtime"] if name == "imports" else []), "-m", "hf_llmc", "push", *argv],
                 cwd=case_dir,
                 env=cli_env(case_dir, endpoint, token, stored_token=stored),
                 stdout=subprocess.PIPE,
@@ -183,6 +184,15 @@ def test_push_to_branch_with_stored_login(runs, hub, model_dir):
     assert hub.files("tester/branchy", "exp/v1") == {**folder_files(model_dir), ".gitattributes": hub.files("tester/branchy")[".gitattributes"]}
     assert set(hub.files("tester/branchy", "main")) == {".gitattributes"}  # main untouched
     assert hub.commits("tester/branchy", "exp/v1")[-1].summary == "Upload merged-model with hf-llmc"
+
+
+def test_push_imports_neither_torch_nor_transformers(runs, hub):
+    rc, out, err, _ = runs["imports"]
+    assert rc == 0, err[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in err.splitlines() if line.startswith("import time:")}
+    assert "huggingface_hub" in imported  # the import list was read
+    assert not {m.split(".")[0] for m in imported} & {"torch", "transformers"}
+    assert "tester/light" in hub.repos
 
 
 def _assert_one_line_error(err: str) -> str:

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..config.security import display_name, redact
+from ..config.version import __version__
 
 TEMPLATE = "hf_llmc_merge.md"
 TAGS = ["merge", "hf-llmc", "layer-wise-lmc"]
@@ -89,7 +90,6 @@ def merge_card(
     """Render the card of a merge (``plan``/``spec`` from :mod:`hf_llmc.outputs.merge`) as README.md text."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .. import __version__
 
     name_a, name_b = display_name(source_a), display_name(source_b)
     bases = list(dict.fromkeys([name_a, name_b]))

@@ -13,6 +13,7 @@ from ...config.data import DEFAULT_MAX_TOKENS, DataConfig
 from ...config.merge import DEFAULT_ALPHA, DEFAULT_MAX_SHARD_SIZE, ExportConfig, MergeSpec, PushConfig
 from ...config.security import public_name
 from ...engine.provenance import environment, model_device_dtype
+from ...config.version import __version__
 
 
 def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportConfig, *, load=None, data=None,
@@ -78,8 +79,6 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
 def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, revision_b: str | None, spec: MergeSpec,
                         export: ExportConfig, *, load=None, data=None) -> dict:
     """A recipe (``hf-llmc run``) with one pair and one merge step that rebuilds this folder."""
-    from ... import __version__
-
     step: dict = {"sets": [f"{layers}={format_alpha(s, e)}" for layers, s, e in spec.entries()],
                   "method": spec.method, "base": spec.base}
     if spec.allow_extrapolation:
