@@ -18,6 +18,7 @@ from ..engine.stats import standard_error
 from ..model.selection import union
 from .sequential import INTERVAL_DESCRIPTION, SequentialEstimator, estimate
 
+
 @dataclass
 class BarrierResult:
     """A barrier curve: per-α loss / perplexity / accuracy, endpoint values and barriers."""

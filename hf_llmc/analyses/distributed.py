@@ -15,16 +15,15 @@ Only the main process prints and writes outputs.
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import torch
 
-from ..config.errors import ScanError, UsageError
-from ..config.files import write_json_atomic
-from ..engine.evaluation import BlockStats
-from ..engine.io import RowWriter, read_rows
 from ..config import errors as error_types
-from .scan import MANIFEST, RESULTS, _now, endpoint_row, prepare_out_dir, row_key, stats_from_endpoint_row
+from ..config.errors import HfLlmcError, ScanError, UsageError
+from ..engine.evaluation import BlockStats
+from ..engine.io import RESULTS, RowWriter, read_rows
+from .scan import SingleProcess, row_key
 
 PARALLEL_MODES = ("none", "data", "points")
 
@@ -126,86 +125,65 @@ def _merge_rank_files(out, keep: dict) -> list[dict]:
     return added
 
 
-def run_scan_parallel(runner, mode: str, *, resume: bool = False, overwrite: bool = False) -> list[dict] | None:
-    """Run a :class:`~hf_llmc.analyses.scan.ScanRunner` under N processes; returns the rows on process 0
-    (None elsewhere).
+class Processes(SingleProcess):
+    """A scan shared between the processes of a ``torchrun`` / ``accelerate launch`` run.
 
     ``mode="data"``: every process runs every point on its share of the blocks (the runner's
-    evaluator must carry a :class:`DataShard`); process 0 writes ``results.jsonl``.
+    evaluator carries a :class:`DataShard`); process 0 writes ``results.jsonl``.
     ``mode="points"``: the points still to do (in prefix-reuse order) are split into contiguous
     per-process runs; process ``r`` writes ``results.rank{r}.jsonl``, and process 0 merges them
     into ``results.jsonl`` (also when resuming an interrupted run) and writes the manifest.
     """
-    from accelerate.utils import broadcast_object_list
 
-    if mode not in ("data", "points"):
-        raise UsageError(f"parallel={mode!r}: use data or points")
-    state = init_processes()
-    main = state.is_main_process
-    out = runner.out
-    info = {"mode": mode, "processes": int(state.num_processes)}
-    started = time.time()
-    message: list = [None, False]
-    if main:
-        try:
-            resuming = prepare_out_dir(out, runner.hashed(), resume=resume, overwrite=overwrite)
-            if resuming:  # rows of an interrupted parallel run
-                _merge_rank_files(out, {row_key(r): r for r in read_rows(out / RESULTS, repair=True)})
-            else:
-                for leftover in out.glob("results.rank*.jsonl"):
-                    leftover.unlink()
-            write_json_atomic(out / MANIFEST, runner.manifest("running", started_at=_now(), parallel=info))
-            message = [None, resuming]
-        except ScanError as err:
-            message = [f"{type(err).__name__}:{err}", False]
-    broadcast_object_list(message, from_process=0)
-    if message[0] is not None:
-        kind, _, text = message[0].partition(":")
-        raise getattr(error_types, kind, ScanError)(text)
-    rows = read_rows(out / RESULTS) if message[1] else []
-    done = {row_key(r): r for r in rows}
-    for row in rows:
-        if row.get("kind") == "endpoint":
-            runner.ends[row["base"]] = stats_from_endpoint_row(row)
-    todo = [p for p in runner.points if p.key not in done]
-    if mode == "points":
-        bounds = torch.tensor_split(torch.arange(len(todo)), state.num_processes)[state.process_index]
-        mine = [todo[i] for i in bounds.tolist()]
-        path = out / rank_results_name(state.process_index)
-    else:
-        mine = todo
-        path = out / RESULTS if main else None
-    missing_ends = [w for w in ("b", "a") if w not in runner.ends]
-    if runner.cfg.bases == ["b"]:
-        missing_ends.reverse()
-    ends_writer = RowWriter(out / RESULTS) if main and missing_ends else None
-    for which in missing_ends:  # every process needs both endpoints for its rows
-        stats = runner.endpoint(which)
-        runner.ends[which] = stats
-        if ends_writer is not None:
-            ends_writer.write(endpoint_row(which, stats))
-    if ends_writer is not None:
-        ends_writer.close()
-    writer = RowWriter(path) if path is not None else None
-    try:
-        for point in mine:
-            row = runner.result_row(point, done)
-            if writer is not None:
-                writer.write(row)
-            done[point.key] = row
-    finally:
-        if writer is not None:
-            writer.close()
-    state.wait_for_everyone()
-    if not main:
-        return None
-    all_rows = read_rows(out / RESULTS)
-    if mode == "points":
-        _merge_rank_files(out, {row_key(r): r for r in all_rows})
-        all_rows = read_rows(out / RESULTS)
-    keys = {row_key(r) for r in all_rows}
-    complete = all(p.key in keys for p in runner.points)
-    write_json_atomic(out / MANIFEST, runner.manifest(
-        "complete" if complete else "partial", started_at=_now(started),
-        elapsed_s=round(time.time() - started, 3), parallel=info))
-    return all_rows
+    def __init__(self, mode: str):
+        if mode not in ("data", "points"):
+            raise UsageError(f"parallel={mode!r}: use data or points")
+        self.mode = mode
+        self.state = init_processes()
+        self.is_main = bool(self.state.is_main_process)
+        self.info = {"mode": mode, "processes": int(self.state.num_processes)}
+
+    def prepare(self, fn):
+        from accelerate.utils import broadcast_object_list
+
+        message: list = [None, False]
+        if self.is_main:
+            try:
+                message = [None, fn()]
+            except HfLlmcError as err:  # every process raises it, none waits forever
+                message = [f"{type(err).__name__}:{err}", False]
+        broadcast_object_list(message, from_process=0)
+        if message[0] is not None:
+            kind, _, text = message[0].partition(":")
+            raise getattr(error_types, kind, ScanError)(text)
+        return message[1]
+
+    def tidy(self, out: Path, resuming: bool) -> None:
+        if resuming:  # rows of an interrupted parallel run
+            _merge_rank_files(out, {row_key(r): r for r in read_rows(out / RESULTS, repair=True)})
+        else:
+            for leftover in out.glob("results.rank*.jsonl"):
+                leftover.unlink()
+
+    def share(self, todo: list) -> list:
+        if self.mode == "data":
+            return todo
+        bounds = torch.tensor_split(torch.arange(len(todo)), self.state.num_processes)[self.state.process_index]
+        return [todo[i] for i in bounds.tolist()]
+
+    def rows_file(self, out: Path) -> Path | None:
+        if self.mode == "points":
+            return out / rank_results_name(self.state.process_index)
+        return out / RESULTS if self.is_main else None
+
+    def finish(self, out: Path) -> bool:
+        self.state.wait_for_everyone()
+        if self.is_main and self.mode == "points":
+            _merge_rank_files(out, {row_key(r): r for r in read_rows(out / RESULTS)})
+        return self.is_main
+
+
+def run_scan_parallel(runner, mode: str, *, resume: bool = False, overwrite: bool = False) -> list[dict] | None:
+    """Run a :class:`~hf_llmc.analyses.scan.ScanRunner` under N processes (see :class:`Processes`);
+    returns the rows on process 0, None elsewhere."""
+    return runner.run(resume=resume, overwrite=overwrite, processes=Processes(mode))

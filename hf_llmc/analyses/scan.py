@@ -17,6 +17,7 @@ processes (``runner.run(points=...)``) and ``runner.evaluate`` swapped for anoth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -35,8 +36,7 @@ from ..config.scan import ORDERS, ScanConfig
 from ..config.security import display_name
 from ..config.spec import BLOCK_KINDS, SpecItem, format_spec
 from ..engine.data import TokenBlocks
-from ..engine.evaluation import BlockStats, check_finite, evaluator_for
-from ..engine.evaluation import point as point_stats
+from ..engine.evaluation import BlockStats, check_finite, evaluator_for, point as point_stats
 from ..engine.io import MANIFEST, RESULTS, RowWriter, read_rows
 from ..engine.provenance import library_versions
 from ..engine.stats import standard_error
@@ -292,8 +292,14 @@ def settings_hash(hashed: dict) -> str:
 # -- execution --------------------------------------------------------------------------------------
 def _progress(enabled: bool):
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     return Progress(
@@ -447,44 +453,93 @@ class ScanRunner:
         return self.row(point, stats if stats is not None else self.evaluate(point))
 
     # -- driver -------------------------------------------------------------------------------
-    def run(self, points: list[ScanPoint] | None = None, *, resume: bool = False, overwrite: bool = False) -> list[dict]:
-        """Evaluate ``points`` (default: all) into the output folder; returns every row of the file."""
+    def run(self, points: list[ScanPoint] | None = None, *, resume: bool = False, overwrite: bool = False,
+            processes: SingleProcess | None = None) -> list[dict] | None:
+        """Evaluate ``points`` (default: all) into the output folder; returns every row of the file.
+
+        ``processes`` shares the run between processes (:class:`hf_llmc.analyses.distributed.Processes`);
+        the main process then returns the rows and every other one None."""
+        procs = processes or SingleProcess()
         points = self.points if points is None else points
-        resuming = prepare_out_dir(self.out, self.hashed(), resume=resume, overwrite=overwrite)
-        results = self.out / RESULTS
-        rows = read_rows(results, repair=True) if resuming else []
-        done = {row_key(r): r for r in rows}
         started = time.time()
-        write_json_atomic(self.out / MANIFEST, self.manifest("running", started_at=_now()))
+        extra = {"parallel": procs.info} if procs.info else {}
+
+        def prepare() -> bool:  # the main process owns the folder
+            resuming = prepare_out_dir(self.out, self.hashed(), resume=resume, overwrite=overwrite)
+            procs.tidy(self.out, resuming)
+            write_json_atomic(self.out / MANIFEST, self.manifest("running", started_at=_now(), **extra))
+            return resuming
+
+        resuming = procs.prepare(prepare)
+        results = self.out / RESULTS
+        rows = read_rows(results, repair=procs.is_main) if resuming else []
+        done = {row_key(r): r for r in rows}
         for row in rows:
             if row.get("kind") == "endpoint":
                 self.ends[row["base"]] = stats_from_endpoint_row(row)
-        todo = [p for p in points if p.key not in done]
+        mine = procs.share([p for p in points if p.key not in done])
         missing_ends = [w for w in ("b", "a") if w not in self.ends]  # end on A: base A runs first
         if self.cfg.bases == ["b"]:
             missing_ends.reverse()
-        with RowWriter(results) as writer, _progress(self.progress) as bar:
-            task = bar.add_task(self.command, total=len(todo) + len(missing_ends), current="")
-            for which in missing_ends:
+        path = procs.rows_file(self.out)  # None: this process writes no rows (data-parallel, not main)
+        with RowWriter(path) if path else contextlib.nullcontext() as writer, \
+                _progress(self.progress and procs.is_main) as bar:
+            task = bar.add_task(self.command, total=len(mine) + len(missing_ends), current="")
+            for which in missing_ends:  # every process needs both endpoints for its rows
                 bar.update(task, current=f"model {which.upper()}")
                 stats = self.endpoint(which)
-                row = endpoint_row(which, stats)
-                writer.write(row)
-                rows.append(row)
                 self.ends[which] = stats
+                if procs.is_main:
+                    row = endpoint_row(which, stats)
+                    writer.write(row)
+                    rows.append(row)
                 bar.advance(task)
-            for point in todo:
+            for point in mine:
                 bar.update(task, current=f"{point.group.name} base {point.base.upper()} α={point.alpha:g}")
                 row = self.result_row(point, done)
-                writer.write(row)
+                if writer is not None:
+                    writer.write(row)
                 rows.append(row)
                 done[point.key] = row
                 bar.advance(task)
+        if not procs.finish(self.out):
+            return None
+        if procs.info:  # the rows of every process, merged into the results file
+            rows = read_rows(results)
+            done = {row_key(r): r for r in rows}
         complete = all(p.key in done for p in self.points)
         write_json_atomic(self.out / MANIFEST, self.manifest(
             "complete" if complete else "partial", started_at=_now(started),
-            elapsed_s=round(time.time() - started, 3)))
+            elapsed_s=round(time.time() - started, 3), **extra))
         return rows
+
+
+class SingleProcess:
+    """How a run is shared between processes; here one process does everything (the default).
+    :class:`hf_llmc.analyses.distributed.Processes` shares it between several."""
+
+    is_main = True
+    #: What the manifest records as ``"parallel"`` (None: nothing).
+    info: dict | None = None
+
+    def prepare(self, fn: Callable[[], bool]) -> bool:
+        """Run ``fn`` (check and open the output folder) where the folder is owned; its result everywhere."""
+        return fn()
+
+    def tidy(self, out: Path, resuming: bool) -> None:
+        """Bring rows of an interrupted multi-process run into the results file (nothing here)."""
+
+    def share(self, todo: list[ScanPoint]) -> list[ScanPoint]:
+        """The points this process evaluates."""
+        return todo
+
+    def rows_file(self, out: Path) -> Path | None:
+        """Where this process writes its rows."""
+        return out / RESULTS
+
+    def finish(self, out: Path) -> bool:
+        """Wait for the other processes and merge their rows; True in the process that reports."""
+        return True
 
 
 def _now(ts: float | None = None) -> str:

@@ -14,9 +14,8 @@ import html
 import json
 import math
 import os
-from pathlib import Path
-
 from collections.abc import Iterable
+from pathlib import Path
 
 from ..config.errors import ScanError
 from ..config.files import write_json_atomic

@@ -12,8 +12,8 @@ from ...config.alphas import format_alpha, format_number
 from ...config.data import DEFAULT_MAX_TOKENS, DataConfig
 from ...config.merge import DEFAULT_ALPHA, DEFAULT_MAX_SHARD_SIZE, ExportConfig, MergeSpec, PushConfig
 from ...config.security import public_name
-from ...engine.provenance import environment, model_device_dtype
 from ...config.version import __version__
+from ...engine.provenance import environment, model_device_dtype
 
 
 def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportConfig, *, load=None, data=None,

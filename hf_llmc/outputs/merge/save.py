@@ -14,7 +14,15 @@ from pathlib import Path
 
 from ...analyses.autoselect import AutoChoice, auto_select
 from ...config.data import DataConfig
-from ...config.merge import DEFAULT_MAX_BARRIER, DEFAULT_MAX_SHARD_SIZE, AutoConfig, ExportConfig, MergeSpec, PushConfig, as_spec
+from ...config.merge import (
+    DEFAULT_MAX_BARRIER,
+    DEFAULT_MAX_SHARD_SIZE,
+    AutoConfig,
+    ExportConfig,
+    MergeSpec,
+    PushConfig,
+    as_spec,
+)
 from ...config.security import redact
 from ...engine.io import atomic_output_dir, check_output_dir
 from ...model.checkpoint.folders import COPY_PATTERNS
