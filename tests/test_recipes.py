@@ -88,7 +88,7 @@ def _with(path: str, value):
     ("steps.0.merge", {"layers": "bogus.0"}, "unknown kind 'bogus'"),
     ("steps.0.merge", {"alpha": 0.5}, "alpha needs layers=SPEC"),
     ("steps.0.merge", {"layers": "attn.0", "overwrite": "yes"}, "overwrite: expected true/false, got string 'yes'"),
-    ("steps.0.merge", {"auto": True, "layers": "attn.0"}, "auto chooses the groups"),
+    ("steps.0.merge", {"auto": True, "layers": "attn.0"}, "auto=True chooses the groups"),
     ("steps.0", {"scan": {"mode": "diagonal"}}, "'diagonal' is not one of single, cumulative, window"),
     ("steps.0", {"scan": {"window": 0, "mode": "window"}}, "window=0: must be at least 1"),
     ("steps.0", {"push": {"folder": "{pair}/merge"}}, "missing required key 'push_to_hub'"),

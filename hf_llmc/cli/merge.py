@@ -7,9 +7,8 @@ import dataclasses
 import math
 from pathlib import Path
 
-from ..config.alphas import parse_alpha
 from ..config.errors import UsageError
-from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
+from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig, check_merge_options
 from ..engine.io import check_output_dir
 from .common import data_config
 from .parser import from_args
@@ -23,20 +22,8 @@ def run(args: argparse.Namespace) -> int:
     push = from_args(PushConfig, args)
     if not export.out:
         raise UsageError("--out DIR is required")
-    if auto.auto:
-        if spec.layers or spec.sets:
-            raise UsageError("--auto chooses the groups itself; drop --layers / --set")
-        alpha, end = parse_alpha(0.5 if spec.alpha is None else spec.alpha, allow_extrapolation=spec.allow_extrapolation)
-        if end is not None:
-            raise UsageError("--auto merges at one alpha; a gradient START:END is not supported")
-    else:
-        if auto.scan_dir or auto.auto_layers:
-            raise UsageError("--scan-dir and --auto-layers need --auto")
-        spec.validate()
-    export.validate()
     data = data_config(args) if (args.data or args.dataset) else None
-    if auto.auto and data is None:
-        raise UsageError("--auto measures barriers: give --eval-data PATH or --eval-dataset NAME")
+    alpha = check_merge_options(spec, auto, export, evaluates=data is not None)
     if push.push_to_hub is None and (push.private or push.revision or push.commit_message):
         raise UsageError("--private, --revision and --commit-message need --push-to-hub")
     check_output_dir(export.out, export.overwrite)

@@ -40,7 +40,7 @@ from ..config.errors import RecipeError, UnsafePathError
 from ..config.fields import choices as literal_choices
 from ..config.files import write_json_atomic
 from ..config.load import LoadConfig
-from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
+from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig, check_merge_options
 from ..config.scan import Method, ScanConfig
 from ..config.security import display_name, safe_join
 
@@ -306,20 +306,10 @@ def _validate_step(kind: str, step: Step, recipe_data: DataConfig | None, n_pair
             step.get(ScanConfig).validate()
         elif kind == "merge":
             spec, auto, opts = step.get(MergeSpec), step.get(AutoConfig), step.get(MergeStepOptions)
-            if auto.auto:
-                if spec.layers or spec.sets:
-                    raise RecipeError(f"{path}: auto chooses the groups; drop layers/sets")
-                start, end = parse_alpha(0.5 if spec.alpha is None else spec.alpha, allow_extrapolation=spec.allow_extrapolation)
-                if end is not None:
-                    raise RecipeError(f"{path}.alpha: auto merges at one α, not a gradient")
-                if auto.scan_dir:
-                    _check_template(auto.scan_dir, f"{path}.scan_dir")
-            else:
-                if auto.scan_dir or auto.auto_layers:
-                    raise RecipeError(f"{path}: scan_dir and auto_layers need auto: true")
-                spec.validate()
             needs_data = auto.auto or opts.eval
-            step.get(ExportConfig).validate()
+            check_merge_options(spec, auto, step.get(ExportConfig), evaluates=True)  # data: checked below
+            if auto.scan_dir:
+                _check_template(auto.scan_dir, f"{path}.scan_dir")
         elif kind == "push":
             if not step.get(PushConfig).push_to_hub:
                 raise RecipeError(f"{path}: missing required key 'push_to_hub' (the Hub repo id)")

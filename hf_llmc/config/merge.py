@@ -131,3 +131,36 @@ class AutoConfig:
     scan_dir: str | None = setting(None, "Folder of a single-group `hf-llmc scan` (same data, method and base) to rank the groups; default: measure them now.")
     max_barrier: float = setting(DEFAULT_MAX_BARRIER, "Largest barrier (nats, loss - reference line at α) the chosen set may have.")
     auto_layers: str | None = setting(None, f"Candidate groups (layer spec); default: {DEFAULT_CANDIDATES} when measuring, every group of the scan with --scan-dir.")
+
+
+def check_merge_options(spec: MergeSpec, auto: AutoConfig, export: ExportConfig, *, evaluates: bool) -> float | None:
+    """The checks a merge's options pass together, before anything is loaded (the command line
+    and recipes run the same ones).
+
+    Args:
+        spec: what to merge (ignored in its groups when ``auto.auto`` chooses them).
+        auto: the automatic choice, if any.
+        export: where and how the merge is written.
+        evaluates: whether evaluation data is given (``auto`` measures barriers on it).
+
+    Returns:
+        The α of an automatic choice (None without ``auto``).
+
+    Raises:
+        MergeSpecError: options that contradict each other, or a bad spec / dtype.
+        SpecError: a malformed layer spec.
+    """
+    export.validate()
+    if not auto.auto:
+        if auto.scan_dir or auto.auto_layers:
+            raise MergeSpecError("scan_dir and auto_layers need auto=True")
+        spec.validate()
+        return None
+    if spec.layers or spec.sets:
+        raise MergeSpecError("auto=True chooses the groups itself; drop layers / sets")
+    alpha, end = parse_alpha(DEFAULT_ALPHA if spec.alpha is None else spec.alpha, allow_extrapolation=spec.allow_extrapolation)
+    if end is not None:
+        raise MergeSpecError("auto=True merges at one alpha; a gradient START:END is not supported")
+    if not evaluates:
+        raise MergeSpecError("auto=True measures barriers: give evaluation data (data=PATH or dataset=NAME)")
+    return alpha
