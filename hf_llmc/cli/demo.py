@@ -4,15 +4,13 @@ choose the mergeable groups from that scan, and write the merged model with its 
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ..config.data import DataConfig
-from ..config.errors import OutputExistsError
 from ..config.merge import AutoConfig
 from ..config.scan import ScanConfig
+from ..engine.io import atomic_output_dir, check_output_dir
 
 #: Settings of the demo pair built by :func:`build_demo_pair` (GPT-2, 4 blocks, width 128;
 #: ~40 CPU-seconds on one thread). On its ``eval.txt`` the endpoints reach 1.30 / 1.31
@@ -44,21 +42,13 @@ def build_demo_pair(out_dir: str | Path, **overrides: Any):
     return build_pair(out_dir, **kwargs)
 
 
-def check_demo_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """The demo's output folder, refused when it exists and is not empty without ``overwrite``."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out}: exists and is not empty; pass overwrite=True to replace it")
-    return out
-
-
 def run_demo(out_dir: str | Path, *, overwrite: bool = False, progress: bool = True,
              **pair_overrides: Any) -> dict[str, Path]:
     """``hf-llmc demo``: build the demo pair, scan every sublayer for both bases (with its
     report), choose the mergeable groups automatically from that scan, and write the merged
     model with its card. Everything goes to ``out_dir`` (built beside it, renamed at the end);
     returns the paths of the parts."""
-    out = check_demo_dir(out_dir, overwrite)
+    out = check_output_dir(out_dir, overwrite)
     from ..analyses.autoselect import auto_select
     from ..analyses.scan import run_scan
     from ..engine.data import blocks_for
@@ -66,10 +56,7 @@ def run_demo(out_dir: str | Path, *, overwrite: bool = False, progress: bool = T
     from ..outputs.merge.save import save_merged
     from ..outputs.report import render
 
-    work = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with atomic_output_dir(out, overwrite=overwrite) as work:
         demo = build_demo_pair(work / "pair", **pair_overrides)
         pair = ModelPair.from_pretrained(demo.a, demo.b, device="cpu")
         data = DataConfig(data=str(demo.eval_text), seq_len=64)
@@ -78,12 +65,6 @@ def run_demo(out_dir: str | Path, *, overwrite: bool = False, progress: bool = T
         render(work / "scan")
         choice = auto_select(pair, data, AutoConfig(auto=True, scan_dir=str(work / "scan")), alpha=0.5)
         save_merged(pair, choice.spec(), work / "merged", data=data, auto=choice, progress=progress)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return {"pair": out / "pair", "scan": out / "scan", "report": out / "scan" / "report.html",
             "merged": out / "merged", "card": out / "merged" / "README.md"}
 
@@ -94,7 +75,7 @@ def run(args) -> int:
 
     from .common import console, print_scan_summary
 
-    check_demo_dir(args.out, args.overwrite)  # before torch is imported
+    check_output_dir(args.out, args.overwrite)  # before torch is imported
     parts = run_demo(Path(args.out), overwrite=args.overwrite)
     print_scan_summary(json.loads((parts["scan"] / "summary.json").read_text()))
     for name, path in parts.items():
