@@ -3,7 +3,7 @@
 Fixtures (all session-scoped, all offline, all deterministic):
 
 * ``make_pair(model_type="gpt2", **overrides) -> DemoPair`` — builds (once per distinct
-  argument set) a trained pair with :func:`hf_llmc.demo.build_pair` under a session
+  argument set) a trained pair with :func:`hf_llmc.testing.build_pair` under a session
   temporary folder. Defaults are :data:`TINY_PAIR` (a few seconds per pair); the GPT-2
   default pair shows a clear full-interpolation barrier on its ``eval.txt`` (midpoint
   0.39 nats above the endpoints' mean for seed 0; 0.26-0.39 for seeds 0-2).
@@ -11,11 +11,15 @@ Fixtures (all session-scoped, all offline, all deterministic):
   ``attn.5`` exist) and ``neox_pair`` (3 blocks) — ``make_pair`` shortcuts; the last
   two are width 32 with a short training run (cheap; no barrier promised).
 * ``tiny_model(model_type, **config_overrides) -> PreTrainedModel`` — random init (seed
-  0) from :func:`hf_llmc.demo.tiny_config`, no training; :data:`TINY_MODEL` sizes and
+  0) from :func:`hf_llmc.testing.tiny_config`, no training; :data:`TINY_MODEL` sizes and
   the vocabulary of ``tiny_tokenizer``. Works for every type in ``MODEL_TYPES``.
 * ``save_tiny_model(model_type, dir, **config_overrides) -> Path`` — saves that model
   (safetensors) and ``tiny_tokenizer`` into ``dir`` with ``save_pretrained``.
 * ``tiny_tokenizer`` — the byte-level BPE tokenizer (vocab 300) the tiny models use.
+* ``merge_pair_dirs`` — a GPT-2 pair (B = A + noise) with evaluation text, shared by the merge,
+  card and recipe tests.
+
+Reference computations and checkpoint builders the tests share are in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -125,6 +129,16 @@ def llama_pair(make_pair) -> DemoPair:
 def neox_pair(make_pair) -> DemoPair:
     """Trained GPT-NeoX pair, 3 blocks, width 32, short training."""
     return make_pair("gpt_neox", hidden_size=32, **_SMALL_RUN)
+
+
+@pytest.fixture(scope="session")
+def merge_pair_dirs(tmp_path_factory, tiny_model, tiny_tokenizer) -> dict[str, Path]:
+    """One GPT-2 pair (3 blocks, width 64; B = A + noise, A with a model card and license) with
+    evaluation text, for the merge, card and recipe tests (:func:`helpers.build_pair_dirs`)."""
+    from helpers import build_pair_dirs
+
+    model = tiny_model("gpt2", hidden_size=64, max_positions=64)
+    return build_pair_dirs(tmp_path_factory.mktemp("merge-pair"), model, tiny_tokenizer)
 
 
 @pytest.fixture(scope="session")

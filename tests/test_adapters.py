@@ -4,20 +4,19 @@ merged by PEFT itself (``merge_and_unload`` + ``save_pretrained``)."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import pytest
 import torch
+from helpers import close
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from hf_llmc.model.checkpoint.adapters import AdapterCheckpoint
-from hf_llmc import CheckpointError
-from hf_llmc.model.checkpoint import open_source
+from hf_llmc import CheckpointError, ModelPair, PairError
 from hf_llmc.cli import main
+from hf_llmc.model.checkpoint import open_source
+from hf_llmc.model.checkpoint.adapters import AdapterCheckpoint
 from hf_llmc.testing import init_model, tiny_config
-from hf_llmc import ModelPair, PairError
 
 REL = 2e-5
 NUMBERS = ("loss_a", "loss_b", "accuracy_a", "accuracy_b", "barrier_max", "barrier_mid", "barrier_mid_se",
@@ -65,16 +64,12 @@ def lora(request, tmp_path_factory):
     return model_type, root, ids
 
 
-def _close(x: float, y: float) -> bool:
-    return math.isclose(x, y, rel_tol=REL, abs_tol=1e-7)
-
-
 def _assert_same(r1, r2):
     assert r1.alphas == r2.alphas
     for x, y in zip(r1.loss + r1.accuracy, r2.loss + r2.accuracy):
-        assert _close(x, y), (r1.loss, r2.loss)
+        assert close(x, y, REL), (r1.loss, r2.loss)
     for key in NUMBERS:
-        assert _close(getattr(r1, key), getattr(r2, key)), key
+        assert close(getattr(r1, key), getattr(r2, key), REL), key
 
 
 def test_adapter_pair_matches_merged_checkpoints(lora):
@@ -112,7 +107,7 @@ def test_adapter_midpoint_against_plain_forward(lora):
     model.load_state_dict({k: 0.5 * sa[k] + 0.5 * sb[k] for k in sa})
     with torch.no_grad():
         losses = [model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss.item() for i in range(ids.shape[0])]
-    assert _close(result.loss[1], sum(losses) / len(losses))
+    assert close(result.loss[1], sum(losses) / len(losses), REL)
 
 
 def test_mixed_pair_full_vs_adapter(lora):
@@ -167,8 +162,8 @@ def test_cli_barrier_on_adapters(lora, tmp_path, capsys):
         pytest.skip("one architecture is enough for the CLI path")
     # The base has no tokenizer; the CLI needs one: give a copy of the base a word-level one
     # whose ids are the token blocks' ids.
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(300)} | {"[UNK]": 299}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -186,7 +181,7 @@ def test_cli_barrier_on_adapters(lora, tmp_path, capsys):
     merged = ModelPair.from_pretrained(str(root / "a") + "_merged", str(root / "b") + "_merged")
     want = merged.barrier(ids, layers="attn.1")
     for key in NUMBERS:
-        assert _close(got[key], getattr(want, key)), key
+        assert close(got[key], getattr(want, key)), key
     assert got["adapters"]["a"]["adapter"] == "a" and got["adapters"]["b"]["base_model"] == "base"
 
 

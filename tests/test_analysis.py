@@ -8,19 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Reference  # plain-torch reference evaluation (saved state dicts + fresh model)
 from safetensors.torch import load_file
 
-from hf_llmc import cli
-from hf_llmc import RobustnessConfig, distances, run_robustness
+from hf_llmc import DataConfig, ModelPair, RobustnessConfig, ScanError, cli, distances, run_robustness
 from hf_llmc.analyses.robustness import random_direction
-from hf_llmc.outputs.report import robustness_summary
-from hf_llmc import DataConfig
-from hf_llmc import ModelPair
-from hf_llmc.outputs.report import render
-from hf_llmc import ScanError
 from hf_llmc.engine.io import RESULTS, read_rows
-
-from test_scan import Reference  # plain-torch reference evaluation (saved state dicts + fresh model)
+from hf_llmc.outputs.report import render, robustness_summary
 
 SEQ = 32
 N_BLOCKS = 4

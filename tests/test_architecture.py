@@ -4,10 +4,9 @@ import pytest
 from torch import nn
 
 from hf_llmc.config.errors import ArchitectureError
-
 from hf_llmc.model.architecture import discover, meta_model
-from hf_llmc.testing import MODEL_TYPES, tiny_config
 from hf_llmc.model.selection import all_groups
+from hf_llmc.testing import MODEL_TYPES, tiny_config
 
 TIED_BY_DEFAULT = {"gpt2", "opt", "gemma", "falcon"}
 

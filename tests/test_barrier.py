@@ -4,12 +4,10 @@ import math
 
 import pytest
 import torch
+from helpers import interpolated_state, plain_eval, rel, state_dict
 
+from hf_llmc import DataConfig, ModelPair
 from hf_llmc.config.alphas import parse_alphas
-from hf_llmc import DataConfig
-from hf_llmc import ModelPair
-
-from reference import interpolated_state, plain_eval, rel, state_dict
 
 TOL = 1e-5
 

@@ -6,18 +6,17 @@ from __future__ import annotations
 import math
 import re
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+from helpers import plain_loss
 from huggingface_hub import ModelCard
-from test_merge import shared_pair_dirs, plain_loss
 from transformers import AutoModelForCausalLM
 
-from hf_llmc import MergeSpec, ModelPair, save_merged
-from hf_llmc.outputs.card import TAGS, template_text
+from hf_llmc import MergeSpec, ModelPair, lazy_pair, save_merged
 from hf_llmc.cli import main
-from hf_llmc import lazy_pair
+from hf_llmc.outputs.card import TAGS, template_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory, tiny_model, tiny_tokenizer):
-    return shared_pair_dirs(tmp_path_factory, tiny_model, tiny_tokenizer)
+def dirs(merge_pair_dirs):
+    return merge_pair_dirs
 
 
 def test_card_round_trips_with_evaluation(dirs, tmp_path):

@@ -8,11 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_llmc import CheckpointError
-
 from hf_llmc.config.security import display_name
-
 from hf_llmc.model.checkpoint import open_source
-
 from hf_llmc.model.checkpoint.folders import resolve_folder
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from hf_llmc import DataConfig, DataError, load_blocks
-
 from hf_llmc.engine.data import tokenize_stream
 
 DOCS = ["the first document is short.", "a second one, somewhat longer than the first document.", "third!"]

@@ -12,8 +12,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_llmc import OutputExistsError
 from hf_llmc.cli.demo import DEMO_DEFAULTS
-
-from hf_llmc.testing import EOS_TOKEN, MODEL_TYPES, DemoPair, build_pair, synthetic_documents, synthetic_text, tiny_config
+from hf_llmc.testing import (
+    EOS_TOKEN,
+    MODEL_TYPES,
+    DemoPair,
+    build_pair,
+    synthetic_documents,
+    synthetic_text,
+    tiny_config,
+)
 
 
 def _eval_blocks(pair: DemoPair, n_blocks: int = 16, seq_len: int = 64) -> torch.Tensor:

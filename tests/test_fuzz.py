@@ -11,17 +11,13 @@ import typing
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from hf_llmc.config.spec import BLOCK_KINDS, KINDS
-from hf_llmc import DataConfig
-from hf_llmc import LoadConfig
+from hf_llmc import DataConfig, LoadConfig, parse_spec
 from hf_llmc.cli.recipes import STEP_KINDS, _classes, load_recipe, parse_recipe, schema_fields
 from hf_llmc.config.errors import RecipeError
-from hf_llmc import parse_spec
-from hf_llmc.config.spec import GLOBAL_KINDS, SpecItem, format_spec
+from hf_llmc.config.spec import BLOCK_KINDS, GLOBAL_KINDS, KINDS, SpecItem, format_spec
 
 # Nothing is written into the repository: no example database, hypothesis' caches in the temp folder.
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "hf_llmc-hypothesis"))

@@ -17,7 +17,6 @@ import traceback
 from pathlib import Path
 
 import pytest
-
 from hub_server import HubServer
 
 VALID = "hf_validtoken0123456789abcdef"
@@ -338,7 +337,6 @@ def test_model_folder_checks(model_dir, tmp_path):
     import shutil
 
     from hf_llmc.config.errors import ModelFolderError
-
     from hf_llmc.outputs.hub import check_model_folder
 
     with pytest.raises(ModelFolderError, match="no such folder"):

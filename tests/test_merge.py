@@ -15,79 +15,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import plain_loss, stored_state
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_llmc import MergeSpec, ModelPair, save_merged
+from hf_llmc import MergeSpec, MergeSpecError, ModelPair, lazy_pair, resolve, save_merged
 from hf_llmc.cli import main
-from hf_llmc.testing import synthetic_text
-from hf_llmc import MergeSpecError, lazy_pair
 from hf_llmc.config.alphas import parse_alpha
 from hf_llmc.engine.io import TMP_MARK
-from hf_llmc import resolve
 
 REL = 1e-5
-
-
-def build_pair_dirs(root: Path, model, tokenizer, license: str | None = "mit") -> dict:
-    """A and B from one random initialisation (``model``), B = A + noise (a visible change); the
-    tokenizer; evaluation text. A carries a model card with a license."""
-    paths = {"root": root, "a": root / "model-a", "b": root / "model-b", "eval": root / "eval.txt"}
-    model.save_pretrained(paths["a"])
-    tokenizer.save_pretrained(paths["a"])
-    if license:
-        (paths["a"] / "README.md").write_text(f"---\nlicense: {license}\n---\n\n# model A\n")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * (p.std() if p.numel() > 1 and p.std() > 0 else 0.02) * 0.8)
-    model.save_pretrained(paths["b"])
-    tokenizer.save_pretrained(paths["b"])
-    paths["eval"].write_text(synthetic_text("mixed", 10, 99))
-    return paths
-
-
-def state(folder) -> dict[str, torch.Tensor]:
-    """Every stored tensor of a folder (plain safetensors reads, no hf_llmc code)."""
-    folder = Path(folder)
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as fh:
-            for key in fh.keys():
-                out[key] = fh.get_tensor(key)
-    return out
-
-
-def plain_loss(model, ids: torch.Tensor) -> float:
-    """Mean next-token loss, one block at a time with transformers' own loss."""
-    model.eval()
-    with torch.no_grad():
-        losses = [float(model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss) for i in range(ids.shape[0])]
-    return sum(losses) / len(losses)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-_SHARED: dict[str, dict] = {}
-
-
-def shared_pair_dirs(tmp_path_factory, tiny_model, tiny_tokenizer) -> dict:
-    """One GPT-2 pair (3 blocks, width 64) for the merge / card / recipe test modules, built once."""
-    if "gpt2" not in _SHARED:
-        model = tiny_model("gpt2", hidden_size=64, max_positions=64)
-        _SHARED["gpt2"] = build_pair_dirs(tmp_path_factory.mktemp("merge-pair"), model, tiny_tokenizer)
-    return _SHARED["gpt2"]
-
-
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory, tiny_model, tiny_tokenizer):
-    return shared_pair_dirs(tmp_path_factory, tiny_model, tiny_tokenizer)
+def dirs(merge_pair_dirs):
+    return merge_pair_dirs
 
 
 @pytest.fixture(scope="module")
 def sd(dirs):
-    return {"a": state(dirs["a"]), "b": state(dirs["b"])}
+    return {"a": stored_state(dirs["a"]), "b": stored_state(dirs["b"])}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +62,7 @@ def test_cli_merge_sharded_tensors_load(dirs, sd, tmp_path, capsys):
         with safe_open(out / shard, "pt") as fh:
             keys = list(fh.keys())
         assert (out / shard).stat().st_size <= 40_000 + 4096 or len(keys) == 1
-    merged = state(out)
+    merged = stored_state(out)
     assert set(merged) == set(sd["a"])  # the base's keys: no separate lm_head.weight (tied)
     assert "lm_head.weight" not in merged
     prefixes = {"transformer.h.0.attn.": 0.3, "transformer.h.1.attn.": 0.3, "transformer.h.2.mlp.": 0.75}
@@ -141,7 +91,7 @@ def test_gradient_base_b_and_dtype(dirs, sd, tmp_path):
     spec = MergeSpec(layers="attn.0-2", alpha="0.1:0.9", base="b")
     result = save_merged(pair, spec, tmp_path / "grad", dtype="bfloat16")
     assert [(r.group, r.alpha_min) for r in result.plan.rows] == [("attn.0", 0.1), ("attn.1", 0.5), ("attn.2", 0.9)]
-    merged = state(tmp_path / "grad")
+    merged = stored_state(tmp_path / "grad")
     alphas = {f"transformer.h.{i}.attn.": 0.1 + 0.4 * i for i in range(3)}
     for key, value in merged.items():
         assert value.dtype == torch.bfloat16
@@ -160,7 +110,7 @@ def test_gradient_base_b_and_dtype(dirs, sd, tmp_path):
 
 def test_slerp_matches_formula(dirs, sd, tmp_path):
     save_merged(lazy_pair(dirs["a"], dirs["b"]), MergeSpec(layers="mlp.1", alpha=0.4, method="slerp"), tmp_path / "s")
-    merged = state(tmp_path / "s")
+    merged = stored_state(tmp_path / "s")
     for key in [k for k in merged if k.startswith("transformer.h.1.mlp.")]:
         a, b = sd["a"][key].double().flatten(), sd["b"][key].double().flatten()
         if a.norm() == 0 or b.norm() == 0:  # (zero-initialised biases) slerp falls back to lerp
@@ -194,7 +144,7 @@ def test_perplexity_equals_barrier_curve(dirs, live, tmp_path):
 def test_pair_merge_returns_the_live_model(dirs, live, tmp_path):
     # several α: the card's perplexity comes from the live model set to the merge
     result = save_merged(live, "attn.0-1=0.3; mlp.2=0.75", tmp_path / "ref", data=str(dirs["eval"]))
-    expected = state(tmp_path / "ref")
+    expected = stored_state(tmp_path / "ref")
     ids = live.blocks(str(dirs["eval"])).ids
     reloaded = plain_loss(AutoModelForCausalLM.from_pretrained(tmp_path / "ref"), ids)
     assert result.evaluation["merged"]["loss"] == pytest.approx(reloaded, rel=REL)
@@ -212,9 +162,8 @@ def test_pair_merge_returns_the_live_model(dirs, live, tmp_path):
 
 
 def test_auto_choice(dirs, live, tmp_path):
-    from hf_llmc import AutoConfig, auto_select
+    from hf_llmc import AutoConfig, ScanConfig, auto_select, run_scan
     from hf_llmc.config.errors import NoMergeableGroupError
-    from hf_llmc import ScanConfig, run_scan
 
     data = str(dirs["eval"])
     ids = live.blocks(data).ids
@@ -225,7 +174,7 @@ def test_auto_choice(dirs, live, tmp_path):
     singles = [c["barrier"] for c in everything.candidates]
     assert singles == sorted(singles)
     # independent check of one ranking entry and one set: state dicts built by hand
-    sa, sb = state(dirs["a"]), state(dirs["b"])
+    sa, sb = stored_state(dirs["a"]), stored_state(dirs["b"])
 
     def loss_of(prefixes):
         model = AutoModelForCausalLM.from_pretrained(dirs["a"])
@@ -265,7 +214,7 @@ def test_auto_choice(dirs, live, tmp_path):
                  "--eval-data", data, "--out", str(out)]) == 0
     card = (out / "README.md").read_text()
     assert "Automatic layer choice" in card and all(f"`{g}`" in card for g in choice.chosen)
-    merged = state(out)
+    merged = stored_state(out)
     chosen_prefixes = [prefix(g) for g in choice.chosen]
     for key, value in merged.items():
         if any(key.startswith(p) for p in chosen_prefixes):
@@ -300,7 +249,7 @@ def test_extrapolation_allowed_on_request(dirs, sd, tmp_path):
                "--allow-extrapolation", "--out", str(tmp_path / "x")])
     assert rc == 0
     key = "transformer.h.0.mlp.c_fc.weight"
-    torch.testing.assert_close(state(tmp_path / "x")[key], -0.5 * sd["a"][key] + 1.5 * sd["b"][key])
+    torch.testing.assert_close(stored_state(tmp_path / "x")[key], -0.5 * sd["a"][key] + 1.5 * sd["b"][key])
     assert parse_alpha("0.1:0.9") == (0.1, 0.9)
     with pytest.raises(MergeSpecError):
         parse_alpha("2:3")
@@ -367,7 +316,7 @@ def test_sigkill_never_leaves_a_partial_folder(dirs, tmp_path):
     assert main(["merge", str(dirs["a"]), str(dirs["b"]), "--layers", "attn.*", "--out", str(existing), "--overwrite"]) == 0
     assert not list(tmp_path.glob(f".*{TMP_MARK}*"))
     assert AutoModelForCausalLM.from_pretrained(fresh) is not None
-    assert state(fresh).keys() == state(existing).keys()
+    assert stored_state(fresh).keys() == stored_state(existing).keys()
 
 
 def test_fused_experts_merge_equals_straightforward(moe_pair_dirs, tmp_path):
@@ -389,7 +338,7 @@ def test_fused_experts_merge_equals_straightforward(moe_pair_dirs, tmp_path):
             if name in alphas:
                 param.copy_((1 - alphas[name]) * param + alphas[name] * params_b[name])
     model_a.save_pretrained(tmp_path / "reference")
-    merged, reference = state(out), state(tmp_path / "reference")
+    merged, reference = stored_state(out), stored_state(tmp_path / "reference")
     assert merged.keys() == reference.keys() and any(".experts.0." in k for k in merged)
     for key, value in merged.items():
         assert torch.equal(value, reference[key]), key

@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import assert_same_result, close
 
 from hf_llmc.cli import main
 
-from scale_utils import assert_same_result, close
-
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun not installed")
+pytestmark = [pytest.mark.skipif(not (BIN / "torchrun").exists(), reason="torchrun not installed"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

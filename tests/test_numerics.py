@@ -16,17 +16,13 @@ import transformers
 import yaml
 from safetensors.torch import load_file, save_file
 
-from hf_llmc import ModelPair
-from hf_llmc import distances
+from hf_llmc import DataConfig, MergeSpec, ModelPair, ScanConfig, distances, lazy_pair, run_scan, save_merged
 from hf_llmc.cli import main
-from hf_llmc import DataConfig
-from hf_llmc.testing import synthetic_text
-from hf_llmc import MergeSpec, lazy_pair, save_merged
+from hf_llmc.cli.recipes import load_recipe
 from hf_llmc.config.errors import NonFiniteTensorError
 from hf_llmc.engine.io import TMP_MARK
 from hf_llmc.engine.provenance import environment
-from hf_llmc.cli.recipes import load_recipe
-from hf_llmc import ScanConfig, run_scan
+from hf_llmc.testing import synthetic_text
 
 ATTN = "model.layers.1.self_attn.q_proj.weight"
 

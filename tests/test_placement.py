@@ -7,13 +7,12 @@ import hashlib
 import json
 
 import pytest
+from helpers import assert_same_result, build_full_pair, eval_ids, write_eval_text
 
-from hf_llmc.cli import main
 from hf_llmc import ModelPair
+from hf_llmc.cli import main
 from hf_llmc.config.errors import PlacementError
 from hf_llmc.model.placement import parse_device_map, parse_max_memory
-
-from scale_utils import assert_same_result, build_full_pair, eval_ids, write_eval_text
 
 # "head" skips both blocks (block 1 lives on disk): its offload hook must be back afterwards.
 CASES = ((None, "a"), ("attn.1", "a"), ("head", "a"), ("block.1", "b"), ("mlp.0,attn.1", "b"))

@@ -15,10 +15,10 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from hf_llmc.cli import main  # noqa: E402
-from hf_llmc import ModelPair  # noqa: E402
+from helpers import build_full_pair, eval_ids, write_eval_text  # noqa: E402
 
-from scale_utils import build_full_pair, eval_ids, write_eval_text  # noqa: E402
+from hf_llmc import ModelPair  # noqa: E402
+from hf_llmc.cli import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +136,10 @@ def test_requantization_from_the_packed_cpu_layout(pair_dirs):
 def test_shapes_the_packed_layout_cannot_hold(tmp_path):
     """Odd 4-bit shapes (intermediate size 176: rows not in blocks of 32) never reach a
     bitsandbytes assertion: they stay in the generic layout and the result file names them."""
+    from helpers import build_full_pair
+
     from hf_llmc.config.errors import PlacementError
     from hf_llmc.model.placement import _bnb_packs_on_cpu, cpu_packable, keep_unpackable_unpacked, quantization_info
-
-    from scale_utils import build_full_pair
 
     assert not cpu_packable((176, 64), 64) and not cpu_packable((64, 176), 64) and cpu_packable((192, 64), 64)
     a, b = build_full_pair(tmp_path, "llama", intermediate_size=176)

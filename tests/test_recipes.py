@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge import shared_pair_dirs, plain_loss, state
+from helpers import plain_loss, stored_state
 from transformers import AutoModelForCausalLM
 
-from hf_llmc.cli import main
 from hf_llmc import MergeSpec
+from hf_llmc.cli import main
 from hf_llmc.cli.recipes import load_recipe, parse_recipe, recipe_schema
 from hf_llmc.config.errors import RecipeError
 from hf_llmc.config.scan import GRANULARITIES
@@ -149,8 +149,8 @@ def test_schema_comes_from_the_settings_dataclasses():
 
 # -- running -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory, tiny_model, tiny_tokenizer):
-    return shared_pair_dirs(tmp_path_factory, tiny_model, tiny_tokenizer)
+def dirs(merge_pair_dirs):
+    return merge_pair_dirs
 
 
 def test_run_recipe_end_to_end(dirs, monkeypatch, capsys):
@@ -171,14 +171,15 @@ def test_run_recipe_end_to_end(dirs, monkeypatch, capsys):
     ids = None
     barrier = json.loads((root / "runs" / "tiny" / "attn0" / "barrier.json").read_text())
     model_a = AutoModelForCausalLM.from_pretrained(dirs["a"])
-    from hf_llmc import DataConfig, load_blocks
     from transformers import AutoTokenizer
+
+    from hf_llmc import DataConfig, load_blocks
 
     ids = load_blocks(AutoTokenizer.from_pretrained(dirs["a"]), DataConfig(data="eval.txt"), model_a.config).ids
     assert barrier["loss_a"] == pytest.approx(plain_loss(model_a, ids), rel=1e-5)
     assert barrier["alphas"] == [0.0, 0.5, 1.0]
     out = root / "runs" / "tiny" / "merged"
-    merged, sa, sb = state(out), state(dirs["a"]), state(dirs["b"])
+    merged, sa, sb = stored_state(out), stored_state(dirs["a"]), stored_state(dirs["b"])
     assert len(list(out.glob("model-*.safetensors"))) > 1
     for key, value in merged.items():
         if key.startswith(("transformer.h.0.attn.", "transformer.h.1.attn.")):
@@ -202,7 +203,7 @@ def test_hf_llmc_config_reproduces_the_merge(dirs, monkeypatch):
     recipe = load_recipe(config)
     assert recipe.steps[0].kind == "merge" and recipe.pairs[0].a.model == "model-a"
     assert main(["run", str(config), "--out", "again"]) == 0
-    first, again = state(root / "first"), state(root / "again" / "first")
+    first, again = stored_state(root / "first"), stored_state(root / "again" / "first")
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert (root / "again" / "first" / "config.json").read_text() == (root / "first" / "config.json").read_text()

@@ -8,13 +8,10 @@ import re
 
 import pytest
 
-from hf_llmc import cli
-from hf_llmc import DataConfig
-from hf_llmc import ModelPair
-from hf_llmc.outputs.report import heatmap_matrix, render
-from hf_llmc import ScanConfig, run_scan
+from hf_llmc import DataConfig, ModelPair, ScanConfig, cli, run_scan
 from hf_llmc.analyses.scan import build_plan
 from hf_llmc.engine.io import RESULTS, read_rows
+from hf_llmc.outputs.report import heatmap_matrix, render
 
 SEQ = 32
 

@@ -9,11 +9,10 @@ import shutil
 
 import huggingface_hub.constants as hub_constants
 import pytest
+from helpers import assert_same_result, build_full_pair, eval_ids, write_eval_text
 
 from hf_llmc.cli import main
 from hf_llmc.outputs.sweep import collect_sweep, scan_summary
-
-from scale_utils import assert_same_result, build_full_pair, eval_ids, write_eval_text
 
 REPO = "org/tiny-run"
 

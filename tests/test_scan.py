@@ -20,17 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from helpers import Reference, close
 
-from hf_llmc import cli
-from hf_llmc.model.architecture import find_block_list
-from hf_llmc import DataConfig
-from hf_llmc import ModelPair
-from hf_llmc import ScanConfig, ScanError, run_scan
+from hf_llmc import DataConfig, ModelPair, ScanConfig, ScanError, cli, run_scan
 from hf_llmc.analyses.scan import ScanRunner, build_plan, cumulative_order, row_key
 from hf_llmc.config.errors import ScanSettingsError
 from hf_llmc.engine.io import RESULTS, read_rows
+from hf_llmc.model.architecture import find_block_list
 
 SEQ = 32
 N_BLOCKS = 4
@@ -38,49 +34,6 @@ REL = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Reference:
-    """Plain-torch evaluation of path points from the two saved checkpoints."""
-
-    def __init__(self, folder_a: Path, folder_b: Path, ids: torch.Tensor):
-        self.sd = {"a": load_file(Path(folder_a) / "model.safetensors"),
-                   "b": load_file(Path(folder_b) / "model.safetensors")}
-        self.config = AutoConfig.from_pretrained(folder_a)
-        self.ids = ids
-        # Tied parameters (GPT-2's lm_head is wte) are one stored tensor.
-        model = AutoModelForCausalLM.from_config(self.config)
-        first: dict[int, str] = {}
-        self.alias: dict[str, str] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            canon = first.setdefault(id(param), name)
-            self.alias[name] = canon if canon in self.sd["a"] else name
-        self.tied = {n for n, c in self.alias.items() if n != c}
-
-    def state(self, names, alpha: float, base: str) -> dict[str, torch.Tensor]:
-        sd = {k: v.clone() for k, v in self.sd[base].items()}
-        for name in names:
-            key = self.alias.get(name, name)
-            a, b = self.sd["a"][key].float(), self.sd["b"][key].float()
-            sd[key] = ((1 - alpha) * a + alpha * b).to(sd[key].dtype)
-        return sd
-
-    @torch.no_grad()
-    def block_losses(self, sd: dict[str, torch.Tensor]) -> torch.Tensor:
-        model = AutoModelForCausalLM.from_config(self.config)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        assert set(missing) <= self.tied and not unexpected
-        model.eval()
-        return torch.tensor([float(model(input_ids=b[None], labels=b[None]).loss) for b in self.ids],
-                            dtype=torch.float64)
-
-    def point(self, names, alpha: float, base: str) -> torch.Tensor:
-        return self.block_losses(self.state(names, alpha, base))
-
-    def endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not hasattr(self, "_ends"):
-            self._ends = (self.block_losses(self.sd["a"]), self.block_losses(self.sd["b"]))
-        return self._ends
 
 
 class Setup:
@@ -105,7 +58,7 @@ def llama(one_thread, request):
 
 
 def _close(x: float, y: float, rel: float = REL) -> bool:
-    return math.isclose(x, y, rel_tol=rel, abs_tol=1e-9)
+    return close(x, y, rel, abs_tol=1e-9)
 
 
 def _check_rows(setup: Setup, rows: list[dict], pick) -> int:

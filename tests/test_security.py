@@ -16,14 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_llmc import CheckpointError
-
-from hf_llmc.model.checkpoint import open_source
+from hf_llmc import CheckpointError, lazy_pair, save_merged
 from hf_llmc.cli import main
-from hf_llmc import lazy_pair, save_merged
 from hf_llmc.cli.recipes import parse_recipe
 from hf_llmc.config.errors import RecipeError
 from hf_llmc.config.security import UnsafePathError, known_tokens, redact, safe_join
+from hf_llmc.model.checkpoint import open_source
 
 TOKEN = "tok-7e1f0c2a9b8d4e3f"  # not shaped like hf_..., so only the known-token guard can hide it
 

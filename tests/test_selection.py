@@ -2,11 +2,11 @@
 
 import pytest
 
-from hf_llmc.model.architecture import discover, meta_model
-from hf_llmc.testing import tiny_config
 from hf_llmc import parse_spec, resolve
 from hf_llmc.config.spec import SpecItem, format_spec
+from hf_llmc.model.architecture import discover, meta_model
 from hf_llmc.model.selection import all_groups, union
+from hf_llmc.testing import tiny_config
 
 
 @pytest.fixture(scope="module")

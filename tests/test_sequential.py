@@ -13,21 +13,15 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 import torch
-from reference import interpolated_state, plain_eval, state_dict
+from helpers import interpolated_state, plain_eval, state_dict
 
-from hf_llmc import cli
-from hf_llmc import DataConfig
-from hf_llmc.testing import synthetic_text
-from hf_llmc import ModelPair
-from hf_llmc.outputs.report import load_run, summarize
-from hf_llmc import ScanConfig, ScanError, run_scan
-from hf_llmc.analyses.scan import row_key, settings_hash
-from hf_llmc.engine.io import read_rows
-from hf_llmc import SequentialConfig
-from hf_llmc.analyses.scan import SequentialScanRunner
+from hf_llmc import DataConfig, ModelPair, ScanConfig, ScanError, SequentialConfig, cli, run_scan
+from hf_llmc.analyses.scan import SequentialScanRunner, row_key, settings_hash
 from hf_llmc.analyses.sequential import block_order, cell_alpha, estimate, look_schedule, run_looks
+from hf_llmc.engine.io import read_rows
 from hf_llmc.engine.stats import t_quantile
-from hf_llmc.outputs.report import mark_undecided
+from hf_llmc.outputs.report import load_run, mark_undecided, summarize
+from hf_llmc.testing import synthetic_text
 
 SEQ = 32
 N_BLOCKS = 256

@@ -12,20 +12,43 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config.alphas import format_alpha
 from ..config.errors import AutoSelectError, NoMergeableGroupError, SpecError
 from ..config.merge import DEFAULT_CANDIDATES, AutoConfig, MergeSpec
-from ..engine.data import blocks_for
+from ..config.scan import Method, Which
+from ..engine.data import DataSource, blocks_for
 from ..engine.evaluation import check_finite, endpoint, evaluator_for, point
 from ..engine.io import read_rows
 from ..model.selection import Group, resolve, union
 from .scan import MANIFEST, RESULTS
 
+if TYPE_CHECKING:
+    from ..model.architecture import Architecture
+    from ..model.pair import ModelPair
+
 
 @dataclass
 class AutoChoice:
-    """The result of :func:`auto_select`: the ranking, each greedy step and the chosen groups."""
+    """The result of :func:`auto_select`: the ranking, each greedy step and the chosen groups.
+
+    Attributes:
+        alpha: the merge α.
+        base: the model the unchosen tensors come from.
+        method: the interpolation method.
+        max_barrier: the largest barrier the chosen set may have (nats).
+        source: where the single-group barriers came from (a scan folder or measured now).
+        candidates: ``{"group", "barrier"}`` per candidate, lowest barrier first.
+        steps: one ``{"group", "single_barrier", "set_barrier", "accepted"}`` per group tried.
+        chosen: names of the chosen groups.
+        items: a layer-spec item per chosen group (see :func:`spec_item`).
+        loss_a: loss of the full model A.
+        loss_b: loss of the full model B.
+        loss_merged: loss of the chosen set merged at α.
+        auto_layers: the candidate spec given, if any.
+        scan_dir: the scan folder's name, if one was used.
+    """
 
     alpha: float
     base: str
@@ -44,10 +67,16 @@ class AutoChoice:
 
     @property
     def perplexity_merged(self) -> float:
+        """``exp(loss_merged)`` (inf above 700 nats)."""
         return math.exp(self.loss_merged) if self.loss_merged < 700 else float("inf")
 
     def spec(self) -> MergeSpec:
-        """The :class:`~hf_llmc.config.merge.MergeSpec` of the chosen groups at α."""
+        """The merge of the chosen groups at α, to pass to :func:`hf_llmc.save_merged`.
+
+        Returns:
+            A :class:`~hf_llmc.config.merge.MergeSpec` with the chosen items (block-kind items in one
+            comma list, each regex item on its own), the method and base.
+        """
         alpha = format_alpha(self.alpha, None)
         plain = [item for item in self.items if not item.startswith("re:")]  # one comma list
         sets = ([f"{','.join(plain)}={alpha}"] if plain else []) + [
@@ -55,11 +84,25 @@ class AutoChoice:
         return MergeSpec(sets=sets, method=self.method, base=self.base)
 
     def to_dict(self) -> dict:
+        """The choice as JSON-ready data (recorded in the model card and ``hf_llmc_config.yaml``).
+
+        Returns:
+            Every field plus ``perplexity_merged``.
+        """
         return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"perplexity_merged": self.perplexity_merged}
 
 
-def spec_item(name: str, arch) -> str:
-    """A layer-spec item selecting exactly the group ``name`` (a module path becomes a regex)."""
+def spec_item(name: str, arch: Architecture) -> str:
+    """A layer-spec item that selects exactly one group, so a choice can be written as a merge spec.
+
+    Args:
+        name: a group name (``attn.3``, ``embed``, or a module path from a module-granularity scan).
+        arch: the model's architecture.
+
+    Returns:
+        ``name`` when it resolves to exactly that group, else ``re:^<escaped name>\\.[^.]+$``
+        (the module's direct parameters).
+    """
     try:
         groups = resolve(name, arch)
         if len(groups) == 1 and groups[0].name == name:
@@ -108,10 +151,30 @@ def _scan_barriers(scan_dir: Path, arch, *, alpha: float, base: str, method: str
     return sorted(out.items(), key=lambda kv: order.get(_group_for(kv[0], arch).parameters[0], 0))
 
 
-def auto_select(pair, data, cfg: AutoConfig, *, alpha: float = 0.5, base: str = "a", method: str = "lerp",
-                batch_size: int | None = None) -> AutoChoice:
-    """Choose the groups to merge at ``alpha`` (see the module docstring); ``data`` as for
-    :func:`~hf_llmc.engine.data.blocks_for`."""
+def auto_select(pair: ModelPair, data: DataSource, cfg: AutoConfig, *, alpha: float = 0.5, base: Which = "a",
+                method: Method = "lerp", batch_size: int | None = None) -> AutoChoice:
+    """Choose the groups that can be merged at ``alpha`` without a barrier (see the module docstring).
+
+    Args:
+        pair: the loaded pair.
+        data: evaluation data, as for :func:`~hf_llmc.engine.data.blocks_for`.
+        cfg: ``max_barrier``, the candidates (``auto_layers``) and an optional ``scan_dir`` to rank them.
+        alpha: the merge α.
+        base: the model the unchosen tensors come from.
+        method: ``"lerp"`` or ``"slerp"`` per tensor.
+        batch_size: blocks per forward (default: automatic).
+
+    Returns:
+        The choice: ranking, greedy steps, chosen groups and the merged loss.
+
+    Raises:
+        AutoSelectError: a non-finite ``max_barrier``, or a ``scan_dir`` without results, of another
+            mode, method or data, or without single-group rows at this α and base.
+        NoMergeableGroupError: no candidate stays under ``max_barrier``.
+        SpecError: a bad ``auto_layers``.
+        DataError: the data cannot be read or cut into blocks.
+        NonFiniteLossError: an evaluation gave NaN or inf.
+    """
     if cfg.max_barrier is None or not math.isfinite(cfg.max_barrier):
         raise AutoSelectError("max_barrier: give a finite number of nats, e.g. 0.02")
     arch = pair.arch

@@ -8,20 +8,51 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from ..config.alphas import DEFAULT_ALPHAS, parse_alphas
+from ..config.alphas import DEFAULT_ALPHAS, AlphaGrid, parse_alphas
 from ..config.errors import NonFiniteLossError, UsageError
-from ..config.scan import METHODS, SequentialConfig
-from ..engine.data import blocks_for
-from ..engine.evaluation import BlockStats, check_finite, endpoint, evaluator_for, point
+from ..config.scan import METHODS, Method, SequentialConfig, Which
+from ..engine.data import DataSource, blocks_for
+from ..engine.evaluation import BlockStats, Evaluator, check_finite, endpoint, evaluator_for, point
 from ..engine.stats import standard_error
 from ..model.selection import union
 from .sequential import INTERVAL_DESCRIPTION, SequentialEstimator, estimate
 
+if TYPE_CHECKING:
+    from ..model.pair import ModelPair
+    from ..model.selection import Group
+
 
 @dataclass
 class BarrierResult:
-    """A barrier curve: per-α loss / perplexity / accuracy, endpoint values and barriers."""
+    """A barrier curve: per-α loss / perplexity / accuracy, endpoint values and barriers.
+
+    Barriers are in nats above the reference line R(α) = (1-α)·L_A + α·L_B of the full endpoint
+    models; error barriers are the same on the top-1 error rate.
+
+    Attributes:
+        alphas: the α grid, sorted.
+        loss: mean loss at each α (nats).
+        perplexity: perplexity at each α.
+        accuracy: top-1 accuracy at each α.
+        loss_a: loss of the full model A.
+        loss_b: loss of the full model B.
+        accuracy_a: accuracy of the full model A.
+        accuracy_b: accuracy of the full model B.
+        barrier_max: largest barrier over the interior α (over all α when there is none).
+        barrier_mid: barrier at α = 0.5.
+        barrier_mid_se: paired standard error of ``barrier_mid`` over the token blocks.
+        error_barrier_max: largest error-rate barrier over the interior α.
+        error_barrier_mid: error-rate barrier at α = 0.5.
+        error_barrier_mid_se: paired standard error of ``error_barrier_mid``.
+        tokens: predicted tokens of the endpoint evaluation.
+        layers: the layer spec of the path (None = the full model).
+        base: the model the unselected tensors come from.
+        method: the interpolation method.
+        extra: further fields merged into :meth:`to_dict` (sequential estimation: interval,
+            decision, tokens evaluated, ...).
+    """
 
     alphas: list[float]
     loss: list[float]
@@ -50,13 +81,21 @@ class BarrierResult:
 
     @property
     def barrier_max_ratio(self) -> float:
+        """Largest barrier as a perplexity ratio exp(barrier_max)."""
         return math.exp(self.barrier_max) if self.barrier_max < 700 else float("inf")
 
     @property
     def finite(self) -> bool:
+        """Whether every loss of the curve and both endpoints is finite."""
         return all(math.isfinite(v) for v in self.loss + [self.loss_a, self.loss_b])
 
     def to_dict(self) -> dict:
+        """The result as one flat JSON-ready dict (what ``hf-llmc barrier --json`` prints).
+
+        Returns:
+            Every field except ``extra``, whose items are merged in, plus ``barrier_mid_ratio`` and
+            ``barrier_max_ratio``.
+        """
         out = asdict(self)
         extra = out.pop("extra")
         out.update(barrier_mid_ratio=self.barrier_mid_ratio, barrier_max_ratio=self.barrier_max_ratio)
@@ -65,9 +104,19 @@ class BarrierResult:
 
 
 def barrier_from_stats(
-    curve: dict[float, BlockStats], stat_a: BlockStats, stat_b: BlockStats, **meta
+    curve: dict[float, BlockStats], stat_a: BlockStats, stat_b: BlockStats, **meta: Any
 ) -> BarrierResult:
-    """Build a :class:`BarrierResult` from per-α stats and the full endpoint models' stats."""
+    """A :class:`BarrierResult` from the statistics of each path point and of both full endpoint models.
+
+    Args:
+        curve: statistics per α, on the same blocks as the endpoints (paired).
+        stat_a: statistics of the full model A.
+        stat_b: statistics of the full model B.
+        **meta: ``layers``, ``base``, ``method`` (or ``extra``) of the result.
+
+    Returns:
+        The result; without α = 0.5 in ``curve`` the ``*_mid`` fields are NaN.
+    """
     alphas = sorted(curve)
     la, lb = stat_a.loss, stat_b.loss
     ea, eb = 1.0 - stat_a.accuracy, 1.0 - stat_b.accuracy
@@ -103,8 +152,17 @@ def barrier_from_stats(
 
 
 def is_endpoint(alpha: float, base: str, full_path: bool) -> str | None:
-    """Which endpoint model a path point is, if any: α = 0 into A is A, α = 1 into B is B, and on
-    the full path α = 0 / 1 are A / B whatever the base. None for every other point."""
+    """Which endpoint model a path point is, if any, so that it is not evaluated twice.
+
+    Args:
+        alpha: the point.
+        base: the model the unselected tensors come from.
+        full_path: whether the path moves the full model.
+
+    Returns:
+        ``"a"`` for α = 0 into A, ``"b"`` for α = 1 into B, and on the full path ``"a"`` / ``"b"``
+        for α = 0 / 1 whatever the base; None for every other point.
+    """
     if alpha == 0.0 and (base == "a" or full_path):
         return "a"
     if alpha == 1.0 and (base == "b" or full_path):
@@ -113,12 +171,12 @@ def is_endpoint(alpha: float, base: str, full_path: bool) -> str | None:
 
 
 def barrier(
-    pair,
-    data,
+    pair: ModelPair,
+    data: DataSource,
     layers: str | None = None,
-    alphas=DEFAULT_ALPHAS,
-    base: str = "a",
-    method: str = "lerp",
+    alphas: AlphaGrid = DEFAULT_ALPHAS,
+    base: Which = "a",
+    method: Method = "lerp",
     *,
     batch_size: int | None = None,
     prefix: bool = True,
@@ -144,7 +202,10 @@ def barrier(
         The :class:`BarrierResult` (losses, accuracies, barriers with paired standard errors).
 
     Raises:
-        UsageError: a bad method, base, α list or layer spec.
+        UsageError: a bad method, base, α list (:class:`~hf_llmc.config.errors.AlphaError`) or
+            layer spec (:class:`~hf_llmc.config.errors.SpecError`).
+        DataError: the data cannot be read or cut into blocks.
+        PairError: text was given but the pair has no tokenizer.
         NonFiniteLossError: an evaluation gave NaN or inf.
     """
     if method not in METHODS:
@@ -169,13 +230,33 @@ def barrier(
     return barrier_from_stats(curve, stats["a"], stats["b"], layers=layers, base=base, method=method)
 
 
-def sequential_barrier(pair, ev, group, alphas: list[float], cfg: SequentialConfig, *, base: str = "a",
-                       method: str = "lerp", prefix: bool = True, layers: str | None = None):
-    """:func:`barrier` with sequential estimation: the α=0.5 point runs the stopping rule;
-    every other α is then evaluated on the same n blocks. Losses and accuracies are measured on
-    those n blocks; ``barrier_mid`` / ``barrier_max`` and ``extra["barrier_curve"]`` (per α) are the
-    regression estimates (they also use the endpoints' m >= n blocks), ``barrier_mid_se`` and
-    ``barrier_mid_interval`` belong to barrier_mid."""
+def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: list[float], cfg: SequentialConfig, *,
+                       base: Which = "a", method: Method = "lerp", prefix: bool = True,
+                       layers: str | None = None) -> BarrierResult:
+    """:func:`barrier` with sequential estimation, evaluating only as many blocks as the error bar needs.
+
+    The α = 0.5 point runs the stopping rule; every other α is then evaluated on the same n blocks.
+
+    Args:
+        pair: the loaded pair.
+        ev: an evaluator of the pair's live model on the token blocks.
+        group: the tensors moved along the path.
+        alphas: the α grid (parsed).
+        cfg: the stopping rule and block order.
+        base: the model the unselected tensors come from.
+        method: ``"lerp"`` or ``"slerp"`` per tensor.
+        prefix: reuse the base model's hidden states before the group's first block.
+        layers: the layer spec recorded in the result.
+
+    Returns:
+        The result. Losses and accuracies are measured on the n blocks; ``barrier_mid`` /
+        ``barrier_max`` and ``extra["barrier_curve"]`` (per α) are the regression estimates (they
+        also use the endpoints' m >= n blocks); ``barrier_mid_se`` and ``extra["barrier_mid_interval"]``
+        belong to ``barrier_mid``.
+
+    Raises:
+        NonFiniteLossError: an evaluation gave NaN or inf.
+    """
     est = SequentialEstimator(pair, ev, ev.blocks.shape[0], cfg)
     mid, outcome = est.evaluate(group, 0.5, base, method, prefix)
     if outcome.stop_reason == "nonfinite":

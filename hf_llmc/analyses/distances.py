@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.errors import NonFiniteTensorError, PairError, ScanError
-from ..config.scan import GRANULARITIES, ScanConfig
+from ..config.scan import GRANULARITIES, Granularity, ScanConfig
 from ..config.security import display_name
 from ..model.architecture import Architecture
 from ..model.checkpoint.fused import fused_pieces
@@ -30,7 +30,14 @@ CHUNK = 1 << 22  # elements per streamed chunk (float64 arithmetic)
 # -- distances --------------------------------------------------------------------------------------
 @dataclass
 class TensorMoments:
-    """Sums over one tensor (float64): ‖a‖², ‖b‖², a·b and ‖b − a‖²."""
+    """Sums over one or more tensors (float64) from which norms, distance and cosine follow.
+
+    Attributes:
+        sq_a: ‖a‖².
+        sq_b: ‖b‖².
+        dot: a·b.
+        sq_diff: ‖b − a‖².
+    """
 
     sq_a: float = 0.0
     sq_b: float = 0.0
@@ -38,6 +45,11 @@ class TensorMoments:
     sq_diff: float = 0.0
 
     def add(self, other: "TensorMoments") -> None:
+        """Add another tensor's sums (in place), to total a group.
+
+        Args:
+            other: the sums to add.
+        """
         self.sq_a += other.sq_a
         self.sq_b += other.sq_b
         self.dot += other.dot
@@ -45,7 +57,18 @@ class TensorMoments:
 
 
 def tensor_moments(a: torch.Tensor, b: torch.Tensor) -> TensorMoments:
-    """Moments of two same-shape tensors, in float64 chunks (bounded extra memory)."""
+    """The sums of two same-shape tensors, in float64 chunks so extra memory stays bounded.
+
+    Args:
+        a: A's tensor.
+        b: B's tensor.
+
+    Returns:
+        ‖a‖², ‖b‖², a·b and ‖b − a‖².
+
+    Raises:
+        PairError: the shapes differ.
+    """
     if a.shape != b.shape:
         raise PairError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
     fa, fb = a.reshape(-1), b.reshape(-1)
@@ -61,6 +84,16 @@ def tensor_moments(a: torch.Tensor, b: torch.Tensor) -> TensorMoments:
 
 
 def distance_row(group: Group, moments: TensorMoments) -> dict:
+    """One result row of :func:`distances`.
+
+    Args:
+        group: the group.
+        moments: the group's summed moments.
+
+    Returns:
+        group, kind, blocks, numel, norm_a, norm_b, distance ‖θB_G − θA_G‖, relative_distance
+        (distance / norm_a; None when norm_a is 0) and cosine (None when a norm is 0).
+    """
     norm_a, norm_b, dist = math.sqrt(moments.sq_a), math.sqrt(moments.sq_b), math.sqrt(moments.sq_diff)
     return {
         "group": group.name,
@@ -77,10 +110,25 @@ def distance_row(group: Group, moments: TensorMoments) -> dict:
 
 def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint, groups: list[Group],
                     *, progress: bool = False) -> list[dict]:
-    """Distance rows of ``groups``; every tensor is read once from each checkpoint.
+    """Distance rows of several groups; every tensor is read once from each checkpoint.
 
-    A block's fused parameters (MoE experts, :func:`hf_llmc.pair.fused_pieces`) count as one
-    unit: their stored pieces' sums go to the first of them, so a group holds all or none."""
+    A block's fused parameters (MoE experts, :func:`hf_llmc.model.checkpoint.fused.fused_pieces`)
+    count as one unit: their stored pieces' sums go to the first of them, so a group holds all or none.
+
+    Args:
+        arch: the model's architecture.
+        ckpt_a: A's checkpoint.
+        ckpt_b: B's checkpoint.
+        groups: the groups.
+        progress: accepted but not used (no progress is shown).
+
+    Returns:
+        One :func:`distance_row` per group, in order.
+
+    Raises:
+        PairError: a group holds only some of a block's fused tensors, or a tensor's shapes differ.
+        NonFiniteTensorError: a tensor holds NaN or inf.
+    """
     names: dict[str, None] = {}
     for g in groups:
         for p in g.parameters:
@@ -120,8 +168,21 @@ def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyChec
     return rows
 
 
-def plan_groups(arch: Architecture, layers: str | None = None, granularity: str = "block") -> list[Group]:
-    """Groups named by a layer spec, else every group of a single scan at ``granularity``."""
+def plan_groups(arch: Architecture, layers: str | None = None, granularity: Granularity = "block") -> list[Group]:
+    """The groups :func:`distances` reports: those of a layer spec, else a single scan's.
+
+    Args:
+        arch: the model's architecture.
+        layers: a layer spec; None = every group of a single scan at ``granularity``.
+        granularity: ``block``, ``sublayer`` or ``module`` (ignored with ``layers``).
+
+    Returns:
+        The groups.
+
+    Raises:
+        SpecError: a bad layer spec.
+        ScanError: a bad granularity.
+    """
     if layers:
         return resolve(layers, arch)
     return build_plan(arch, ScanConfig(granularity=granularity)).groups
@@ -131,7 +192,7 @@ def distances(
     a: str | os.PathLike,
     b: str | os.PathLike,
     *,
-    granularity: str = "block",
+    granularity: Granularity = "block",
     layers: str | None = None,
     revision_a: str | None = None,
     revision_b: str | None = None,
@@ -139,7 +200,30 @@ def distances(
     allow_pickle: bool = False,
     token: str | bool | None = None,
 ) -> dict:
-    """Per-group distances of two checkpoints (full model first); streamed, no model needed."""
+    """Per-group distances between two checkpoints, streamed tensor by tensor without a model.
+
+    Args:
+        a: model A: a Hub id or a local folder.
+        b: model B: a Hub id or a local folder.
+        granularity: groups when ``layers`` is not given: ``block``, ``sublayer`` or ``module``.
+        layers: a layer spec; each resolved group gets a row.
+        revision_a: Hub revision of A.
+        revision_b: Hub revision of B.
+        trust_remote_code: run custom modelling code shipped with a checkpoint.
+        allow_pickle: allow pickled ``.bin`` / ``.pt`` weights.
+        token: Hub token (default: huggingface_hub's usual sources).
+
+    Returns:
+        ``model_a``, ``model_b``, ``architecture``, ``num_blocks``, ``granularity`` (None with
+        ``layers``), ``layers`` and ``groups``: one :func:`distance_row` per group, the full model first.
+
+    Raises:
+        ScanError: a bad granularity.
+        SpecError: a bad layer spec.
+        CheckpointError: a checkpoint cannot be opened.
+        PairError: the checkpoints are not compatible.
+        NonFiniteTensorError: a tensor holds NaN or inf.
+    """
     if granularity not in GRANULARITIES:
         raise ScanError(f"granularity={granularity!r}: use one of {', '.join(GRANULARITIES)}")
     pair = lazy_pair(a, b, revision_a=revision_a, revision_b=revision_b, trust_remote_code=trust_remote_code,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,16 +22,32 @@ from ..model.selection import Group
 from .distances import tensor_moments
 from .scan import ScanPlan, ScanPoint, ScanRunner, build_plan, prefix_order
 
+if TYPE_CHECKING:
+    from ..model.interpolation import Interpolator
+    from ..model.pair import ModelPair
+
 
 def _tensor_seed(seed: int, sample: int, name: str) -> int:
     digest = hashlib.sha256(f"hf-llmc/robustness/{seed}/{sample}/{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def random_direction(interp, group: Group, seed: int, sample: int) -> dict[str, torch.Tensor]:
-    """Seeded Gaussian direction over the tensors of ``group`` (float32, CPU), rescaled so that
-    its norm equals ‖θB_G − θA_G‖. Each tensor has its own generator seeded from
-    (seed, sample, tensor name), so the direction does not depend on the device or group order."""
+def random_direction(interp: Interpolator, group: Group, seed: int, sample: int) -> dict[str, torch.Tensor]:
+    """A seeded Gaussian direction over a group's tensors, as long as the path from A to B.
+
+    Each tensor has its own generator seeded from (seed, sample, tensor name), so the direction
+    does not depend on the device or the group order.
+
+    Args:
+        interp: the pair's interpolator (reads the stored A and B tensors).
+        group: the tensors the direction moves.
+        seed: the run's seed.
+        sample: the direction's index.
+
+    Returns:
+        One float32 CPU tensor per canonical name, rescaled so the direction's norm equals ‖θB_G − θA_G‖
+        (all zeros when that is 0).
+    """
     names = interp.canonical_names([group])
     target = 0.0
     direction: dict[str, torch.Tensor] = {}
@@ -45,12 +62,20 @@ def random_direction(interp, group: Group, seed: int, sample: int) -> dict[str, 
 
 
 class RobustnessRunner(ScanRunner):
-    """Per group: the interpolation path into A and ``samples`` random directions, on the t grid."""
+    """Per group: the interpolation path into A and ``samples`` random directions, on the t grid.
+
+    Args:
+        pair: the loaded pair.
+        blocks: the token blocks to evaluate on.
+        cfg: the robustness settings (validated here).
+        out_dir: the output folder.
+        progress: show a progress bar on a terminal.
+    """
 
     command = "robustness"
 
-    def __init__(self, pair, blocks: TokenBlocks, cfg: RobustnessConfig, out_dir: str | os.PathLike, *,
-                 progress: bool = True):
+    def __init__(self, pair: ModelPair, blocks: TokenBlocks, cfg: RobustnessConfig, out_dir: str | os.PathLike, *,
+                 progress: bool = True) -> None:
         cfg.validate()
         self.rcfg = cfg
         groups = pair.groups(cfg.layers) if cfg.layers else build_plan(pair.arch, cfg.scan_config()).groups
@@ -65,11 +90,25 @@ class RobustnessRunner(ScanRunner):
         self._direction: tuple[tuple, dict[str, torch.Tensor]] | None = None
 
     def result_settings(self) -> dict:
+        """The settings that change the numbers (hashed for ``resume``).
+
+        Returns:
+            ``layers``, ``granularity`` (None with ``layers``), ``samples``, ``seed`` and the t grid.
+        """
         c = self.rcfg
         return {"layers": c.layers, "granularity": None if c.layers else c.granularity, "samples": c.samples,
                 "seed": c.seed, "alphas": c.scan_config().alpha_list()}
 
-    def manifest(self, status: str, **extra) -> dict:
+    def manifest(self, status: str, **extra: Any) -> dict:
+        """The content of ``scan.json``, with the robustness settings as ``settings``.
+
+        Args:
+            status: ``running``, ``complete`` or ``partial``.
+            **extra: more fields (start time, elapsed seconds, parallel run).
+
+        Returns:
+            :meth:`ScanRunner.manifest` with ``settings`` replaced.
+        """
         from dataclasses import asdict
 
         out = super().manifest(status, **extra)
@@ -77,6 +116,15 @@ class RobustnessRunner(ScanRunner):
         return out
 
     def direction(self, group: Group, sample: int) -> dict[str, torch.Tensor]:
+        """The random direction of a group and sample, kept while consecutive points share it.
+
+        Args:
+            group: the group.
+            sample: the direction's index.
+
+        Returns:
+            :func:`random_direction` with the run's seed.
+        """
         key = (group.name, sample)
         if self._direction is None or self._direction[0] != key:
             self._direction = (key, random_direction(self.pair.interp, group, self.rcfg.seed, sample))
@@ -84,6 +132,14 @@ class RobustnessRunner(ScanRunner):
 
     @torch.no_grad()
     def evaluate(self, point: ScanPoint) -> BlockStats:
+        """Statistics at θA + t·d_G for a random direction, else the interpolation point.
+
+        Args:
+            point: the point (``alpha`` is the step t).
+
+        Returns:
+            Its per-block statistics; the group's tensors are restored to A afterwards.
+        """
         if point.direction == "interp":
             return self.evaluate_point(point)
         interp = self.pair.interp
@@ -100,6 +156,15 @@ class RobustnessRunner(ScanRunner):
             interp.restore(names)
 
     def row(self, point: ScanPoint, stats: BlockStats) -> dict:
+        """The result row of a point, with its direction, sample and loss change.
+
+        Args:
+            point: the point.
+            stats: its statistics.
+
+        Returns:
+            The scan row plus ``direction``, ``sample`` and ``delta`` (loss − L_A; None for a non-finite loss).
+        """
         row = super().row(point, stats)
         row["direction"] = point.direction
         row["sample"] = point.sample
@@ -107,7 +172,27 @@ class RobustnessRunner(ScanRunner):
         return row
 
 
-def run_robustness(pair, blocks: TokenBlocks, cfg: RobustnessConfig, out_dir: str | os.PathLike,
+def run_robustness(pair: ModelPair, blocks: TokenBlocks, cfg: RobustnessConfig, out_dir: str | os.PathLike,
                    resume: bool = False, progress: bool = True, *, overwrite: bool = False) -> list[dict]:
-    """Run the robustness comparison into ``out_dir`` (``results.jsonl`` + ``scan.json``)."""
+    """Compare the interpolation path with random directions of equal norm, per group, into a folder.
+
+    Args:
+        pair: the loaded pair.
+        blocks: the token blocks to evaluate on.
+        cfg: which groups, how many directions, which t grid.
+        out_dir: the output folder (``results.jsonl`` + ``scan.json``); render it with
+            :func:`hf_llmc.render_report`.
+        resume: skip the points already in ``results.jsonl``.
+        progress: show a progress bar on a terminal.
+        overwrite: replace the files of a non-empty folder (needed without ``resume``).
+
+    Returns:
+        Every row of the results file.
+
+    Raises:
+        ScanError: bad settings, or a non-empty folder without ``resume`` or ``overwrite``.
+        ScanSettingsError: ``resume`` on a folder holding a run of other settings, models or data.
+        SpecError: a bad ``cfg.layers``.
+        NonFiniteLossError: an endpoint's loss is NaN or infinite.
+    """
     return RobustnessRunner(pair, blocks, cfg, out_dir, progress=progress).run(resume=resume, overwrite=overwrite)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +47,9 @@ from ..model.selection import Group, all_groups, block_group, make_group, union
 from .barrier import is_endpoint
 from .sequential import INTERVAL_DESCRIPTION, Outcome, SequentialEstimator
 
+if TYPE_CHECKING:
+    from ..model.pair import ModelPair
+
 #: Files a scan or its report writes (removed by ``overwrite=True``; nothing else is touched).
 OUTPUT_FILES = (RESULTS, MANIFEST, "summary.json", "report.md", "report.html", "heatmap.png",
                 "cumulative.png", "robustness.png")
@@ -54,12 +58,22 @@ OUTPUT_FILES = (RESULTS, MANIFEST, "summary.json", "report.md", "report.html", "
 # -- plans ------------------------------------------------------------------------------------------
 @dataclass
 class ScanPlan:
-    """Groups of a scan in model order; ``sequences`` maps a cumulative order to its G_1..G_L."""
+    """The groups a scan evaluates (besides the endpoints and the full-model row).
+
+    Attributes:
+        groups: the groups, in model order (cumulative: by first block, then size).
+        sequences: for a cumulative scan, each order's group names G_1..G_L (the first k blocks).
+    """
 
     groups: list[Group]
     sequences: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The plan as recorded in ``scan.json`` (no parameter names).
+
+        Returns:
+            ``groups`` (name, kind, blocks, numel of each) and ``sequences``.
+        """
         return {
             "groups": [{"name": g.name, "kind": g.kind, "blocks": list(g.blocks), "numel": g.numel} for g in self.groups],
             "sequences": self.sequences,
@@ -67,7 +81,14 @@ class ScanPlan:
 
 
 def block_set_name(indices: Iterable[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"block.0-2,block.5"`` (a valid layer spec)."""
+    """The name of a set of whole blocks, written as a valid layer spec.
+
+    Args:
+        indices: block indices (any order, duplicates allowed).
+
+    Returns:
+        Runs of consecutive blocks as ranges: ``[0, 1, 2, 5]`` -> ``"block.0-2,block.5"``.
+    """
     idx = sorted(set(indices))
     items: list[SpecItem] = []
     for i in idx:
@@ -79,6 +100,15 @@ def block_set_name(indices: Iterable[int]) -> str:
 
 
 def block_set_group(arch: Architecture, indices: Iterable[int]) -> Group:
+    """One group of several whole decoder blocks (a cumulative or window scan's group).
+
+    Args:
+        arch: the model's architecture.
+        indices: block indices (any order, duplicates allowed).
+
+    Returns:
+        The union of the blocks, named by :func:`block_set_name`.
+    """
     idx = sorted(set(indices))
     return union([block_group(arch, "block", i) for i in idx], arch, block_set_name(idx))
 
@@ -94,7 +124,15 @@ def _kind_of(arch: Architecture, name: str) -> str:
 
 
 def module_groups(arch: Architecture) -> list[Group]:
-    """One group per parameter-owning module (its direct parameters), in model order."""
+    """One group per parameter-owning module, for ``granularity="module"`` scans.
+
+    Args:
+        arch: the model's architecture.
+
+    Returns:
+        One group per module with its direct parameters (canonical names; a tied head is its
+        embedding's module), named by the module path, in model order.
+    """
     modules: dict[str, list[str]] = {}
     for name in arch.parameters:  # canonical names only: a tied head is its embedding's module
         modules.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(name)
@@ -102,7 +140,19 @@ def module_groups(arch: Architecture) -> list[Group]:
 
 
 def cumulative_order(num_blocks: int, order: str, seed: int = 0) -> list[int]:
-    """Block indices in the order they join the cumulative group."""
+    """The order in which blocks join a cumulative group.
+
+    Args:
+        num_blocks: number of decoder blocks.
+        order: ``shallow`` (first blocks first), ``deep`` (last blocks first) or ``random``.
+        seed: seed of the ``random`` order.
+
+    Returns:
+        Every block index once, in joining order.
+
+    Raises:
+        ScanError: an unknown ``order``.
+    """
     if order == "shallow":
         return list(range(num_blocks))
     if order == "deep":
@@ -115,7 +165,19 @@ def cumulative_order(num_blocks: int, order: str, seed: int = 0) -> list[int]:
 
 
 def build_plan(arch: Architecture, cfg: ScanConfig) -> ScanPlan:
-    """The groups a scan evaluates (besides the endpoints and the full-model row)."""
+    """The groups a scan evaluates (besides the endpoints and the full-model row).
+
+    Args:
+        arch: the model's architecture.
+        cfg: the scan settings (``mode``, ``granularity``, ``order``, ``seed``, ``window``).
+
+    Returns:
+        The plan: single groups of the granularity, moving windows, or every prefix G_k of each
+        cumulative order (shared groups once, with ``sequences``).
+
+    Raises:
+        ScanError: bad settings, or a window larger than the model.
+    """
     cfg.validate()
     n = arch.num_blocks
     if cfg.mode == "single":
@@ -145,7 +207,15 @@ def build_plan(arch: Architecture, cfg: ScanConfig) -> ScanPlan:
 # -- points -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ScanPoint:
-    """One evaluation: ``group`` at ``alpha`` into ``base`` (``direction``/``sample`` for robustness)."""
+    """One evaluation of a scan: ``group`` at ``alpha`` into ``base``.
+
+    Attributes:
+        group: the tensors moved.
+        base: the model the other tensors come from, ``"a"`` or ``"b"``.
+        alpha: the point on the path (robustness: the step t).
+        direction: ``"interp"`` (towards the other model) or, for robustness, ``"random"``.
+        sample: the random direction's index (None on the interpolation path).
+    """
 
     group: Group
     base: str
@@ -155,20 +225,45 @@ class ScanPoint:
 
     @property
     def key(self) -> tuple:
+        """``(group name, base, alpha, direction, sample)``: identifies the point's row (see :func:`row_key`)."""
         return (self.group.name, self.base, float(self.alpha), self.direction, self.sample)
 
 
 def row_key(row: dict) -> tuple:
+    """The key of a result row, equal to :attr:`ScanPoint.key` of the point it belongs to.
+
+    Args:
+        row: a result row.
+
+    Returns:
+        ``(group, base, alpha, direction, sample)`` (``"interp"`` / None when the row has none).
+    """
     return (row["group"], row["base"], float(row["alpha"]), row.get("direction", "interp"), row.get("sample"))
 
 
 def prefix_order(group: Group) -> int:
-    """Sort key giving prefix reuse: groups touching the embeddings (full forward) first."""
+    """Sort key that lets the evaluator reuse prefixes: by the first block a group touches.
+
+    Args:
+        group: a group.
+
+    Returns:
+        ``group.first_block``, or -1 for a group touching the embeddings (full forward, first).
+    """
     return -1 if group.first_block is None else group.first_block
 
 
 def plan_points(plan: ScanPlan, full: Group, cfg: ScanConfig) -> list[ScanPoint]:
-    """Every point of a scan, in execution order: per base, the full row, then groups by first block."""
+    """Every point of a scan, in the order that reuses prefixes.
+
+    Args:
+        plan: the scan's groups.
+        full: the full-model group.
+        cfg: the scan settings (bases and α grid).
+
+    Returns:
+        Per base: the full model at every α, then the groups by first block (plan order within a block).
+    """
     alphas = cfg.alpha_list()
     points: list[ScanPoint] = []
     for base in cfg.bases:
@@ -184,7 +279,19 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: BlockStats) -> dict:
-    """One results line: loss, accuracy and the barrier loss − R(α) with its paired standard error."""
+    """One results line: loss, accuracy and the barrier loss − R(α) with its paired standard error.
+
+    Args:
+        point: the point evaluated.
+        stats: its statistics.
+        stat_a: statistics of the full model A (same blocks).
+        stat_b: statistics of the full model B (same blocks).
+
+    Returns:
+        The row: group, kind, blocks, first_block, numel, base, alpha, loss, perplexity, accuracy,
+        barrier, barrier_se, error_barrier, tokens (plus direction / sample off the interpolation
+        path); non-finite values are None and the row gets ``nonfinite``.
+    """
     alpha = float(point.alpha)
     g = point.group
     ref = (1 - alpha) * stat_a.loss + alpha * stat_b.loss
@@ -216,7 +323,16 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
 
 
 def endpoint_row(which: str, stats: BlockStats) -> dict:
-    """Row of a full endpoint model; keeps its per-block sums so a resumed scan needs no re-run."""
+    """The row of a full endpoint model; keeps its per-block sums so a resumed scan needs no re-run.
+
+    Args:
+        which: ``"a"`` or ``"b"``.
+        stats: the model's statistics.
+
+    Returns:
+        The row (group ``A`` / ``B``, kind ``endpoint``), with ``block_indices``, ``block_loss_sum``,
+        ``block_correct`` and ``tokens_per_block``.
+    """
     return {
         "group": which.upper(),
         "kind": "endpoint",
@@ -238,6 +354,14 @@ def endpoint_row(which: str, stats: BlockStats) -> dict:
 
 
 def stats_from_endpoint_row(row: dict) -> BlockStats:
+    """The statistics an endpoint row recorded, so a resumed scan does not evaluate A or B again.
+
+    Args:
+        row: a row written by :func:`endpoint_row`.
+
+    Returns:
+        The per-block statistics.
+    """
     return BlockStats(
         indices=torch.tensor(row["block_indices"], dtype=torch.long),
         loss_sum=torch.tensor(row["block_loss_sum"], dtype=torch.float64),
@@ -248,7 +372,22 @@ def stats_from_endpoint_row(row: dict) -> BlockStats:
 
 # -- results files ----------------------------------------------------------------------------------
 def prepare_out_dir(out: Path, hashed: dict, *, resume: bool, overwrite: bool) -> bool:
-    """Check (and on ``overwrite`` clear) the output folder; True when there are rows to resume."""
+    """Check the output folder of a scan, and clear its scan files on ``overwrite``.
+
+    Args:
+        out: the output folder (created when missing).
+        hashed: everything that changes the numbers (see :meth:`ScanRunner.hashed`).
+        resume: continue the scan in the folder.
+        overwrite: remove the files a scan writes (:data:`OUTPUT_FILES`; nothing else).
+
+    Returns:
+        True when the folder holds a scan to resume, False when the run starts afresh.
+
+    Raises:
+        ScanError: a file in its place, or a non-empty folder without ``resume`` or ``overwrite``.
+        ScanSettingsError: ``resume`` on a folder without a readable manifest or holding a run
+            of other settings, models or data (the message names what differs).
+    """
     if out.exists() and not out.is_dir():
         raise ScanError(f"{out}: exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
@@ -286,6 +425,14 @@ def prepare_out_dir(out: Path, hashed: dict, *, resume: bool, overwrite: bool) -
 
 
 def settings_hash(hashed: dict) -> str:
+    """A short hash of what changes the numbers, compared on ``resume``.
+
+    Args:
+        hashed: settings, models, data and dtype (see :meth:`ScanRunner.hashed`).
+
+    Returns:
+        The first 16 hex digits of the SHA-256 of ``hashed`` as sorted JSON.
+    """
     return hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -320,9 +467,16 @@ Evaluate = Callable[["ScanRunner", ScanPoint], BlockStats]
 
 
 def prefix_store_budget(device: torch.device) -> int:
-    """Bytes the evaluator may keep for per-block base hidden states: a tenth of the free device
-    memory (CPU: of the available RAM, at most 4 GiB). When they do not fit, prefixes are
-    computed incrementally instead (one pass over the blocks per base)."""
+    """The memory the evaluator may keep for the base model's per-block hidden states.
+
+    When they do not fit, prefixes are computed incrementally instead (one pass over the blocks per base).
+
+    Args:
+        device: the model's device.
+
+    Returns:
+        Bytes: a tenth of the free CUDA memory; on other devices a tenth of the available RAM, at most 4 GiB.
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(0.1 * free)
@@ -336,13 +490,25 @@ class ScanRunner:
 
     ``evaluate`` (default :meth:`evaluate_point`) maps a point to its :class:`BlockStats`; the
     runner handles endpoints, trivial points, row writing, resume and progress around it.
+
+    Args:
+        pair: the loaded pair.
+        blocks: the token blocks to evaluate on.
+        cfg: the scan settings (validated here).
+        out_dir: the output folder.
+        progress: show a progress bar on a terminal.
+        evaluate: replaces :meth:`evaluate` (called as ``evaluate(runner, point)``).
+        plan: the groups (default: :func:`build_plan` of ``cfg``).
+        points: the points (default: :func:`plan_points` of the plan).
+        prefix_store_bytes: memory for recorded base hidden states (default: :func:`prefix_store_budget`);
+            used only with ``cfg.prefix``.
     """
 
     command = "scan"
 
-    def __init__(self, pair, blocks: TokenBlocks, cfg: ScanConfig, out_dir: str | os.PathLike, *,
+    def __init__(self, pair: ModelPair, blocks: TokenBlocks, cfg: ScanConfig, out_dir: str | os.PathLike, *,
                  progress: bool = True, evaluate: Evaluate | None = None, plan: ScanPlan | None = None,
-                 points: list[ScanPoint] | None = None, prefix_store_bytes: int | None = None):
+                 points: list[ScanPoint] | None = None, prefix_store_bytes: int | None = None) -> None:
         cfg.validate()
         self.pair = pair
         self.blocks = blocks
@@ -360,7 +526,12 @@ class ScanRunner:
 
     # -- identity -----------------------------------------------------------------------------
     def hashed(self) -> dict:
-        """Everything that changes the numbers: settings, model fingerprints, data, dtype."""
+        """Everything that changes the numbers, hashed into the manifest so ``resume`` can refuse other runs.
+
+        Returns:
+            ``command``, ``settings`` (:meth:`result_settings`), ``model_a`` / ``model_b`` (name,
+            revision, fingerprint), ``data`` (fingerprint, blocks, seq_len) and ``dtype``; computed once.
+        """
         if getattr(self, "_hashed", None) is None:
             self._hashed = self._identity()
         return self._hashed
@@ -378,9 +549,24 @@ class ScanRunner:
         }
 
     def result_settings(self) -> dict:
+        """The settings that change the numbers (part of :meth:`hashed`).
+
+        Returns:
+            :meth:`~hf_llmc.config.scan.ScanConfig.result_settings` of the scan settings.
+        """
         return self.cfg.result_settings()
 
-    def manifest(self, status: str, **extra) -> dict:
+    def manifest(self, status: str, **extra: Any) -> dict:
+        """The content of ``scan.json``: what was run, on what, and how far it got.
+
+        Args:
+            status: ``running``, ``complete`` or ``partial``.
+            **extra: more fields (start time, elapsed seconds, parallel run).
+
+        Returns:
+            Settings, α grid, settings hash, models, architecture, data, plan, number of points,
+            device and library versions.
+        """
         pair = self.pair
         hashed = self.hashed()
         source = self.blocks.source
@@ -410,29 +596,70 @@ class ScanRunner:
 
     # -- evaluation ---------------------------------------------------------------------------
     def endpoint(self, which: str) -> BlockStats:
-        """The full model ``which``; its run records the base hidden states for prefix reuse."""
+        """Statistics of the full model A or B; its run records the base hidden states for prefix reuse.
+
+        Args:
+            which: ``"a"`` or ``"b"``; the live model is set to it.
+
+        Returns:
+            The endpoint's per-block statistics.
+
+        Raises:
+            NonFiniteLossError: the model's loss is NaN or infinite.
+        """
         self.pair.interp.set_base(which)
         return check_finite(self.ev.run(None, state=which, record=self.cfg.prefix), f"model {which.upper()}")
 
     def evaluate_point(self, point: ScanPoint) -> BlockStats:
-        """The path point evaluated on the live model, with prefix reuse unless disabled."""
+        """A path point evaluated on the live model, with prefix reuse unless ``cfg.prefix`` is off.
+
+        Args:
+            point: the point.
+
+        Returns:
+            Its per-block statistics.
+        """
         return point_stats(self.pair, self.ev, point.group, point.alpha, base=point.base, method=self.cfg.method,
                            prefix=self.cfg.prefix)
 
     def evaluate(self, point: ScanPoint) -> BlockStats:
+        """Statistics of a point that needs a forward: the ``evaluate`` given, else :meth:`evaluate_point`.
+
+        Args:
+            point: the point.
+
+        Returns:
+            Its per-block statistics.
+        """
         if self._evaluate is not None:
             return self._evaluate(self, point)
         return self.evaluate_point(point)
 
     def trivial(self, point: ScanPoint) -> BlockStats | None:
-        """Stats known without a forward: the base itself (α=0 into A, α=1 into B, full at 0/1)."""
+        """Statistics known without a forward, because the point is an endpoint model.
+
+        Args:
+            point: the point.
+
+        Returns:
+            The endpoint's statistics for α = 0 into A, α = 1 into B and the full path at 0 / 1
+            (robustness: t = 0 into A); else None.
+        """
         if point.direction != "interp":
             return self.ends["a"] if point.alpha == 0.0 and point.base == "a" else None
         which = is_endpoint(point.alpha, point.base, point.group.name == self.full.name)
         return self.ends[which] if which else None
 
     def shared_row(self, point: ScanPoint, done: dict[tuple, dict]) -> dict | None:
-        """The full-model path is the same into A and into B: reuse the other base's row."""
+        """A full-model row taken from the other base, since the full path is the same into A and into B.
+
+        Args:
+            point: the point.
+            done: the rows so far, by :func:`row_key`.
+
+        Returns:
+            The other base's row with this ``base``, or None when there is none (or not a full-model point).
+        """
         if point.group.name != self.full.name or point.direction != "interp":
             return None
         for other in ("a", "b"):
@@ -442,10 +669,28 @@ class ScanRunner:
         return None
 
     def row(self, point: ScanPoint, stats: BlockStats) -> dict:
+        """The result row of an evaluated point.
+
+        Args:
+            point: the point.
+            stats: its statistics.
+
+        Returns:
+            :func:`point_row` against the endpoints.
+        """
         return point_row(point, stats, self.ends["a"], self.ends["b"])
 
     def result_row(self, point: ScanPoint, done: dict[tuple, dict]) -> dict:
-        """The result row of ``point``: shared with the other base, trivial, or evaluated."""
+        """The result row of a point, evaluating only when it is not known otherwise.
+
+        Args:
+            point: the point.
+            done: the rows so far, by :func:`row_key`.
+
+        Returns:
+            The row: shared with the other base (:meth:`shared_row`), of an endpoint (:meth:`trivial`),
+            or evaluated (:meth:`evaluate`).
+        """
         row = self.shared_row(point, done)
         if row is not None:
             return row
@@ -455,10 +700,23 @@ class ScanRunner:
     # -- driver -------------------------------------------------------------------------------
     def run(self, points: list[ScanPoint] | None = None, *, resume: bool = False, overwrite: bool = False,
             processes: SingleProcess | None = None) -> list[dict] | None:
-        """Evaluate ``points`` (default: all) into the output folder; returns every row of the file.
+        """Evaluate the points into the output folder, appending one row per point.
 
-        ``processes`` shares the run between processes (:class:`hf_llmc.analyses.distributed.Processes`);
-        the main process then returns the rows and every other one None."""
+        Args:
+            points: the points to evaluate (default: all of the runner's).
+            resume: skip the points already in the folder's results.
+            overwrite: replace the scan files of a non-empty folder.
+            processes: shares the run between processes (:class:`hf_llmc.analyses.distributed.Processes`);
+                default: this process only.
+
+        Returns:
+            Every row of the results file (endpoint rows included), in the main process; None in the others.
+
+        Raises:
+            ScanError: a non-empty folder without ``resume`` or ``overwrite``, or a damaged results line.
+            ScanSettingsError: ``resume`` on a folder holding a run of other settings, models or data.
+            NonFiniteLossError: an endpoint's loss is NaN or infinite.
+        """
         procs = processes or SingleProcess()
         points = self.points if points is None else points
         started = time.time()
@@ -516,29 +774,64 @@ class ScanRunner:
 
 class SingleProcess:
     """How a run is shared between processes; here one process does everything (the default).
-    :class:`hf_llmc.analyses.distributed.Processes` shares it between several."""
+
+    :class:`hf_llmc.analyses.distributed.Processes` shares it between several.
+    """
 
     is_main = True
     #: What the manifest records as ``"parallel"`` (None: nothing).
     info: dict | None = None
 
     def prepare(self, fn: Callable[[], bool]) -> bool:
-        """Run ``fn`` (check and open the output folder) where the folder is owned; its result everywhere."""
+        """Run ``fn`` (check and open the output folder) where the folder is owned.
+
+        Args:
+            fn: the preparation; returns whether the run resumes.
+
+        Returns:
+            ``fn()``'s result, in every process.
+        """
         return fn()
 
     def tidy(self, out: Path, resuming: bool) -> None:
-        """Bring rows of an interrupted multi-process run into the results file (nothing here)."""
+        """Bring rows of an interrupted multi-process run into the results file (nothing here).
+
+        Args:
+            out: the output folder.
+            resuming: whether the run resumes.
+        """
 
     def share(self, todo: list[ScanPoint]) -> list[ScanPoint]:
-        """The points this process evaluates."""
+        """The points this process evaluates.
+
+        Args:
+            todo: the points still to do, in execution order.
+
+        Returns:
+            Its share (here: all of them).
+        """
         return todo
 
     def rows_file(self, out: Path) -> Path | None:
-        """Where this process writes its rows."""
+        """Where this process writes its rows.
+
+        Args:
+            out: the output folder.
+
+        Returns:
+            The file (here: ``results.jsonl``), or None for a process that writes no rows.
+        """
         return out / RESULTS
 
     def finish(self, out: Path) -> bool:
-        """Wait for the other processes and merge their rows; True in the process that reports."""
+        """Wait for the other processes and merge their rows.
+
+        Args:
+            out: the output folder.
+
+        Returns:
+            True in the process that reports (here: always).
+        """
         return True
 
 
@@ -554,16 +847,37 @@ class SequentialScanRunner(ScanRunner):
     ``barrier_se`` of the regression estimate, ``interval``, ``decision``, ``stop_reason`` and
     ``tokens`` (= blocks used × tokens per block). Endpoint rows are written first with the first
     look's blocks and appended again at the end with every block any point used (the last row of a
-    key wins)."""
+    key wins).
 
-    def __init__(self, pair, blocks, cfg, out_dir, **kwargs):
+    Args:
+        pair: the loaded pair.
+        blocks: the token blocks (visited in the seeded order of ``cfg.sequential``).
+        cfg: the scan settings, with ``sequential`` set.
+        out_dir: the output folder.
+        **kwargs: the other arguments of :class:`ScanRunner`.
+
+    Raises:
+        ScanError: ``cfg.sequential`` is None (or bad settings).
+    """
+
+    def __init__(self, pair: ModelPair, blocks: TokenBlocks, cfg: ScanConfig, out_dir: str | os.PathLike,
+                 **kwargs: Any) -> None:
         super().__init__(pair, blocks, cfg, out_dir, **kwargs)
         if cfg.sequential is None:
             raise ScanError("SequentialScanRunner needs ScanConfig.sequential")
         self.seq = SequentialEstimator(pair, self.ev, blocks.num_blocks, cfg.sequential, record=cfg.prefix)
         self._outcomes: dict[tuple, Outcome] = {}
 
-    def manifest(self, status: str, **extra) -> dict:
+    def manifest(self, status: str, **extra: Any) -> dict:
+        """The content of ``scan.json``, with the sequential settings, schedule and tokens evaluated.
+
+        Args:
+            status: ``running``, ``complete`` or ``partial``.
+            **extra: more fields (start time, elapsed seconds, parallel run).
+
+        Returns:
+            :meth:`ScanRunner.manifest` plus ``sequential``.
+        """
         out = super().manifest(status, **extra)
         out["sequential"] = {**self.cfg.sequential.result_settings(), "interval_description": INTERVAL_DESCRIPTION,
                              "schedule": self.seq.schedule,
@@ -571,15 +885,42 @@ class SequentialScanRunner(ScanRunner):
         return out
 
     def endpoint(self, which: str) -> BlockStats:
+        """Statistics of the full model A or B on the first look's blocks.
+
+        Args:
+            which: ``"a"`` or ``"b"``.
+
+        Returns:
+            The endpoint's per-block statistics.
+        """
         return self.seq.endpoint(which, self.seq.schedule[0])
 
     def trivial(self, point: ScanPoint) -> BlockStats | None:
+        """Statistics known without a forward, because the point is an endpoint model (first look's blocks).
+
+        Args:
+            point: the point.
+
+        Returns:
+            The endpoint's statistics, or None.
+        """
         if point.direction != "interp":
             return super().trivial(point)
         which = is_endpoint(point.alpha, point.base, point.group.name == self.full.name)
         return self.seq.endpoint(which, self.seq.schedule[0]) if which else None
 
     def evaluate(self, point: ScanPoint) -> BlockStats:
+        """Evaluate a point block by block until its stopping rule is met.
+
+        Args:
+            point: the point (interpolation paths only).
+
+        Returns:
+            Its statistics on the blocks it used.
+
+        Raises:
+            ScanError: a robustness (random-direction) point.
+        """
         if point.direction != "interp":
             raise ScanError("sequential estimation covers interpolation paths only")
         stats, outcome = self.seq.evaluate(point.group, point.alpha, point.base, self.cfg.method, self.cfg.prefix)
@@ -587,6 +928,16 @@ class SequentialScanRunner(ScanRunner):
         return stats
 
     def row(self, point: ScanPoint, stats: BlockStats) -> dict:
+        """The result row of a point, with its sequential estimate and stopping fields.
+
+        Args:
+            point: the point.
+            stats: its statistics.
+
+        Returns:
+            :func:`point_row` on the point's blocks, with the regression barrier / standard error and
+            the outcome's fields (interval, decision, stop reason, tokens, ...).
+        """
         n = stats.indices.numel()
         row = point_row(point, stats, self.seq.endpoint("a", n), self.seq.endpoint("b", n))
         outcome = self._outcomes.pop(point.key, None) or self.seq.exact(n)
@@ -597,6 +948,21 @@ class SequentialScanRunner(ScanRunner):
 
     def run(self, points: list[ScanPoint] | None = None, *, resume: bool = False,
             overwrite: bool = False) -> list[dict]:
+        """Evaluate the points into the output folder, then append the endpoints' rows on every block used.
+
+        Args:
+            points: the points to evaluate (default: all).
+            resume: skip the points already in the folder's results (reusing its endpoint blocks).
+            overwrite: replace the scan files of a non-empty folder.
+
+        Returns:
+            Every row, with the endpoint rows replaced by their final version.
+
+        Raises:
+            ScanError: a non-empty folder without ``resume`` or ``overwrite``, or a damaged results line.
+            ScanSettingsError: ``resume`` on a folder holding a run of other settings, models or data.
+            NonFiniteLossError: an endpoint's loss is NaN or infinite.
+        """
         if resume:  # endpoint blocks of the interrupted run (valid only in this block order)
             for row in read_rows(self.out / RESULTS):
                 if row.get("kind") == "endpoint":
@@ -616,13 +982,26 @@ class SequentialScanRunner(ScanRunner):
 
 
 
-def run_scan(pair, blocks: TokenBlocks, cfg: ScanConfig, out_dir: str | os.PathLike, resume: bool = False,
+def run_scan(pair: ModelPair, blocks: TokenBlocks, cfg: ScanConfig, out_dir: str | os.PathLike, resume: bool = False,
              progress: bool = True, *, overwrite: bool = False) -> list[dict]:
-    """Run the scan ``cfg`` of ``pair`` on ``blocks`` into ``out_dir``; return every result row.
+    """Run a scan into a folder (``results.jsonl`` + ``scan.json``) and return every result row.
 
-    ``resume=True`` skips the points already in ``OUT/results.jsonl`` (a truncated last line is
-    dropped) and raises :class:`ScanSettingsError` if the folder holds a scan of other settings,
-    models or data. Without ``resume`` a non-empty folder needs ``overwrite=True``.
+    Args:
+        pair: the loaded pair.
+        blocks: the token blocks to evaluate on.
+        cfg: the scan settings; with ``cfg.sequential`` each point stops once its error bar allows.
+        out_dir: the output folder; render it with :func:`hf_llmc.render_report`.
+        resume: skip the points already in ``results.jsonl`` (a truncated last line is dropped).
+        progress: show a progress bar on a terminal.
+        overwrite: replace the scan files of a non-empty folder (needed without ``resume``).
+
+    Returns:
+        Every row of the results file: the two endpoint rows and one row per point.
+
+    Raises:
+        ScanError: bad settings, or a non-empty folder without ``resume`` or ``overwrite``.
+        ScanSettingsError: ``resume`` on a folder holding a scan of other settings, models or data.
+        NonFiniteLossError: an endpoint's loss is NaN or infinite.
     """
     runner = ScanRunner if cfg.sequential is None else SequentialScanRunner
     return runner(pair, blocks, cfg, out_dir, progress=progress).run(resume=resume, overwrite=overwrite)

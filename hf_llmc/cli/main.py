@@ -65,6 +65,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return exit_code(err)
         print(f"hf-llmc {args.command}: error: {cli_message(err, parser, args.command)}", file=sys.stderr)
         return exit_code(err)
+    finally:
+        _end_processes()
+
+
+def _end_processes() -> None:
+    """Under torchrun / accelerate launch: leave the process group before the interpreter exits
+    (its communication threads would otherwise abort the process at shutdown)."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch itself
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every process has finished its collectives
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

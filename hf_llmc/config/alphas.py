@@ -8,11 +8,13 @@ import math
 from .errors import AlphaError, MergeSpecError
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: An α grid as the API takes it: ``"0,0.25,0.5"``, a count (``5`` or ``"5"``) or a sequence of values.
+AlphaGrid = str | int | list[float] | tuple[float, ...]
 #: Most points on one path: each costs an evaluation of the whole data set.
 MAX_ALPHAS = 1001
 
 
-def parse_alphas(text: str | int | list | tuple, *, allow_extrapolation: bool = False, ensure_mid: bool = True) -> list[float]:
+def parse_alphas(text: AlphaGrid, *, allow_extrapolation: bool = False, ensure_mid: bool = True) -> list[float]:
     """Parse an α grid into sorted unique floats.
 
     Args:
@@ -58,6 +60,12 @@ def check_alpha(value: float, *, allow_extrapolation: bool = False, what: str = 
                 error: type[ValueError] = AlphaError) -> None:
     """Refuse a non-finite α, and one outside [0, 1] unless extrapolation is allowed.
 
+    Args:
+        value: the α to check.
+        allow_extrapolation: accept finite values outside [0, 1].
+        what: the option named in the error message.
+        error: the exception class raised.
+
     Raises:
         AlphaError: (or ``error``) naming ``what`` and the value.
     """
@@ -99,11 +107,26 @@ def parse_alpha(value: str | float | int, *, allow_extrapolation: bool = False, 
 
 
 def format_number(x: float) -> str:
-    """Shortest text that reads back as exactly ``x`` (``0.5``, ``1``, ``0.123456789``)."""
+    """The shortest text that reads back as exactly ``x``, so written specs reproduce the numbers.
+
+    Args:
+        x: the number.
+
+    Returns:
+        ``repr(float(x))`` without a trailing ``.0`` (``0.5``, ``1``, ``0.123456789``).
+    """
     text = repr(float(x))
     return text[:-2] if text.endswith(".0") else text
 
 
 def format_alpha(start: float, end: float | None) -> str:
-    """Inverse of :func:`parse_alpha` (exact)."""
+    """Write the α of a merge item back as text, the exact inverse of :func:`parse_alpha`.
+
+    Args:
+        start: the α (or the gradient's first value).
+        end: the gradient's last value; None for one constant α.
+
+    Returns:
+        ``"0.5"`` or ``"0.1:0.9"``.
+    """
     return format_number(start) if end is None else f"{format_number(start)}:{format_number(end)}"

@@ -109,7 +109,14 @@ class HubError(HfLlmcError, RuntimeError):
 
 
 def exit_code(err: BaseException) -> int:
-    """The command-line exit code of ``err``: 2 for usage errors, 1 for every other failure."""
+    """The command-line exit code of an error, so scripts can tell bad input from a failed run.
+
+    Args:
+        err: any exception.
+
+    Returns:
+        ``err.exit_code`` for an :class:`HfLlmcError` (2 for usage errors, else 1); 1 for every other exception.
+    """
     if isinstance(err, HfLlmcError):
         return err.exit_code
     return 1

@@ -11,8 +11,18 @@ from typing import Any, Literal, get_args, get_origin
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, cli: bool = True, recipe: bool = True,
             default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its help text; ``cli=False`` / ``recipe=False`` keep it off the
-    command line / out of recipes (set from Python only)."""
+    """A dataclass field with its help text, shared by the API docs, the command line and recipes.
+
+    Args:
+        default: the field's default value (omit for a required field).
+        help: one-line description of the setting.
+        cli: False keeps the field off the command line (set from Python or recipes only).
+        recipe: False keeps the field out of recipes.
+        default_factory: a factory for a mutable default (used instead of ``default``).
+
+    Returns:
+        A :func:`dataclasses.field` whose metadata holds ``help`` (and ``cli`` / ``recipe`` when False).
+    """
     metadata = {"help": help}
     if not cli:
         metadata["cli"] = False
@@ -24,7 +34,14 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, cli: bool = T
 
 
 def without_none(tp: Any) -> Any:
-    """``X | None`` -> ``X`` (the first non-None member of a union); other types unchanged."""
+    """A type without its ``None`` member, to read the type of an optional field.
+
+    Args:
+        tp: a type annotation.
+
+    Returns:
+        ``X`` for ``X | None``, the union of the other members for a larger union; ``tp`` unchanged otherwise.
+    """
     if get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else typing.Union[tuple(args)]
@@ -32,7 +49,14 @@ def without_none(tp: Any) -> Any:
 
 
 def choices(tp: Any) -> tuple | None:
-    """The allowed values of a ``Literal[...]`` (also inside ``| None``), else None."""
+    """The allowed values of a ``Literal[...]`` type, for validation and command-line choices.
+
+    Args:
+        tp: a type annotation, e.g. ``Literal["a", "b"] | None``.
+
+    Returns:
+        The ``Literal``'s values (also inside ``| None``), or None for any other type.
+    """
     tp = without_none(tp)
     if get_origin(tp) is Literal:
         return get_args(tp)
@@ -40,12 +64,30 @@ def choices(tp: Any) -> tuple | None:
 
 
 def field_choices(cls: type, name: str) -> tuple | None:
-    """The ``Literal`` choices of field ``name`` of dataclass ``cls``."""
+    """The ``Literal`` choices of one dataclass field.
+
+    Args:
+        cls: a settings dataclass.
+        name: the field's name.
+
+    Returns:
+        The allowed values, or None when the field is not a ``Literal``.
+    """
     return choices(typing.get_type_hints(cls)[name])
 
 
 def check_choice(cls: type, obj: Any, name: str, error: type[Exception]) -> None:
-    """Raise ``error`` when ``obj.name`` is not one of the field's ``Literal`` choices."""
+    """Refuse a field value outside its ``Literal`` choices, with a one-line message naming the field.
+
+    Args:
+        cls: the settings dataclass that declares the field.
+        obj: the settings object to check.
+        name: the field's name.
+        error: the exception class raised (e.g. :class:`~hf_llmc.config.errors.ScanError`).
+
+    Raises:
+        error: the value is not None and not one of the choices.
+    """
     allowed = field_choices(cls, name)
     value = getattr(obj, name)
     if allowed is not None and value is not None and value not in allowed:

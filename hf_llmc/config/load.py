@@ -31,5 +31,9 @@ class LoadConfig:
     keep_modules: list | None = setting(None, "Modules loaded unquantized (the interpolated groups' modules).", cli=False, recipe=False)
 
     def validate(self) -> None:
-        """Raise :class:`~hf_llmc.config.errors.UsageError` on a bad ``dtype``."""
+        """Check the options before anything is loaded.
+
+        Raises:
+            UsageError: ``dtype`` is not one of float32, bfloat16, float16.
+        """
         check_choice(LoadConfig, self, "dtype", UsageError)

@@ -4,7 +4,7 @@ published (:class:`PushConfig`) or chosen automatically (:class:`AutoConfig`).""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .alphas import format_alpha, parse_alpha
 from .errors import MergeSpecError
@@ -36,12 +36,24 @@ class MergeSpec:
         self.sets = list(self.sets or [])
 
     @classmethod
-    def parse(cls, text: str, **kwargs) -> "MergeSpec":
-        """``"attn.0-3=0.5; mlp.*=0.25"`` (``;``-separated ``LAYERS=ALPHA`` items) -> spec."""
+    def parse(cls, text: str, **kwargs: Any) -> "MergeSpec":
+        """A spec from its one-line text form, as written by :meth:`describe`.
+
+        Args:
+            text: ``;``-separated ``LAYERS=ALPHA`` items, e.g. ``"attn.0-3=0.5; mlp.*=0.25"``.
+            **kwargs: the other fields (``method``, ``base``, ``allow_extrapolation``).
+
+        Returns:
+            The spec with one ``sets`` item per non-empty item of ``text`` (not validated yet).
+        """
         return cls(sets=[s.strip() for s in text.split(";") if s.strip()], **kwargs)
 
     def entries(self) -> list[tuple[str, float, float | None]]:
-        """Validated ``(layers, alpha_start, alpha_end)`` items in order (``alpha_end`` None = constant).
+        """The validated items of the spec, in order (a later item wins where items overlap).
+
+        Returns:
+            ``(layers, alpha_start, alpha_end)`` per item; ``alpha_end`` is None for a constant α.
+            ``layers`` / ``alpha`` come first, then every item of ``sets``.
 
         Raises:
             MergeSpecError: a bad method or base, a malformed item or α, or nothing to merge.
@@ -67,7 +79,12 @@ class MergeSpec:
         return out
 
     def validate(self) -> None:
-        """Raise on any bad value (see :meth:`entries`)."""
+        """Check every value without a model (see :meth:`entries`).
+
+        Raises:
+            MergeSpecError: a bad method or base, a malformed item or α, or nothing to merge.
+            SpecError: a malformed layer spec.
+        """
         self.entries()
 
     @property
@@ -81,15 +98,39 @@ class MergeSpec:
         return None
 
     def describe(self) -> str:
-        """``attn.0-3=0.5; mlp.*=0.1:0.9`` (the ``--set`` form of every item)."""
+        """The spec as one line of text, for cards, logs and :meth:`parse`.
+
+        Returns:
+            Every item in its ``--set`` form, ``;``-separated: ``"attn.0-3=0.5; mlp.*=0.1:0.9"``.
+
+        Raises:
+            MergeSpecError: the spec is invalid (see :meth:`entries`).
+            SpecError: a malformed layer spec.
+        """
         return "; ".join(f"{layers}={format_alpha(s, e)}" for layers, s, e in self.entries())
 
     def to_dict(self) -> dict:
+        """The spec's fields as a plain dict (for recipes and JSON).
+
+        Returns:
+            ``dataclasses.asdict`` of the spec.
+        """
         return asdict(self)
 
 
 def as_spec(spec: "MergeSpec | str | dict") -> MergeSpec:
-    """A :class:`MergeSpec` from itself, its ``;``-separated text form, or a dict of its fields."""
+    """A :class:`MergeSpec` from any form the API accepts for a merge.
+
+    Args:
+        spec: a :class:`MergeSpec` (returned as is), its ``;``-separated text form
+            (see :meth:`MergeSpec.parse`) or a dict of its fields.
+
+    Returns:
+        The spec (not validated yet).
+
+    Raises:
+        TypeError: ``spec`` is none of these types.
+    """
     if isinstance(spec, MergeSpec):
         return spec
     if isinstance(spec, str):
@@ -109,7 +150,11 @@ class ExportConfig:
     overwrite: bool = setting(False, "Replace an existing non-empty output folder (kept intact until the new one is complete).")
 
     def validate(self) -> None:
-        """Raise :class:`~hf_llmc.config.errors.MergeSpecError` on a bad ``dtype``."""
+        """Check the options before anything is written.
+
+        Raises:
+            MergeSpecError: ``dtype`` is not one of float32, bfloat16, float16.
+        """
         check_choice(ExportConfig, self, "dtype", MergeSpecError)
 
 
@@ -134,8 +179,7 @@ class AutoConfig:
 
 
 def check_merge_options(spec: MergeSpec, auto: AutoConfig, export: ExportConfig, *, evaluates: bool) -> float | None:
-    """The checks a merge's options pass together, before anything is loaded (the command line
-    and recipes run the same ones).
+    """Check a merge's options together before anything is loaded (the CLI and recipes run the same checks).
 
     Args:
         spec: what to merge (ignored in its groups when ``auto.auto`` chooses them).

@@ -13,6 +13,8 @@ from .fields import check_choice, setting
 Mode = Literal["single", "cumulative", "window"]
 Granularity = Literal["block", "sublayer", "module"]
 Base = Literal["a", "b", "both"]
+#: One of the two endpoint models (also the base of a path into one of them).
+Which = Literal["a", "b"]
 Method = Literal["lerp", "slerp"]
 MODES: tuple[str, ...] = get_args(Mode)
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
@@ -42,7 +44,11 @@ class SequentialConfig:
         return self.target_se is not None or self.decide is not None
 
     def validate(self) -> None:
-        """Raise :class:`~hf_llmc.config.errors.ScanError` with a one-line message on any bad value."""
+        """Check the settings before any evaluation.
+
+        Raises:
+            ScanError: no stopping rule, or a value out of range (one-line message naming it).
+        """
         if not self.enabled:
             raise ScanError("sequential estimation needs target_se=X and/or decide=T")
         if self.target_se is not None and not (math.isfinite(self.target_se) and self.target_se > 0):
@@ -59,7 +65,11 @@ class SequentialConfig:
             raise ScanError(f"growth={self.growth}: must be greater than 1")
 
     def result_settings(self) -> dict:
-        """Everything that changes the numbers (hashed for resume), with the interval method."""
+        """The settings that change the numbers, hashed so that ``resume`` refuses other settings.
+
+        Returns:
+            Every field plus ``interval_method`` (:data:`INTERVAL_METHOD`).
+        """
         return {**asdict(self), "interval_method": INTERVAL_METHOD}
 
 
@@ -91,11 +101,23 @@ class ScanConfig:
         return ["a", "b"] if self.base == "both" else [self.base]
 
     def alpha_list(self) -> list[float]:
-        """The α grid (0.5 always included)."""
+        """The α grid the scan evaluates, parsed from ``alphas``.
+
+        Returns:
+            Sorted unique α values, 0.5 always included.
+
+        Raises:
+            AlphaError: ``alphas`` cannot be parsed (see :func:`~hf_llmc.config.alphas.parse_alphas`).
+        """
         return parse_alphas(self.alphas)
 
     def validate(self) -> None:
-        """Raise :class:`~hf_llmc.config.errors.ScanError` with a one-line message on any bad value."""
+        """Check the settings before any model is loaded.
+
+        Raises:
+            ScanError: a bad choice, order, window, batch size, α list or sequential setting
+                (one-line message naming it).
+        """
         for name in ("mode", "granularity", "base", "method"):
             check_choice(ScanConfig, self, name, ScanError)
         if self.mode != "single" and self.granularity != "block":
@@ -117,7 +139,12 @@ class ScanConfig:
             raise ScanError(str(err)) from None
 
     def result_settings(self) -> dict:
-        """The settings that change the numbers (hashed for resume; prefix/batch size do not)."""
+        """The settings that change the numbers, hashed so that ``resume`` refuses other settings.
+
+        Returns:
+            ``mode``, ``base``, the α list and ``method``, plus what the mode uses (``granularity``,
+            ``order`` / ``seed``, ``window``) and ``sequential``; ``prefix`` and ``batch_size`` are left out.
+        """
         out = {"mode": self.mode, "base": self.base, "alphas": self.alpha_list(), "method": self.method}
         if self.mode == "single":
             out["granularity"] = self.granularity
@@ -145,13 +172,21 @@ class RobustnessConfig:
     batch_size: int | None = setting(None, "Blocks per forward (default: automatic).", cli=False)
 
     def validate(self) -> None:
-        """Raise :class:`~hf_llmc.config.errors.ScanError` with a one-line message on any bad value."""
+        """Check the settings before any model is loaded.
+
+        Raises:
+            ScanError: a bad granularity, sample count, t grid or batch size (one-line message naming it).
+        """
         check_choice(RobustnessConfig, self, "granularity", ScanError)
         if self.samples < 1:
             raise ScanError(f"samples={self.samples}: must be at least 1")
         self.scan_config().validate()
 
     def scan_config(self) -> ScanConfig:
-        """The scan settings its runner uses (base A, the t grid as α)."""
+        """The scan settings the robustness runner evaluates with.
+
+        Returns:
+            A :class:`ScanConfig` into base A with the t grid as α, the same granularity, prefix and batch size.
+        """
         return ScanConfig(granularity=self.granularity, base="a", alphas=self.alphas, prefix=self.prefix,
                           batch_size=self.batch_size)

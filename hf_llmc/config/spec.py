@@ -24,8 +24,14 @@ _RANGE = re.compile(r"^(-?\d+)(?:-(-?\d+))?$")
 
 @dataclass(frozen=True)
 class SpecItem:
-    """One comma-separated item of a spec: ``kind`` over ``start..end`` (inclusive, may be
-    negative; None = every block), or a regex when ``kind == "re"``."""
+    """One comma-separated item of a layer spec, as parsed by :func:`parse_spec`.
+
+    Attributes:
+        kind: one of :data:`KINDS`, or ``"re"`` for a regular expression.
+        start: first block (inclusive, may be negative = from the end); None = every block.
+        end: last block (inclusive, may be negative); None with ``start`` set = ``start`` only.
+        pattern: the regular expression when ``kind == "re"``.
+    """
 
     kind: str
     start: int | None = None
@@ -97,5 +103,12 @@ def parse_spec(spec: str) -> list[SpecItem]:
 
 
 def format_spec(items: list[SpecItem]) -> str:
-    """Inverse of :func:`parse_spec`."""
+    """Write parsed spec items back as a spec, the inverse of :func:`parse_spec`.
+
+    Args:
+        items: the items, e.g. from :func:`parse_spec`.
+
+    Returns:
+        The comma-separated spec, e.g. ``"attn.0-3,mlp.7"``.
+    """
     return ",".join(str(item) for item in items)

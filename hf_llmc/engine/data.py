@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,12 +22,23 @@ from ..config.errors import DataError, PairError
 from ..config.files import cache_root
 from ..config.security import display_name
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from ..model.pair import ModelPair
+
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
 class TokenBlocks:
-    """[N, seq_len] token ids plus what is needed to reproduce them."""
+    """Evaluation tokens cut into equal blocks, plus what is needed to reproduce them.
+
+    Attributes:
+        ids: ``[N, seq_len]`` token ids (int64).
+        source: where they came from: the ``data`` path or ``dataset`` name, or ``"tensor"``.
+        fingerprint: a key of the data, tokenizer and settings (results record it; ``resume`` compares it).
+    """
 
     ids: torch.Tensor
     source: str
@@ -34,14 +46,29 @@ class TokenBlocks:
 
     @property
     def seq_len(self) -> int:
+        """Tokens per block."""
         return int(self.ids.shape[1])
 
     @property
     def num_blocks(self) -> int:
+        """Number of blocks N."""
         return int(self.ids.shape[0])
 
 
-def max_positions(config) -> int | None:
+#: Everything evaluation data may be given as: settings, a local text file, ready blocks or an id tensor.
+DataSource = DataConfig | TokenBlocks | str | os.PathLike | torch.Tensor
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest sequence a model accepts, read from its config.
+
+    Args:
+        config: the model's config.
+
+    Returns:
+        The first positive integer of ``max_position_embeddings``, ``n_positions``, ``n_ctx`` or
+        ``seq_length``; None when the config has none.
+    """
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -49,7 +76,15 @@ def max_positions(config) -> int | None:
     return None
 
 
-def default_seq_len(config) -> int:
+def default_seq_len(config: PretrainedConfig) -> int:
+    """The block length used when ``seq_len`` is not set.
+
+    Args:
+        config: the model's config.
+
+    Returns:
+        ``min(1024, max_positions(config))``, or 1024 when the maximum is unknown.
+    """
     limit = max_positions(config)
     return min(1024, limit) if limit else 1024
 
@@ -127,12 +162,32 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_dir() -> Path:
-    """Where tokenized blocks are cached: ``HF_LLMC_CACHE/tokens``."""
+    """The folder tokenized blocks are cached in, so a second run skips tokenization.
+
+    Returns:
+        ``tokens`` under :func:`~hf_llmc.config.files.cache_root`.
+    """
     return cache_root() / "tokens"
 
 
-def load_blocks(tokenizer, cfg: DataConfig, model_config=None, *, use_cache: bool = True) -> TokenBlocks:
-    """Tokenize the configured data into ``[N, seq_len]`` blocks (see the module protocol)."""
+def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_config: PretrainedConfig | None = None, *,
+                use_cache: bool = True) -> TokenBlocks:
+    """Tokenize the configured data into ``[N, seq_len]`` blocks (see the module docstring for the protocol).
+
+    Args:
+        tokenizer: the tokenizer (model A's).
+        cfg: where the text comes from and how it is cut.
+        model_config: the model's config; gives the default ``seq_len`` and its upper limit
+            (without it the default is 1024 and not checked).
+        use_cache: read and write the on-disk cache (:func:`cache_dir`).
+
+    Returns:
+        The blocks; the last partial block is dropped.
+
+    Raises:
+        DataError: bad options, ``seq_len`` above the model's maximum positions, a file or dataset
+            that cannot be read, or fewer tokens than one block.
+    """
     cfg.validate()
     limit = max_positions(model_config) if model_config is not None else None
     seq_len = cfg.seq_len or (default_seq_len(model_config) if model_config is not None else 1024)
@@ -167,8 +222,18 @@ def load_blocks(tokenizer, cfg: DataConfig, model_config=None, *, use_cache: boo
     return TokenBlocks(blocks, source, key)
 
 
-def tokenize_stream(tokenizer, docs: list[str], max_tokens: int) -> list[int]:
-    """Concatenate tokenized documents with EOS between them, capped at ``max_tokens``."""
+def tokenize_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], max_tokens: int) -> list[int]:
+    """Tokenize documents into one token stream, stopping once ``max_tokens`` are reached.
+
+    Args:
+        tokenizer: the tokenizer (its default special-token behaviour is kept).
+        docs: the documents; empty ones are skipped.
+        max_tokens: the cap on the stream's length.
+
+    Returns:
+        The token ids of the documents with the EOS id between them (when the tokenizer has one),
+        cut to ``max_tokens``.
+    """
     eos = tokenizer.eos_token_id
     out: list[int] = []
     for doc in docs:
@@ -182,9 +247,16 @@ def tokenize_stream(tokenizer, docs: list[str], max_tokens: int) -> list[int]:
     return out[:max_tokens]
 
 
-def blocks_for(pair, data: DataConfig | TokenBlocks | str | os.PathLike | torch.Tensor) -> TokenBlocks:
-    """Token blocks for ``pair`` from a :class:`DataConfig`, a local file path, ready blocks or an
-    id tensor (text is tokenized with A's tokenizer, blocks fit A's maximum positions).
+def blocks_for(pair: ModelPair, data: DataSource) -> TokenBlocks:
+    """Token blocks for evaluating ``pair``, from any form the API accepts for data.
+
+    Args:
+        pair: the loaded pair; text is tokenized with A's tokenizer, blocks fit A's maximum positions.
+        data: a :class:`DataConfig`, a local text file path, ready :class:`TokenBlocks` (returned as
+            is) or an ``[N, seq_len]`` id tensor (used as is, source ``"tensor"``).
+
+    Returns:
+        The token blocks.
 
     Raises:
         DataError: the data cannot be read or cut into blocks.

@@ -12,13 +12,20 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config.errors import NonFiniteLossError
+from ..config.scan import Method, Which
 from ..model.architecture import find_block_list
+from .data import TokenBlocks
+
+if TYPE_CHECKING:
+    from ..model.pair import ModelPair
+    from ..model.selection import Group
 
 DEFAULT_CPU_BATCH = 8
 DEFAULT_GPU_BATCH = 32
@@ -26,7 +33,14 @@ DEFAULT_GPU_BATCH = 32
 
 @dataclass
 class BlockStats:
-    """Per-block sums over the predicted positions (``tokens_per_block`` = seq_len - 1)."""
+    """Per-block sums over the predicted positions, kept so barriers get paired standard errors.
+
+    Attributes:
+        indices: ``[n]`` block indices into the token-block tensor.
+        loss_sum: ``[n]`` float64 summed next-token cross-entropy per block (nats).
+        correct: ``[n]`` int64 top-1 hits per block.
+        tokens_per_block: predicted positions per block (``seq_len - 1``).
+    """
 
     indices: torch.Tensor  # [n] block indices into the token-block tensor
     loss_sum: torch.Tensor  # [n] float64 summed cross-entropy (nats)
@@ -35,18 +49,22 @@ class BlockStats:
 
     @property
     def tokens(self) -> int:
+        """Predicted tokens in all blocks."""
         return int(self.indices.numel()) * self.tokens_per_block
 
     @property
     def loss(self) -> float:
+        """Mean next-token cross-entropy over all predicted tokens (nats)."""
         return float(self.loss_sum.sum() / self.tokens)
 
     @property
     def accuracy(self) -> float:
+        """Top-1 accuracy over all predicted tokens."""
         return float(self.correct.sum()) / self.tokens
 
     @property
     def perplexity(self) -> float:
+        """``exp(loss)`` (inf when the loss is not finite or above 700)."""
         return math.exp(self.loss) if math.isfinite(self.loss) and self.loss < 700 else float("inf")
 
     @property
@@ -60,7 +78,37 @@ class BlockStats:
         return 1.0 - self.correct.double() / self.tokens_per_block
 
     def to_dict(self) -> dict:
+        """The summary numbers as JSON-ready data.
+
+        Returns:
+            ``loss``, ``perplexity``, ``accuracy`` and ``tokens``.
+        """
         return {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+
+
+class Shard(Protocol):
+    """A data-parallel share of the blocks (:class:`hf_llmc.analyses.distributed.DataShard`)."""
+
+    def split(self, indices: torch.Tensor) -> torch.Tensor:
+        """The block indices this process evaluates.
+
+        Args:
+            indices: every block index of the evaluation.
+
+        Returns:
+            This process's share of ``indices``.
+        """
+
+    def gather(self, local: BlockStats, indices: torch.Tensor) -> BlockStats:
+        """Every process's statistics, joined on every process.
+
+        Args:
+            local: this process's statistics (of ``split(indices)``).
+            indices: every block index of the evaluation.
+
+        Returns:
+            The statistics of all of ``indices``, in their order.
+        """
 
 
 class _Stop(Exception):
@@ -68,13 +116,30 @@ class _Stop(Exception):
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the input embeddings (where input ids must go)."""
+    """The device input ids must go to: that of the input embeddings.
+
+    Args:
+        model: a transformers model.
+
+    Returns:
+        The embeddings' device (CPU when they are on the meta device).
+    """
     emb = model.get_input_embeddings()
     return emb.weight.device if emb.weight.device.type != "meta" else torch.device("cpu")
 
 
 class Evaluator:
-    """Evaluates the live model on ``blocks`` ([N, seq_len] token ids), optionally reusing a prefix."""
+    """Loss and accuracy of the live model on fixed token blocks, reusing the base model's prefixes.
+
+    Args:
+        model: the live model (a transformers causal LM).
+        blocks: ``[N, seq_len]`` token ids.
+        block_list: the model's decoder blocks (see :func:`~hf_llmc.model.architecture.find_block_list`).
+        batch_size: blocks per forward (default: 32 on CUDA, else 8); halved on out-of-memory.
+        cache_device: where cached hidden states are kept (default: the model's device).
+        shard: the data-parallel share of this process (None: every block here).
+        prefix_store_bytes: memory for hidden states recorded by ``run(record=True)`` (0 = off).
+    """
 
     def __init__(
         self,
@@ -84,9 +149,9 @@ class Evaluator:
         *,
         batch_size: int | None = None,
         cache_device: str | torch.device | None = None,
-        shard=None,
+        shard: Shard | None = None,
         prefix_store_bytes: int = 0,
-    ):
+    ) -> None:
         self.model = model
         # Hidden states entering every block, recorded per base state during a full forward
         # run with ``record=True`` while they fit in ``prefix_store_bytes`` (0 = off).
@@ -249,17 +314,21 @@ class Evaluator:
         self, indices: Sequence[int] | torch.Tensor | None = None, start_block: int | None = None, state: object = None,
         record: bool = False,
     ) -> BlockStats:
-        """Evaluate the live model on the given blocks (default: all).
+        """Evaluate the live model on the given blocks, recomputing only what differs from the base.
 
-        ``start_block=k`` reuses the base model's hidden states entering block k (valid only when
-        the model differs from the base in blocks >= k / final norm / head, and the base has not
-        changed since the cache was filled). ``state`` names the base state (e.g. "a"/"b"): the
-        prefix cache is dropped whenever it changes.
+        Args:
+            indices: block indices to evaluate (default: all).
+            start_block: reuse the base model's hidden states entering this block (valid only when
+                the model differs from the base in blocks >= ``start_block`` / final norm / head, and
+                the base has not changed since the cache was filled); None or 0 = a full forward.
+            state: names the base state (e.g. ``"a"`` / ``"b"``); the prefix cache is dropped
+                whenever it changes.
+            record: a promise that the live model holds exactly the base ``state``: a full forward
+                then keeps the hidden states entering every block (within ``prefix_store_bytes``), so
+                later prefixes of that state cost no forward. Kept per ``state`` until :meth:`invalidate`.
 
-        ``record=True`` promises that the live model holds exactly the base ``state``: a full
-        forward then keeps the hidden states entering every block (within
-        ``prefix_store_bytes``), so later prefixes of that state cost no forward at all. The
-        recorded states are kept per ``state`` until :meth:`invalidate`.
+        Returns:
+            Per-block statistics of ``indices`` (gathered from every process with a data-parallel ``shard``).
         """
         if state != self._state:
             self._cache = {}  # the incremental cache follows one state; the store is per state
@@ -300,9 +369,17 @@ class Evaluator:
 
 
 def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed next-token cross-entropy (float64) and top-1 hits.
+    """Per-sequence summed next-token cross-entropy and top-1 hits of one batch.
 
-    Computed one sequence at a time so the float32 temporaries stay one sequence large."""
+    Computed one sequence at a time so the float32 temporaries stay one sequence large.
+
+    Args:
+        logits: ``[B, T, vocab]`` model outputs.
+        ids: ``[B, T]`` the token ids the logits were computed from.
+
+    Returns:
+        ``(loss_sum, correct)``: ``[B]`` float64 summed cross-entropy and ``[B]`` int64 hits, on the CPU.
+    """
     target = ids[:, 1:].to(logits.device)
     loss_sum = torch.empty(ids.shape[0], dtype=torch.float64)
     correct = torch.empty(ids.shape[0], dtype=torch.long)
@@ -315,15 +392,34 @@ def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 # -- the pair's evaluations ---------------------------------------------------------------------------
-def evaluator_for(pair, blocks, batch_size: int | None = None) -> Evaluator:
-    """An :class:`Evaluator` of ``pair``'s live model on ``blocks`` (a
-    :class:`~hf_llmc.engine.data.TokenBlocks`), data-parallel when ``pair.shard`` is set."""
+def evaluator_for(pair: ModelPair, blocks: TokenBlocks, batch_size: int | None = None) -> Evaluator:
+    """An :class:`Evaluator` of the pair's live model, data-parallel when ``pair.shard`` is set.
+
+    Args:
+        pair: the loaded pair.
+        blocks: the token blocks to evaluate on.
+        batch_size: blocks per forward (default: automatic).
+
+    Returns:
+        The evaluator (no prefix store).
+    """
     _, block_list = find_block_list(pair.model)
     return Evaluator(pair.model, blocks.ids, block_list, batch_size=batch_size, shard=pair.shard)
 
 
 def check_finite(stats: BlockStats, what: str) -> BlockStats:
-    """``stats`` unchanged, or :class:`~hf_llmc.config.errors.NonFiniteLossError` naming ``what``."""
+    """Refuse a non-finite loss, so that no NaN is reported as a result.
+
+    Args:
+        stats: the statistics to check.
+        what: what was evaluated, for the message (e.g. ``"model A"``).
+
+    Returns:
+        ``stats`` unchanged.
+
+    Raises:
+        NonFiniteLossError: the loss is NaN or infinite.
+    """
     if not math.isfinite(stats.loss):
         raise NonFiniteLossError(
             f"{what}: non-finite loss ({stats.loss}); a checkpoint holds NaN/inf weights or the dtype overflows"
@@ -331,8 +427,19 @@ def check_finite(stats: BlockStats, what: str) -> BlockStats:
     return stats
 
 
-def endpoint(pair, which: str, ev: Evaluator, blocks, indices=None) -> BlockStats:
-    """Stats of the full model ``which`` ("a" or "b"), cached per token set on the pair.
+def endpoint(pair: ModelPair, which: Which, ev: Evaluator, blocks: TokenBlocks,
+             indices: Sequence[int] | torch.Tensor | None = None) -> BlockStats:
+    """Statistics of the full model A or B, cached on the pair per token set and blocks.
+
+    Args:
+        pair: the loaded pair; its live model is set to ``which``.
+        which: ``"a"`` or ``"b"``.
+        ev: an evaluator of the pair's live model on ``blocks``.
+        blocks: the token blocks (their fingerprint keys the cache).
+        indices: block indices to evaluate (default: all).
+
+    Returns:
+        The endpoint's per-block statistics.
 
     Raises:
         NonFiniteLossError: the model's loss is NaN or infinite.
@@ -345,10 +452,25 @@ def endpoint(pair, which: str, ev: Evaluator, blocks, indices=None) -> BlockStat
     return pair.endpoint_cache[key]
 
 
-def point(pair, ev: Evaluator, group, alpha: float, *, base: str = "a", method: str = "lerp",
-          indices=None, prefix: bool = True) -> BlockStats:
-    """Stats of the path point of ``group`` at α into ``base`` (the live model is restored afterwards);
-    with ``prefix``, blocks before the group's first block are not recomputed."""
+def point(pair: ModelPair, ev: Evaluator, group: Group, alpha: float, *, base: Which = "a", method: Method = "lerp",
+          indices: Sequence[int] | torch.Tensor | None = None, prefix: bool = True) -> BlockStats:
+    """Statistics of one point of a layer-wise path: ``group`` at α, every other tensor from ``base``.
+
+    The live model is set to ``base`` and restored to it afterwards.
+
+    Args:
+        pair: the loaded pair.
+        ev: an evaluator of the pair's live model.
+        group: the tensors moved along the path.
+        alpha: the point (0 = A, 1 = B).
+        base: the model the other tensors come from, ``"a"`` or ``"b"``.
+        method: ``"lerp"`` or ``"slerp"`` per tensor.
+        indices: block indices to evaluate (default: all).
+        prefix: reuse the base model's hidden states before the group's first block.
+
+    Returns:
+        The point's per-block statistics (not checked for finiteness).
+    """
     pair.interp.set_base(base)
     start = group.first_block if prefix and group.first_block else None
     with pair.interp.at([group], alpha, method):

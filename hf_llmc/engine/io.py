@@ -35,8 +35,18 @@ MANIFEST = "scan.json"
 
 # -- result rows ------------------------------------------------------------------------------------
 def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
-    """Rows of a results file; a truncated last line (an interrupted write) is ignored, and cut
-    off the file when ``repair`` is set. A damaged line elsewhere raises :class:`ScanError`."""
+    """The rows of a results file, tolerating the truncated last line of an interrupted write.
+
+    Args:
+        path: the JSON-lines file.
+        repair: cut a truncated last line off the file (and end the file with a newline).
+
+    Returns:
+        The rows (dicts with a ``group`` key) in file order; empty when the file does not exist.
+
+    Raises:
+        ScanError: a damaged line other than the last.
+    """
     path = Path(path)
     if not path.is_file():
         return []
@@ -70,18 +80,28 @@ def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
 
 
 class RowWriter:
-    """Appends rows to a JSON-lines file; each line is flushed and fsynced before the next."""
+    """Appends rows to a JSON-lines file; each line is flushed and fsynced before the next.
 
-    def __init__(self, path: Path):
+    Args:
+        path: the file, opened for appending (created if missing).
+    """
+
+    def __init__(self, path: Path) -> None:
         self.path = path
         self._fh = open(path, "ab")
 
     def write(self, row: dict) -> None:
+        """Append one row as a line, durable before this returns.
+
+        Args:
+            row: the row (NaN and infinities are refused with ``ValueError``).
+        """
         self._fh.write((json.dumps(row, allow_nan=False) + "\n").encode())
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
     def close(self) -> None:
+        """Close the file."""
         self._fh.close()
 
     def __enter__(self) -> "RowWriter":
@@ -93,9 +113,15 @@ class RowWriter:
 
 # -- output folders ---------------------------------------------------------------------------------
 def check_writable(folder: str | os.PathLike, shown: str | os.PathLike | None = None) -> None:
-    """Raise :class:`OutputExistsError` (a usage error) unless files can be created in ``folder``
-    (or, where it does not exist yet, in its nearest existing parent): checked before any work,
-    so a result is never computed and then lost."""
+    """Refuse a folder that cannot be written, before any work, so a result is never computed and lost.
+
+    Args:
+        folder: the folder; where it does not exist yet, its nearest existing parent is checked.
+        shown: how to name it in the message (default: ``folder``).
+
+    Raises:
+        OutputExistsError: the folder (or parent) is not a folder or not writable.
+    """
     path = Path(folder).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -107,8 +133,19 @@ def check_writable(folder: str | os.PathLike, shown: str | os.PathLike | None = 
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Raise :class:`OutputExistsError` for an existing non-empty ``out_dir`` without ``overwrite``,
-    or one that cannot be created (the folder is written beside it, then renamed into place)."""
+    """Refuse an output folder that a merge could not write or would overwrite without permission.
+
+    Args:
+        out_dir: the output folder (written beside it, then renamed into place).
+        overwrite: allow an existing non-empty folder.
+
+    Returns:
+        ``out_dir`` as a path.
+
+    Raises:
+        OutputExistsError: a file in its place, a non-empty folder without ``overwrite``, or a
+            parent that is not writable.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder")
@@ -129,7 +166,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(out_dir: str | os.PathLike) -> list[Path]:
-    """Remove temporary folders beside ``out_dir`` left by killed runs (their process is gone)."""
+    """Remove temporary folders beside ``out_dir`` left by killed runs.
+
+    Args:
+        out_dir: the output folder whose ``.NAME.hf-llmc-tmp-PID-...`` siblings are checked.
+
+    Returns:
+        The folders removed: those whose process is gone (never this process's).
+    """
     out = Path(out_dir)
     removed = []
     if not out.parent.is_dir():
@@ -159,11 +203,22 @@ def _exchange(a: Path, b: Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir`` at once.
+    """A temporary folder beside ``out_dir`` that replaces it at once when the ``with`` block succeeds.
 
     An existing non-empty ``out_dir`` needs ``overwrite`` and stays intact until the new folder is
     complete (then the two are swapped atomically where the OS allows). On error, or if the process
     is killed, ``out_dir`` is untouched; stale temporary folders are removed at the next run.
+
+    Args:
+        out_dir: the output folder.
+        overwrite: allow replacing an existing non-empty folder.
+
+    Yields:
+        The temporary folder to write into.
+
+    Raises:
+        OutputExistsError: ``out_dir`` cannot be used (see :func:`check_output_dir`), checked on
+            entry and again before the rename.
     """
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -190,12 +245,20 @@ def atomic_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) ->
 
 
 def check_run_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Refuse an output folder a resumable run (scan, robustness) cannot use, before any work:
-    ``resume`` and ``overwrite`` together, a file in its place, or a non-empty folder without
-    either option.
+    """Refuse an output folder a resumable run (scan, robustness) cannot use, before any work.
+
+    Args:
+        out: the run folder.
+        resume: the run continues the rows already in the folder.
+        overwrite: the run replaces the folder's results.
+
+    Returns:
+        ``out`` as a path.
 
     Raises:
-        ScanError: naming the problem.
+        ScanError: ``resume`` and ``overwrite`` together, a file in its place, or a non-empty
+            folder without either option.
+        OutputExistsError: the folder (or its nearest existing parent) is not writable.
     """
     out = Path(out)
     if resume and overwrite:

@@ -14,12 +14,20 @@ from ..config.errors import SpecError
 from ..config.spec import BLOCK_KINDS, GLOBAL_KINDS, SpecItem, format_spec, parse_spec
 from .architecture import Architecture
 
+
 @dataclass(frozen=True)
 class Group:
     """A named set of parameters moved together (``attn.3``, ``block.0``, ``embed``, ``re:...``).
 
-    ``first_block`` is the earliest decoder block the group touches: None when it touches the
-    embeddings (everything must be recomputed), ``num_blocks`` when only the final norm / head.
+    Attributes:
+        name: the group's name, a layer spec item (``attn.3``) or a comma-joined list for a union.
+        kind: ``block``, ``attn``, ``mlp``, ``norm``, ``embed``, ``final_norm``, ``head``, ``re``,
+            ``full``, ``set`` (a union of several kinds) or ``module``.
+        blocks: the decoder blocks the group touches, sorted.
+        parameters: the parameter names, in the order given, without duplicates.
+        numel: number of elements (tied aliases counted once).
+        first_block: the earliest decoder block the group touches: None when it touches the
+            embeddings (everything must be recomputed), ``num_blocks`` when only the final norm / head.
     """
 
     name: str
@@ -30,6 +38,11 @@ class Group:
     first_block: int | None
 
     def to_dict(self) -> dict:
+        """The group as JSON-ready data (for ``hf-llmc layers --json`` and result files).
+
+        Returns:
+            ``name``, ``kind``, ``block`` (the single block, else None), ``blocks``, ``parameters``, ``numel``.
+        """
         return {
             "name": self.name,
             "kind": self.kind,
@@ -55,7 +68,17 @@ def _block_indices(item: SpecItem, n: int) -> list[int]:
 
 
 def make_group(arch: Architecture, name: str, kind: str, parameters: list[str]) -> Group:
-    """Build a group from explicit names (deduplicated, tied aliases folded into one tensor)."""
+    """A group of explicitly named parameters, with the blocks and element count it covers.
+
+    Args:
+        arch: the model's architecture.
+        name: the group's name.
+        kind: the group's kind (see :class:`Group`).
+        parameters: parameter names (aliases allowed); duplicates are dropped.
+
+    Returns:
+        The group; tied aliases count once in ``numel``.
+    """
     seen: dict[str, None] = {}
     for p in parameters:
         seen.setdefault(p, None)
@@ -75,7 +98,16 @@ def make_group(arch: Architecture, name: str, kind: str, parameters: list[str]) 
 
 
 def block_group(arch: Architecture, kind: str, index: int) -> Group:
-    """Group ``kind.index`` (kind in block, attn, mlp, norm)."""
+    """The group ``kind.index`` of one decoder block.
+
+    Args:
+        arch: the model's architecture.
+        kind: ``block`` (every parameter of the block, in model order), ``attn``, ``mlp`` or ``norm``.
+        index: the block index (0-based, non-negative).
+
+    Returns:
+        The group (with no parameters when the block has none of that kind).
+    """
     if kind == "block":  # model order
         prefix = f"{arch.block_prefix}.{index}."
         names = [p for p in arch.parameters if p.startswith(prefix)]
@@ -85,12 +117,34 @@ def block_group(arch: Architecture, kind: str, index: int) -> Group:
 
 
 def global_group(arch: Architecture, kind: str) -> Group:
+    """The group of the parameters outside the decoder blocks of one kind.
+
+    Args:
+        arch: the model's architecture.
+        kind: ``embed``, ``final_norm`` or ``head``.
+
+    Returns:
+        The group (with no parameters when the model has none of that kind).
+    """
     names = {"embed": arch.embed, "final_norm": arch.final_norm, "head": arch.head}[kind]
     return make_group(arch, kind, kind, names)
 
 
 def resolve(spec: str | list[SpecItem], arch: Architecture) -> list[Group]:
-    """Resolve a spec to ordered, de-duplicated groups; ``ValueError`` if it selects nothing."""
+    """The groups a layer spec selects in one model, in spec order, without duplicates.
+
+    Args:
+        spec: a layer spec (``"attn.0-3,mlp.7"``, ``"block.*"``, ``"re:<regex>"``) or its parsed items.
+        arch: the model's architecture.
+
+    Returns:
+        One group per selected ``kind.index`` (block kinds without parameters are skipped), per
+        global kind, or one group for a regular expression.
+
+    Raises:
+        SpecError: a malformed spec, a block out of range, a reversed range, a regex or global kind
+            that matches no parameter, or a spec that selects nothing.
+    """
     items = parse_spec(spec) if isinstance(spec, str) else spec
     groups: dict[str, Group] = {}
     for item in items:
@@ -118,14 +172,31 @@ def resolve(spec: str | list[SpecItem], arch: Architecture) -> list[Group]:
 
 
 def union(groups: list[Group], arch: Architecture, name: str | None = None) -> Group:
-    """One group holding every parameter of ``groups`` (moved together)."""
+    """One group holding every parameter of several groups, so they move together.
+
+    Args:
+        groups: the groups to join.
+        arch: the model's architecture.
+        name: the group's name (default: the groups' names joined by commas).
+
+    Returns:
+        The union; its kind is the groups' common kind, else ``set``.
+    """
     names = [p for g in groups for p in g.parameters]
     kinds = {g.kind for g in groups}
     return make_group(arch, name or ",".join(g.name for g in groups), kinds.pop() if len(kinds) == 1 else "set", names)
 
 
 def all_groups(arch: Architecture) -> list[Group]:
-    """Every addressable group (the table of ``hf-llmc layers``), in model order."""
+    """Every addressable group of a model (the table of ``hf-llmc layers``), in model order.
+
+    Args:
+        arch: the model's architecture.
+
+    Returns:
+        ``embed``, then per block ``block.i`` and its ``attn`` / ``mlp`` / ``norm`` groups that have
+        parameters, then ``final_norm`` and ``head`` (each global group only when the model has it).
+    """
     out = [global_group(arch, "embed")] if arch.embed else []
     for i in range(arch.num_blocks):
         out.append(block_group(arch, "block", i))

@@ -27,11 +27,21 @@ _SCAN_HEAD_BYTES = 1024 * 1024  # larger files: their head (e.g. a safetensors h
 
 
 def check_model_folder(folder: str | os.PathLike) -> Path:
-    """Check that ``folder`` holds a model (``config.json`` + weights) or a PEFT adapter.
+    """Check that a folder holds a complete model or PEFT adapter before it is published.
 
     Also checks that every shard named in an index file exists and that no file is a
     symbolic link leading outside the folder (``upload_folder`` follows links, so a link
-    to e.g. the stored token would be published). Returns the resolved folder.
+    to e.g. the stored token would be published).
+
+    Args:
+        folder: the folder to publish.
+
+    Returns:
+        The resolved folder.
+
+    Raises:
+        ModelFolderError: no such folder, no ``config.json`` + weights nor ``adapter_config.json`` +
+            adapter weights, an invalid index file or a missing shard, or a link leading outside.
     """
     path = Path(folder)
     if not path.exists():
@@ -157,18 +167,27 @@ def push_folder(
     create_pr: bool = False,
     endpoint: str | None = None,
 ) -> str:
-    """Upload the model in ``folder`` to the Hub model repo ``repo_id``; return the commit URL.
+    """Upload a model folder to a Hub model repo, creating the repo and branch if needed.
 
-    Creates the repo if needed (``private=True`` makes a new repo private; an existing repo
-    keeps its visibility) and the branch ``revision`` if it does not exist (from ``main``).
-    ``create_pr=True`` opens a pull request against ``main`` instead (the URL returned is
-    then the pull request's). ``endpoint`` defaults to ``HF_ENDPOINT`` read at call time.
-    Raises :class:`ModelFolderError` for a folder that is not a model and
-    :class:`HubError` (one line, no token) for every authentication, network or server
-    failure.
+    Args:
+        folder: the model folder (checked with :func:`check_model_folder`).
+        repo_id: the Hub repo id (``user/name``).
+        private: make a newly created repo private (an existing repo keeps its visibility).
+        revision: the branch to push to, created from ``main`` if it does not exist.
+        commit_message: the commit message (default: ``Upload NAME with hf-llmc``).
+        token: a Hub token (default: ``HF_TOKEN``, else the stored ``hf auth login`` token).
+        create_pr: open a pull request against ``main`` instead of committing.
+        endpoint: the Hub URL (default: ``HF_ENDPOINT`` read at call time).
+
+    Returns:
+        The commit URL (the pull request's URL with ``create_pr``), without any token.
+
+    Raises:
+        ModelFolderError: the folder is not a complete model, or ``create_pr`` with a branch ``revision``.
+        HubError: not logged in, a file in the folder contains a token, or an authentication,
+            network or server failure (one line, no token).
     """
     from huggingface_hub import HfApi, constants
-
 
     root = check_model_folder(folder)
     if create_pr and revision not in (None, "main"):

@@ -16,10 +16,14 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config.errors import ScanError
 from ..config.files import write_json_atomic
 from ..engine.io import MANIFEST, RESULTS, read_rows
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 MID = 0.5
 MAX_ANNOTATED_CELLS = 1500
@@ -28,7 +32,15 @@ MAX_ROBUSTNESS_PANELS = 16
 
 # -- sequential fields -----------------------------------------------------------------------------
 def summary_fields(row: dict | None) -> dict:
-    """Sequential fields of a group's α=0.5 row for summary.json (empty for a fixed-budget row)."""
+    """The sequential-estimation fields of a group's α = 0.5 row, for ``summary.json``.
+
+    Args:
+        row: the row (or None).
+
+    Returns:
+        ``tokens``, ``barrier_mid_interval``, ``decision``, ``stop_reason``, ``endpoint_blocks`` and
+        ``tokens_ceiling``; empty for None or a fixed-budget row.
+    """
     if not row or "stop_reason" not in row:
         return {}
     return {"tokens": row.get("tokens"), "barrier_mid_interval": row.get("interval"), "decision": row.get("decision"),
@@ -37,18 +49,42 @@ def summary_fields(row: dict | None) -> dict:
 
 
 def curve_fields(row: dict) -> dict:
-    """Sequential fields of one curve point (empty for a fixed-budget row)."""
+    """The sequential-estimation fields of one curve point, for ``summary.json``.
+
+    Args:
+        row: the point's row.
+
+    Returns:
+        ``tokens``, ``interval`` and ``decision``; empty for a fixed-budget row.
+    """
     if "stop_reason" not in row:
         return {}
     return {"tokens": row.get("tokens"), "interval": row.get("interval"), "decision": row.get("decision")}
 
 
 def is_sequential(summary: dict) -> bool:
+    """Whether a run used sequential estimation, so the tables show intervals and decisions.
+
+    Args:
+        summary: the run's summary (see :func:`summarize`).
+
+    Returns:
+        True when some group's base entry has a ``stop_reason``.
+    """
     return any("stop_reason" in s for g in summary.get("groups", []) for s in g["bases"].values())
 
 
-def mark_undecided(ax, summary: dict, cols: list[tuple[str, float]]) -> int:
-    """Hatch the heatmap cells whose point stopped undecided; returns how many."""
+def mark_undecided(ax: Axes, summary: dict, cols: list[tuple[str, float]]) -> int:
+    """Hatch the heatmap cells whose point stopped undecided (sequential estimation).
+
+    Args:
+        ax: the heatmap's axes (rows = the summary's groups).
+        summary: the run's summary.
+        cols: the heatmap's ``(base, alpha)`` columns.
+
+    Returns:
+        How many cells were hatched.
+    """
     from matplotlib.patches import Rectangle
 
     marked = 0
@@ -63,7 +99,16 @@ def mark_undecided(ax, summary: dict, cols: list[tuple[str, float]]) -> int:
 
 
 def robustness_summary(rows: Iterable[dict]) -> list[dict]:
-    """Per group and t: the interpolation loss and the mean, std, min, max over random samples."""
+    """Robustness statistics per group and step t, comparing the path with the random directions.
+
+    Args:
+        rows: result rows of a robustness run (endpoint rows and rows without a loss are skipped).
+
+    Returns:
+        One entry per (group, t) in row order: group, kind, blocks, t, ``interp`` (the path's loss),
+        ``random_mean``, ``random_std`` (sample standard deviation; 0 for one sample), ``random_min``,
+        ``random_max`` and ``samples``.
+    """
     by: dict[tuple[str, float], dict] = {}
     order: list[tuple[str, float]] = []
     for r in rows:
@@ -93,7 +138,17 @@ def robustness_summary(rows: Iterable[dict]) -> list[dict]:
 
 # -- summary ---------------------------------------------------------------------------------------
 def load_run(out_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(scan.json, rows of results.jsonl) of a run folder; the last row of a key wins."""
+    """Read a scan or robustness folder.
+
+    Args:
+        out_dir: the run folder.
+
+    Returns:
+        ``(manifest, rows)``: ``scan.json`` and the rows of ``results.jsonl``.
+
+    Raises:
+        ScanError: no or unreadable ``scan.json``, no results, or a damaged results line.
+    """
     out = Path(out_dir)
     try:
         manifest = json.loads((out / MANIFEST).read_text())
@@ -127,8 +182,18 @@ def _exp(x: float | None) -> float | None:
 
 
 def summarize(manifest: dict, rows: list[dict]) -> dict:
-    """Per group and base: barrier_mid, barrier_max (over interior α), their standard errors,
-    perplexity ratios and error barriers; cumulative curves; robustness statistics."""
+    """The numbers of a run folder's report, as written to ``summary.json``.
+
+    Args:
+        manifest: the run's ``scan.json``.
+        rows: its result rows.
+
+    Returns:
+        Command, models, data, settings, status, α grid and endpoints, then ``groups``: per group
+        (full model first, then plan order) and base, barrier_mid, barrier_max (over interior α),
+        their standard errors, perplexity ratios, error barriers and the curve; plus ``cumulative``
+        curves for a cumulative scan, ``robustness`` statistics and ``sequential`` settings when present.
+    """
     interp = [r for r in rows if r.get("kind") != "endpoint" and r.get("direction", "interp") == "interp"]
     by_group: dict[str, dict[str, list[dict]]] = {}
     meta: dict[str, dict] = {}
@@ -203,7 +268,16 @@ def _plt():
 
 
 def short_name(name: str, block_prefix: str | None = None) -> str:
-    """A compact label: ``model.layers.3.self_attn.q_proj`` -> ``3.self_attn.q_proj``."""
+    """A compact label for a figure: ``model.layers.3.self_attn.q_proj`` -> ``3.self_attn.q_proj``.
+
+    Args:
+        name: a group name.
+        block_prefix: the model's decoder-block prefix (e.g. ``model.layers``), removed first.
+
+    Returns:
+        ``name`` without the block prefix, else without a leading ``model.``, ``transformer.``,
+        ``gpt_neox.`` or ``base_model.``.
+    """
     if block_prefix and name.startswith(block_prefix + "."):
         return name[len(block_prefix) + 1:]
     for head in ("model.", "transformer.", "gpt_neox.", "base_model."):
@@ -213,7 +287,15 @@ def short_name(name: str, block_prefix: str | None = None) -> str:
 
 
 def heatmap_matrix(summary: dict) -> tuple[list[str], list[tuple[str, float]], list[list[float | None]]]:
-    """Rows (full first), columns (base, α) without the trivial base columns, barrier values."""
+    """The heatmap's rows, columns and values.
+
+    Args:
+        summary: the run's summary (see :func:`summarize`).
+
+    Returns:
+        ``(names, cols, values)``: group names (summary order, full first), ``(base, alpha)`` columns
+        without the trivial ones (α = 0 into A, α = 1 into B), and the barrier of each cell (None if missing).
+    """
     groups = summary["groups"]
     bases = sorted({b for g in groups for b in g["bases"]})
     alphas = sorted({p["alpha"] for g in groups for b in g["bases"].values() for p in b["curve"]})
@@ -229,6 +311,16 @@ def heatmap_matrix(summary: dict) -> tuple[list[str], list[tuple[str, float]], l
 
 
 def plot_heatmap(summary: dict, path: Path, block_prefix: str | None = None) -> Path | None:
+    """Draw ``heatmap.png``: the barrier of every group (rows) at every base and α (columns).
+
+    Args:
+        summary: the run's summary.
+        path: the PNG file to write.
+        block_prefix: the model's decoder-block prefix, removed from the row labels.
+
+    Returns:
+        ``path``, or None when there is nothing to draw.
+    """
     plt = _plt()
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
@@ -282,6 +374,15 @@ def plot_heatmap(summary: dict, path: Path, block_prefix: str | None = None) -> 
 
 
 def plot_cumulative(summary: dict, path: Path) -> Path | None:
+    """Draw ``cumulative.png``: the barrier at α = 0.5 against the number of averaged blocks.
+
+    Args:
+        summary: the run's summary.
+        path: the PNG file to write.
+
+    Returns:
+        ``path``, or None for a run without cumulative curves.
+    """
     cum = summary.get("cumulative")
     if not cum:
         return None
@@ -317,6 +418,16 @@ def plot_cumulative(summary: dict, path: Path) -> Path | None:
 
 
 def plot_robustness(summary: dict, path: Path, block_prefix: str | None = None) -> Path | None:
+    """Draw ``robustness.png``: the loss along the path and the random directions (mean ± std) per group.
+
+    Args:
+        summary: the run's summary.
+        path: the PNG file to write.
+        block_prefix: the model's decoder-block prefix, removed from the panel titles.
+
+    Returns:
+        ``path``, or None for a run without robustness statistics. At most 16 groups are drawn.
+    """
     rob = summary.get("robustness")
     if not rob:
         return None
@@ -362,6 +473,15 @@ def _f(x, fmt: str = "{:+.4f}") -> str:
 
 
 def group_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The report's table of groups.
+
+    Args:
+        summary: the run's summary.
+
+    Returns:
+        ``(header, rows)``: group, kind, blocks, then per base barrier_mid ± SE, barrier_max (at α)
+        and perplexity ratio (sequential runs: also interval, decision and tokens), as text.
+    """
     bases = sorted({b for g in summary["groups"] for b in g["bases"]})
     header = ["group", "kind", "blocks"]
     sequential = is_sequential(summary)
@@ -391,7 +511,15 @@ def group_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def compact_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Group, then per base: barrier_mid ± SE and barrier_max (terminal width)."""
+    """A narrow table of groups, for the terminal.
+
+    Args:
+        summary: the run's summary.
+
+    Returns:
+        ``(header, rows)``: group, then per base barrier_mid ± SE and barrier_max (sequential runs:
+        also tokens and decision), as text.
+    """
     bases = sorted({b for g in summary["groups"] for b in g["bases"]})
     header = ["group"]
     sequential = is_sequential(summary)
@@ -411,6 +539,14 @@ def compact_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def robustness_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The report's robustness table.
+
+    Args:
+        summary: the run's summary.
+
+    Returns:
+        ``(header, rows)``: group, t, loss towards B and the random directions' mean, std, min and max, as text.
+    """
     header = ["group", "t", "loss towards B", "random mean", "random std", "random min", "random max"]
     body = [[e["group"], f"{e['t']:g}", _f(e["interp"], "{:.4f}"), _f(e["random_mean"], "{:.4f}"),
              _f(e["random_std"], "{:.4f}"), _f(e["random_min"], "{:.4f}"), _f(e["random_max"], "{:.4f}")]
@@ -450,6 +586,16 @@ def _intro(summary: dict) -> list[tuple[str, str]]:
 
 
 def write_markdown(summary: dict, path: Path, figures: dict[str, Path]) -> Path:
+    """Write ``report.md`` (atomically): run details, figures and tables.
+
+    Args:
+        summary: the run's summary.
+        path: the file to write.
+        figures: title -> PNG file, linked by file name (the files sit beside the report).
+
+    Returns:
+        ``path``.
+    """
     title = "hf-llmc robustness report" if summary["command"] == "robustness" else "hf-llmc scan report"
     lines = [f"# {title}", ""]
     lines += [f"- **{k}**: {v}" for k, v in _intro(summary)]
@@ -473,6 +619,16 @@ dt{font-weight:600}dd{margin:0 0 .4em 1em}"""
 
 
 def write_html(summary: dict, path: Path, figures: dict[str, Path]) -> Path:
+    """Write a self-contained ``report.html`` (atomically): run details, embedded figures and tables.
+
+    Args:
+        summary: the run's summary.
+        path: the file to write.
+        figures: title -> PNG file, embedded as data URIs.
+
+    Returns:
+        ``path``.
+    """
     title = "hf-llmc robustness report" if summary["command"] == "robustness" else "hf-llmc scan report"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><dl>"]
@@ -492,7 +648,18 @@ def write_html(summary: dict, path: Path, figures: dict[str, Path]) -> Path:
 
 
 def render(out_dir: str | os.PathLike) -> dict[str, Path]:
-    """(Re-)render every report file of a run folder from its results; returns the paths written."""
+    """(Re-)render every report file of a scan or robustness folder from its results (no model needed).
+
+    Args:
+        out_dir: the run folder (``results.jsonl`` + ``scan.json``).
+
+    Returns:
+        The files written: ``summary``, ``markdown``, ``html`` and each figure by its stem
+        (``heatmap``, ``cumulative`` or ``robustness``).
+
+    Raises:
+        ScanError: the folder holds no readable run (see :func:`load_run`).
+    """
     out = Path(out_dir)
     manifest, rows = load_run(out)
     summary = summarize(manifest, rows)

@@ -11,6 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ...analyses.autoselect import AutoChoice, auto_select
 from ...config.data import DataConfig
@@ -23,7 +24,9 @@ from ...config.merge import (
     PushConfig,
     as_spec,
 )
+from ...config.scan import Method, Which
 from ...config.security import redact
+from ...engine.data import DataSource
 from ...engine.io import atomic_output_dir, check_output_dir
 from ...model.checkpoint.folders import COPY_PATTERNS
 from ..card import merge_card
@@ -33,12 +36,24 @@ from .plan import MergePlan, plan_merge
 from .reproduce import merge_command, merge_provenance, reproduction_recipe
 from .writer import INDEX_FILE, OUT_DTYPES, Progress, shard_size_bytes, write_tensors
 
+if TYPE_CHECKING:
+    from ...model.pair import ModelPair
+
 CONFIG_FILE = "hf_llmc_config.yaml"
 CARD_FILE = "README.md"
 
 
 def copy_base_files(folder: Path, dest: Path, dtype: str | None = None) -> list[str]:
-    """Copy config, generation config and tokenizer files; record a changed dtype in config.json."""
+    """Copy the base's config, generation config and tokenizer files next to the merged weights.
+
+    Args:
+        folder: the base checkpoint's folder.
+        dest: the folder being written.
+        dtype: the output dtype, recorded in ``config.json`` (``dtype`` / ``torch_dtype``) when given.
+
+    Returns:
+        The names of the files copied, sorted.
+    """
     copied = []
     for item in sorted(folder.iterdir()):
         if item.is_file() and any(fnmatch.fnmatch(item.name, p) for p in COPY_PATTERNS):
@@ -55,7 +70,18 @@ def copy_base_files(folder: Path, dest: Path, dtype: str | None = None) -> list[
 
 @dataclass
 class MergeResult:
-    """What :func:`save_merged` wrote."""
+    """What :func:`save_merged` wrote.
+
+    Attributes:
+        folder: the output folder.
+        files: the files written, in writing order.
+        plan: α per tensor and the rows shown in the card.
+        spec: the merge spec.
+        evaluation: perplexities and barrier added to the card (None without data).
+        command: the ``hf-llmc merge`` command that reproduces the folder.
+        url: the Hub commit URL when pushed.
+        seconds: wall time of the merge.
+    """
 
     folder: Path
     files: list[str]
@@ -68,42 +94,59 @@ class MergeResult:
 
     @property
     def sharded(self) -> bool:
+        """Whether the weights were written as several shards with an index file."""
         return INDEX_FILE in self.files
 
 
 def save_merged(
-    pair,
+    pair: ModelPair,
     spec: MergeSpec | str | dict,
     out_dir: str | os.PathLike,
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: str | None = None,
     overwrite: bool = False,
-    data=None,
+    data: DataSource | None = None,
     batch_size: int | None = None,
     evaluation: dict | None = None,
-    auto=None,
+    auto: AutoChoice | None = None,
     push: PushConfig | None = None,
     card: bool = True,
     progress: Progress = False,
 ) -> MergeResult:
-    """Stream the merge of ``pair`` described by ``spec`` into ``out_dir`` (atomically).
+    """Write a merged model folder (weights, config, tokenizer, recipe, model card) atomically.
 
-    Reads each tensor from the pair's lazy checkpoints (the live model, if any, is not used for
-    writing). ``data`` (a :class:`~hf_llmc.config.data.DataConfig`, path or token blocks) adds A's,
-    B's and the merged model's perplexity and the merged groups' barrier to the card (needs a live
-    model); ``evaluation`` passes such numbers in precomputed. ``auto`` (an
-    :class:`~hf_llmc.analyses.autoselect.AutoChoice`) records an automatic choice. ``push`` uploads
-    the finished folder with :func:`hf_llmc.outputs.hub.push_folder`. ``progress``: True shows a
-    bar on a terminal, a callable is called as ``progress(done, total)`` after each tensor.
+    Each tensor is read from the pair's lazy checkpoints (the live model, if any, is not used for
+    writing), so models larger than memory can be merged.
+
+    Args:
+        pair: the pair (loaded, or from :func:`hf_llmc.lazy_pair`).
+        spec: a :class:`~hf_llmc.config.merge.MergeSpec`, its text form ``"attn.0-3=0.5; mlp.*=0.25"``
+            or a dict of its fields.
+        out_dir: the output folder (built beside it and renamed into place when complete).
+        max_shard_size: largest safetensors shard, e.g. ``"5GB"``, ``"500MB"`` or a byte count.
+        dtype: output dtype of floating tensors (``float32``, ``bfloat16``, ``float16``; default: as stored).
+        overwrite: replace an existing non-empty folder (kept intact until the new one is complete).
+        data: evaluation data (a :class:`~hf_llmc.config.data.DataConfig`, path or token blocks); adds
+            A's, B's and the merged model's perplexity and the merged groups' barrier to the card
+            (needs a live model).
+        batch_size: blocks per forward for ``data`` (default: automatic).
+        evaluation: such numbers precomputed (then ``data`` is not evaluated again).
+        auto: an automatic choice to record in the card and recipe.
+        push: upload the finished folder with :func:`hf_llmc.outputs.hub.push_folder`.
+        card: write ``README.md`` (the model card).
+        progress: True shows a bar on a terminal; a callable is called as ``progress(done, total)``
+            after each tensor.
 
     Returns:
         A :class:`MergeResult` (folder, files, plan, evaluation, reproduction command, URL).
 
     Raises:
         MergeSpecError: a bad spec, dtype or shard size.
+        SpecError: a layer spec that is malformed or out of range for the model.
         OutputExistsError: ``out_dir`` is not empty without ``overwrite``, or not writable.
         NonFiniteTensorError: a merged tensor holds NaN/inf (nothing is written).
+        HubError: the upload failed (the folder is written).
     """
     t0 = time.perf_counter()
     spec = as_spec(spec)
@@ -156,11 +199,37 @@ def save_merged(
     return result
 
 
-def auto_merge(pair, data, out_dir: str | os.PathLike, *, max_barrier: float = DEFAULT_MAX_BARRIER, alpha: float = 0.5, base: str = "a",
-               method: str = "lerp", candidates: str | None = None, scan_dir: str | None = None,
-               batch_size: int | None = None, **save_kwargs) -> tuple[AutoChoice, MergeResult]:
-    """:func:`~hf_llmc.analyses.autoselect.auto_select` then :func:`save_merged` with the choice
-    recorded in the card (what ``hf-llmc merge --auto`` does); returns ``(choice, MergeResult)``."""
+def auto_merge(pair: ModelPair, data: DataSource, out_dir: str | os.PathLike, *,
+               max_barrier: float = DEFAULT_MAX_BARRIER, alpha: float = 0.5, base: Which = "a",
+               method: Method = "lerp", candidates: str | None = None, scan_dir: str | None = None,
+               batch_size: int | None = None, **save_kwargs: Any) -> tuple[AutoChoice, MergeResult]:
+    """Choose the groups to merge automatically, then write the merge (what ``hf-llmc merge --auto`` does).
+
+    Runs :func:`~hf_llmc.analyses.autoselect.auto_select`, then :func:`save_merged` with the choice
+    recorded in the card and evaluated on the same data.
+
+    Args:
+        pair: the loaded pair (the choice measures barriers on its live model).
+        data: evaluation data, as for :func:`~hf_llmc.engine.data.blocks_for`.
+        out_dir: the output folder.
+        max_barrier: largest barrier (nats) the chosen set may have.
+        alpha: the merge α.
+        base: the model the unchosen tensors come from.
+        method: ``"lerp"`` or ``"slerp"`` per tensor.
+        candidates: the candidate groups (layer spec); default: ``attn.*,mlp.*`` when measuring,
+            every group of the scan with ``scan_dir``.
+        scan_dir: a single-group scan folder to rank the candidates; default: measure them now.
+        batch_size: blocks per forward (default: automatic).
+        **save_kwargs: further arguments of :func:`save_merged` (``overwrite``, ``dtype``, ``push``, ...).
+
+    Returns:
+        ``(choice, result)``: the :class:`~hf_llmc.analyses.autoselect.AutoChoice` and the :class:`MergeResult`.
+
+    Raises:
+        AutoSelectError: a non-finite ``max_barrier`` or an unusable ``scan_dir``.
+        NoMergeableGroupError: no candidate stays under ``max_barrier``.
+        OutputExistsError: ``out_dir`` is not empty without ``overwrite``, or not writable.
+    """
     cfg = AutoConfig(auto=True, scan_dir=scan_dir, max_barrier=max_barrier, auto_layers=candidates)
     choice = auto_select(pair, data, cfg, alpha=alpha, base=base, method=method, batch_size=batch_size)
     result = save_merged(pair, choice.spec(), out_dir, data=data, batch_size=batch_size, auto=choice, **save_kwargs)
