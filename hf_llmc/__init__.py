@@ -71,8 +71,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analyses.scan import run_scan
     from .api import ModelPair
     from .config.data import DataConfig
-    from .config.errors import (CheckpointError, DataError, HfLlmcError, HubError, MergeSpecError, NonFiniteLossError,
-                                OutputExistsError, PairError, ScanError, SpecError, UsageError)
+    from .config.errors import (
+        CheckpointError,
+        DataError,
+        HfLlmcError,
+        HubError,
+        MergeSpecError,
+        NonFiniteLossError,
+        OutputExistsError,
+        PairError,
+        ScanError,
+        SpecError,
+        UsageError,
+    )
     from .config.load import LoadConfig
     from .config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
     from .config.scan import RobustnessConfig, ScanConfig, SequentialConfig

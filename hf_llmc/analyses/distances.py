@@ -108,8 +108,7 @@ def distance_row(group: Group, moments: TensorMoments) -> dict:
     }
 
 
-def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint, groups: list[Group],
-                    *, progress: bool = False) -> list[dict]:
+def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint, groups: list[Group]) -> list[dict]:
     """Distance rows of several groups; every tensor is read once from each checkpoint.
 
     A block's fused parameters (MoE experts, :func:`hf_llmc.model.checkpoint.fused.fused_pieces`)
@@ -120,7 +119,6 @@ def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyChec
         ckpt_a: A's checkpoint.
         ckpt_b: B's checkpoint.
         groups: the groups.
-        progress: accepted but not used (no progress is shown).
 
     Returns:
         One :func:`distance_row` per group, in order.

@@ -78,10 +78,16 @@ def display_name(source: str | os.PathLike) -> str:
         source: a Hub id or a local path.
 
     Returns:
-        The last component of an existing local path (resolved), else ``source`` as text.
+        The last component of a local path (an existing one resolved first; an absolute or
+        ``~`` path also when it does not exist), else ``source`` as text (a Hub id).
     """
-    path = Path(source).expanduser()
-    return path.resolve().name if path.exists() else str(source)
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path.resolve().name
+    if path.is_absolute() or text.startswith("~"):
+        return path.name
+    return text
 
 
 def public_name(value: str | os.PathLike | None) -> str | None:

@@ -230,6 +230,7 @@ def auto_merge(pair: ModelPair, data: DataSource, out_dir: str | os.PathLike, *,
         NoMergeableGroupError: no candidate stays under ``max_barrier``.
         OutputExistsError: ``out_dir`` is not empty without ``overwrite``, or not writable.
     """
+    check_output_dir(out_dir, save_kwargs.get("overwrite", False))  # before the choice's evaluations
     cfg = AutoConfig(auto=True, scan_dir=scan_dir, max_barrier=max_barrier, auto_layers=candidates)
     choice = auto_select(pair, data, cfg, alpha=alpha, base=base, method=method, batch_size=batch_size)
     result = save_merged(pair, choice.spec(), out_dir, data=data, batch_size=batch_size, auto=choice, **save_kwargs)
