@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import typing
 import warnings
 
 from ..config.errors import exit_code
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with third_parties_quiet(args.debug):
-        return _run(parser, args)
+        code = _run(parser, args)
+    if _in_process_group():
+        _leave(code)
+    return code
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -65,17 +69,23 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return exit_code(err)
         print(f"hf-llmc {args.command}: error: {cli_message(err, parser, args.command)}", file=sys.stderr)
         return exit_code(err)
-    finally:
-        _end_processes()
 
 
-def _end_processes() -> None:
-    """Under torchrun / accelerate launch: leave the process group before the interpreter exits
-    (its communication threads would otherwise abort the process at shutdown)."""
+def _in_process_group() -> bool:
     dist = sys.modules.get("torch.distributed")  # never imports torch itself
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every process has finished its collectives
-        dist.destroy_process_group()
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _leave(code: int) -> typing.NoReturn:
+    """End a process of a torchrun / accelerate launch run once its outputs are written.
+
+    The interpreter's shutdown is skipped: gloo's worker threads may still be releasing the last
+    collective's tensors, which needs the interpreter, and doing so while it shuts down aborts
+    the process ("terminate called without an active exception"). Every file hf-llmc writes is
+    closed (and fsynced) before this point; only the standard streams need a flush."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
