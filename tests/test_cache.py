@@ -12,15 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_llmc import lazy_pair, save_merged
 from hf_llmc.model.architecture import discover
 from hf_llmc.model.cache import architecture_key, load_architecture, read_config
-from hf_llmc import lazy_pair, save_merged
+
+#: Empties the family table (tests/test_families.py) in a CLI subprocess, so that it discovers.
+NO_TABLE = "import hf_llmc.model.families as f; f.FAMILIES.clear(); "
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
+    """An empty ``HF_LLMC_CACHE``, and no family table: these tests are about the cache, which
+    comes before the table (and discovery after both)."""
     root = tmp_path / "cache"
     monkeypatch.setenv("HF_LLMC_CACHE", str(root))
+    monkeypatch.setattr("hf_llmc.model.families.FAMILIES", {})
     return root
 
 
@@ -46,7 +52,7 @@ def test_second_pair_uses_the_cache_and_merges_the_same(model_type, save_tiny_mo
 def test_cli_repeat_commands_import_no_transformers(save_tiny_model, tmp_path, cache):
     a = save_tiny_model("llama", tmp_path / "a", seed=0)
     b = save_tiny_model("llama", tmp_path / "b", seed=1)
-    code = (
+    code = NO_TABLE + (
         "import sys; from hf_llmc.cli import main; rc = main(sys.argv[1:]); "
         "print('transformers' in sys.modules); sys.exit(rc)"
     )

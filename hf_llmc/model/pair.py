@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,14 +23,13 @@ from ..config.security import display_name
 from .architecture import Architecture, discover, load_config, meta_model
 from .cache import architecture_key, load_architecture, read_config, store_architecture
 from .checkpoint import open_source
-from .checkpoint.adapters import AdapterCheckpoint, base_identity
-from .checkpoint.adapters import attach as attach_adapters
+from .checkpoint.adapters import AdapterCheckpoint, attach as attach_adapters, base_identity
 from .checkpoint.folders import TOKENIZER_PATTERNS
 from .checkpoint.fused import FusedAssembler, fused_pieces
 from .checkpoint.lazy import LazyCheckpoint
+from .families import checkpoint_tensors, table_architecture
 from .interpolation import Interpolator
-from .placement import attach as attach_placement
-from .placement import load_kwargs, resolve_device
+from .placement import attach as attach_placement, load_kwargs, resolve_device
 from .selection import Group, make_group, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -211,6 +211,17 @@ def same_tokenizer_files(a: Path, b: Path) -> bool:
     return fa.keys() == fb.keys() and all(fa[n].stat().st_size == fb[n].stat().st_size and fa[n].read_bytes() == fb[n].read_bytes() for n in fa)
 
 
+def known_architectures(key: str | None, config: dict, ckpt: LazyCheckpoint) -> Iterator[Architecture]:
+    """The architectures known without transformers, in the order to try them: the cached entry
+    for ``key``, then the family table's reading of ``config`` and ``ckpt``'s safetensors headers."""
+    cached = load_architecture(key)
+    if cached is not None:
+        yield cached
+    table = table_architecture(config, checkpoint_tensors(ckpt))
+    if table is not None:
+        yield table
+
+
 def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | None = None, revision_b: str | None = None,
               trust_remote_code: bool = False, allow_pickle: bool = False, token: str | bool | None = None,
               base_model: str | os.PathLike | None = None) -> ModelPair:
@@ -219,10 +230,10 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
 
     A or B may be a PEFT adapter (``base_model`` overrides its recorded base). When both folders
     hold the same tokenizer files, no tokenizer is loaded (``pair.tokenizer`` is None); otherwise
-    their vocabularies are compared. When this config was seen before (:mod:`hf_llmc.model.cache`)
-    as well, nothing of transformers is imported and ``pair.model`` is None; otherwise the model
-    is instantiated on the meta device to discover its architecture (``pair.model`` is that meta
-    model).
+    their vocabularies are compared. When, as well, this config was seen before
+    (:mod:`hf_llmc.model.cache`) or its family is in the table (:mod:`hf_llmc.model.families`),
+    nothing of transformers is imported and ``pair.model`` is None; otherwise the model is
+    instantiated on the meta device to discover its architecture (``pair.model`` is that meta model).
 
     Raises:
         CheckpointError: a checkpoint cannot be opened.
@@ -241,15 +252,15 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
     same_tokenizer = same_tokenizer_files(ckpt_a.folder, ckpt_b.folder)
     raw_a, raw_b = read_config(ckpt_a.folder), read_config(ckpt_b.folder)
     key = architecture_key(raw_a) if raw_a is not None and raw_b is not None and not trust_remote_code else None
-    arch = load_architecture(key)
-    if arch is not None and same_tokenizer:
-        check_same_architecture(*[(c.get("model_type"), c.get("architectures")) for c in (raw_a, raw_b)])
-        pair = ModelPair(None, None, arch, ckpt_a, ckpt_b, load)
-        try:
-            pair.check_compatible(None)
-            return pair
-        except PairError:
-            pass  # the checkpoints disagree with the cached entry: discover again (and report from there)
+    if same_tokenizer and key is not None:
+        for arch in known_architectures(key, raw_a, ckpt_a):
+            check_same_architecture(*[(c.get("model_type"), c.get("architectures")) for c in (raw_a, raw_b)])
+            pair = ModelPair(None, None, arch, ckpt_a, ckpt_b, load)
+            try:
+                pair.check_compatible(None)
+                return pair
+            except PairError:
+                pass  # the checkpoints disagree with this entry: try the next (discovery reports the error)
     cfg_a = load_config(ckpt_a.folder, trust_remote_code)
     cfg_b = load_config(ckpt_b.folder, trust_remote_code)
     check_same_architecture((cfg_a.model_type, cfg_a.architectures), (cfg_b.model_type, cfg_b.architectures))

@@ -413,7 +413,9 @@ def keep_modules_for(
     trust_remote_code: bool = False,
 ) -> list[str]:
     """Module-name patterns (for ``llm_int8_skip_modules``) of the groups ``spec`` selects, found
-    on a meta-device copy of the model (configs only; no weights are read)."""
+    from the architecture cache, the family table or a meta-device copy of the model
+    (:func:`~hf_llmc.model.cache.folder_architecture`: configs and safetensors headers; no weights
+    are read)."""
     folder = resolve_folder(source, revision, allow_patterns=["*.json"])
     if is_adapter_folder(folder):
         base = base_model or read_adapter_config(folder).get("base_model_name_or_path")
