@@ -37,6 +37,7 @@ _EXPORTS = {
     "BarrierResult": "analyses.barrier",
     "barrier": "analyses.barrier",
     "run_scan": "analyses.scan",
+    "sequential_decision": "analyses.sequential",
     "run_robustness": "analyses.robustness",
     "distances": "analyses.distances",
     "auto_select": "analyses.autoselect",
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analyses.distances import distances
     from .analyses.robustness import run_robustness
     from .analyses.scan import run_scan
+    from .analyses.sequential import sequential_decision
     from .api import ModelPair
     from .config.data import DataConfig
     from .config.errors import (

@@ -17,7 +17,7 @@ from ..engine.data import DataSource, blocks_for
 from ..engine.evaluation import BlockStats, Evaluator, check_finite, endpoint, evaluator_for, point
 from ..engine.stats import standard_error
 from ..model.selection import union
-from .sequential import INTERVAL_DESCRIPTION, SequentialEstimator, estimate
+from .sequential import SequentialEstimator, estimate
 
 if TYPE_CHECKING:
     from ..model.pair import ModelPair
@@ -279,7 +279,7 @@ def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: lis
             curve[alpha] = check_finite(est.evaluate_fixed(group, alpha, n, base, method, prefix),
                                         f"{group.name} at alpha={alpha}")
         barriers[alpha] = look.mean if alpha == 0.5 else estimate(
-            est.differences(curve[alpha], alpha), g, look.i, look.j, cfg.confidence, len(est.schedule)).mean
+            est.differences(curve[alpha], alpha), g, look.i, look.j, est.rule).mean
     result = barrier_from_stats(curve, stat_a, stat_b, layers=layers, base=base, method=method)
     interior = [a for a in barriers if 0.0 < a < 1.0] or list(barriers)
     result.barrier_mid, result.barrier_mid_se = look.mean, look.se
@@ -289,6 +289,7 @@ def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: lis
         barrier_curve=[barriers[a] for a in result.alphas],
         barrier_mid_interval=fields.pop("interval"), **fields, confidence=cfg.confidence, threshold=cfg.decide,
         target_se=cfg.target_se, tokens_evaluated=est.blocks_evaluated * mid.tokens_per_block,
-        sequential=cfg.result_settings(), interval_description=INTERVAL_DESCRIPTION,
+        sequential=cfg.result_settings(), interval_description=est.rule.description(),
+        assumption=est.rule.assumption(),
     )
     return result

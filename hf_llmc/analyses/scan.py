@@ -45,7 +45,7 @@ from ..model.architecture import Architecture
 from ..model.checkpoint.lazy import fingerprint
 from ..model.selection import Group, all_groups, block_group, make_group, union
 from .barrier import is_endpoint
-from .sequential import INTERVAL_DESCRIPTION, Outcome, SequentialEstimator
+from .sequential import Outcome, SequentialEstimator
 
 if TYPE_CHECKING:
     from ..model.pair import ModelPair
@@ -879,8 +879,8 @@ class SequentialScanRunner(ScanRunner):
             :meth:`ScanRunner.manifest` plus ``sequential``.
         """
         out = super().manifest(status, **extra)
-        out["sequential"] = {**self.cfg.sequential.result_settings(), "interval_description": INTERVAL_DESCRIPTION,
-                             "schedule": self.seq.schedule,
+        out["sequential"] = {**self.cfg.sequential.result_settings(), "interval_description": self.seq.rule.description(),
+                             "assumption": self.seq.rule.assumption(), "schedule": self.seq.schedule,
                              "tokens_evaluated": self.seq.blocks_evaluated * (self.blocks.seq_len - 1)}
         return out
 

@@ -28,7 +28,7 @@ def add_fields(parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, ...]
     for f in dataclasses.fields(cls):
         if f.name in exclude or f.metadata.get("cli") is False:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         tp = without_none(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None

@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args, get_origin
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, cli: bool = True, recipe: bool = True,
-            default_factory: Any = dataclasses.MISSING) -> Any:
+            default_factory: Any = dataclasses.MISSING, flag: str | None = None) -> Any:
     """A dataclass field with its help text, shared by the API docs, the command line and recipes.
 
     Args:
@@ -19,11 +19,15 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, cli: bool = T
         cli: False keeps the field off the command line (set from Python or recipes only).
         recipe: False keeps the field out of recipes.
         default_factory: a factory for a mutable default (used instead of ``default``).
+        flag: the command-line option, when it is not ``--`` + the field name with dashes.
 
     Returns:
-        A :func:`dataclasses.field` whose metadata holds ``help`` (and ``cli`` / ``recipe`` when False).
+        A :func:`dataclasses.field` whose metadata holds ``help`` (and ``cli`` / ``recipe`` when False,
+        ``flag`` when given).
     """
     metadata = {"help": help}
+    if flag is not None:
+        metadata["flag"] = flag
     if not cli:
         metadata["cli"] = False
     if not recipe:

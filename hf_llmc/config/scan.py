@@ -22,8 +22,17 @@ BASES: tuple[str, ...] = get_args(Base)
 METHODS: tuple[str, ...] = get_args(Method)
 ORDERS = ("shallow", "deep", "random")
 
-#: Name of the sequential interval (recorded with every sequential result).
-INTERVAL_METHOD = "student-t-union-bound"
+#: Sequential stopping rules: ``robust`` (the default) and ``fast`` (stronger assumption, fewer blocks).
+Rule = Literal["robust", "fast"]
+RULES: tuple[str, ...] = get_args(Rule)
+#: Name of each rule's interval (recorded with every sequential result).
+INTERVAL_METHODS = {"robust": "skew-t-union-bound", "fast": "student-t-union-bound"}
+#: Robust rule: share of the error rate 1 - confidence kept for a rare group of blocks missing from the first look.
+RARE_SHARE = 0.2
+#: Robust rule: multiple of the first-order Cornish-Fisher skewness correction added on the skewed side.
+SKEW_FACTOR = 3.0
+#: Fast rule: blocks before the first look when ``min_blocks`` is not set.
+FAST_MIN_BLOCKS = 8
 
 
 @dataclass
@@ -31,9 +40,11 @@ class SequentialConfig:
     """When a point may stop early (set ``target_se`` and/or ``decide``) and how blocks are visited."""
 
     target_se: float | None = setting(None, "Sequential estimation: stop a point once the standard error of its barrier is <= X nats.")
-    decide: float | None = setting(None, "Sequential estimation: stop a point once the confidence interval of its barrier excludes T nats (decision above/below; undecided at the --max-tokens ceiling), or --target-se is met.")
+    decide: float | None = setting(None, "Sequential estimation: stop a point once the confidence interval of its barrier excludes T nats (decision above/below; undecided when it cannot), or --target-se is met.")
     confidence: float = setting(0.95, "Confidence of the sequential intervals (valid at the data-dependent stopping time).")
-    min_blocks: int = setting(8, "Blocks every point evaluates before its first look (at least 2).")
+    rule: Rule = setting("robust", "Sequential rule: robust (skew-corrected intervals, first look after enough blocks to see a group of --rare-fraction of the blocks) or fast (Student-t from 8 blocks on; assumes near-Gaussian per-block differences).", flag="--sequential-rule")
+    rare_fraction: float = setting(0.05, "Robust rule: the smallest share of blocks that may behave differently (e.g. code in prose); sets the default --min-blocks.")
+    min_blocks: int | None = setting(None, "Blocks every point evaluates before its first look (at least 2; default: robust rule 90 at the default --confidence and --rare-fraction, rounded up to the chunk; fast rule 8).")
     block_seed: int = setting(0, "Seed of the random block order shared by every point and both endpoints.")
     chunk_blocks: int | None = setting(None, "Looks fall on multiples of this many blocks (default: the batch size, so batches repeat across points and prefixes are reused).")
     growth: float = setting(1.5, "Look schedule: each look has at least GROWTH times the blocks of the previous one (fewer looks spend less of the error rate).")
@@ -42,6 +53,45 @@ class SequentialConfig:
     def enabled(self) -> bool:
         """Whether a stopping rule is set (``target_se`` or ``decide``)."""
         return self.target_se is not None or self.decide is not None
+
+    @property
+    def interval_method(self) -> str:
+        """The name of the rule's interval (:data:`INTERVAL_METHODS`)."""
+        return INTERVAL_METHODS.get(self.rule, str(self.rule))
+
+    @property
+    def rare_alpha(self) -> float:
+        """The error rate kept for a rare group of blocks missing from the first look (0 for the fast rule)."""
+        return RARE_SHARE * (1.0 - self.confidence) if self.rule == "robust" else 0.0
+
+    def first_look(self) -> int:
+        """Blocks before the first look: ``min_blocks``, else the rule's default.
+
+        Returns:
+            ``min_blocks`` when set; for the robust rule the smallest n with
+            (1 - rare_fraction)^n <= :attr:`rare_alpha` (a group holding ``rare_fraction`` of the blocks is
+            then among the first n with probability >= 1 - rare_alpha: 90 at the defaults); 8 for the fast rule.
+        """
+        if self.min_blocks is not None:
+            return self.min_blocks
+        if self.rule == "fast":
+            return FAST_MIN_BLOCKS
+        return max(2, math.ceil(math.log(self.rare_alpha) / math.log1p(-self.rare_fraction) - 1e-9))
+
+    def covered_fraction(self, first: int) -> float:
+        """The smallest share of blocks a group may hold and be seen in the first look almost surely.
+
+        "Almost surely": among the first ``first`` blocks with probability >= 1 - :attr:`rare_alpha`
+        (fast rule: >= 0.99).
+
+        Args:
+            first: blocks before the first look (the schedule's first value).
+
+        Returns:
+            1 - delta^(1/first), delta = :attr:`rare_alpha` (0.01 for the fast rule).
+        """
+        delta = self.rare_alpha or 0.01
+        return 1.0 - delta ** (1.0 / max(1, first))
 
     def validate(self) -> None:
         """Check the settings before any evaluation.
@@ -57,7 +107,10 @@ class SequentialConfig:
             raise ScanError(f"decide={self.decide}: must be a finite number")
         if not 0.0 < self.confidence < 1.0:
             raise ScanError(f"confidence={self.confidence}: must be between 0 and 1 (e.g. 0.95)")
-        if self.min_blocks < 2:
+        check_choice(SequentialConfig, self, "rule", ScanError)
+        if not 0.0 < self.rare_fraction < 1.0:
+            raise ScanError(f"rare_fraction={self.rare_fraction}: must be between 0 and 1 (e.g. 0.05)")
+        if self.min_blocks is not None and self.min_blocks < 2:
             raise ScanError(f"min_blocks={self.min_blocks}: must be at least 2 (a standard error needs two blocks)")
         if self.chunk_blocks is not None and self.chunk_blocks < 1:
             raise ScanError(f"chunk_blocks={self.chunk_blocks}: must be at least 1")
@@ -68,9 +121,9 @@ class SequentialConfig:
         """The settings that change the numbers, hashed so that ``resume`` refuses other settings.
 
         Returns:
-            Every field plus ``interval_method`` (:data:`INTERVAL_METHOD`).
+            Every field plus ``interval_method`` (:data:`INTERVAL_METHODS` of the rule).
         """
-        return {**asdict(self), "interval_method": INTERVAL_METHOD}
+        return {**asdict(self), "interval_method": self.interval_method}
 
 
 @dataclass
