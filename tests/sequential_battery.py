@@ -30,6 +30,7 @@ contains the true mean; its decision is *wrong* when it is ``below`` with the me
 
     python tests/sequential_battery.py            # the table of docs/sequential.md (2000 repetitions)
     python tests/sequential_battery.py --rule fast
+    python tests/sequential_battery.py --endpoint-blocks 1024   # points that start with every endpoint block
 """
 
 from __future__ import annotations
@@ -89,8 +90,12 @@ class Cell:
 
 
 def run_battery(reps: int = REPS, seed: int = 0, rule: str = "robust", regimes: dict[str, float] | None = None,
-                scenarios: tuple[str, ...] = SCENARIOS, offsets: tuple[float, ...] = OFFSETS) -> list[Cell]:
-    """Every (regime, scenario, true mean) cell, ``reps`` repetitions each, at the rule's defaults."""
+                scenarios: tuple[str, ...] = SCENARIOS, offsets: tuple[float, ...] = OFFSETS,
+                endpoint_blocks: int = 0) -> list[Cell]:
+    """Every (regime, scenario, true mean) cell, ``reps`` repetitions each, at the rule's defaults.
+
+    ``endpoint_blocks``: endpoint blocks known before a point's first look (0: a scan's first point;
+    N: a later point, after another one paid for every endpoint block)."""
     from hf_llmc.analyses.sequential import make_rule, replay_many
     from hf_llmc.config.scan import SequentialConfig
 
@@ -102,7 +107,7 @@ def run_battery(reps: int = REPS, seed: int = 0, rule: str = "robust", regimes: 
             d0, g = population(kind, beta, reps, rng)
             for off in offsets:
                 mu = T + off
-                out = replay_many(d0 + mu, g, spec)
+                out = replay_many(d0 + mu, g, spec, endpoint_blocks=endpoint_blocks)
                 covered = (out["low"] <= mu) & (mu <= out["high"])
                 dec = out["decision"]
                 wrong = dec != 0 if off == 0 else dec == (-1 if off > 0 else 1)
@@ -132,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=REPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rule", default="robust", choices=["robust", "fast"])
+    parser.add_argument("--endpoint-blocks", type=int, default=0,
+                        help="Endpoint blocks known before the first look (1024: a scan's later points).")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    cells = run_battery(args.reps, args.seed, args.rule)
+    cells = run_battery(args.reps, args.seed, args.rule, endpoint_blocks=args.endpoint_blocks)
     print(table(cells))
     worst_cov = min(cells, key=lambda c: c.coverage)
     worst_wrong = max(cells, key=lambda c: c.wrong)

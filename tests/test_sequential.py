@@ -238,6 +238,13 @@ def test_battery_keeps_coverage_and_decision_errors_at_level(battery):
             assert c.decided >= 0.9, c
 
 
+def test_battery_when_the_endpoints_are_already_known():
+    """A scan's later points start with the endpoint blocks earlier ones paid for (here all N): the
+    control variate's part of the variance is then exactly 0 and the level still holds."""
+    cells = run_battery(reps=1000, seed=1, endpoint_blocks=BATTERY_N, offsets=(-0.01, 0.0, 0.01))
+    assert min(c.coverage for c in cells) >= 0.95 and max(c.wrong for c in cells) <= 0.05
+
+
 def test_battery_has_power_against_the_fast_rule():
     """Control: the fast rule (8 blocks first, no skewness correction) misses a rare group of blocks
     and decides wrongly far more often than 5 % — the battery can fail."""
@@ -540,7 +547,16 @@ def test_cli_barrier_and_scan_report_sequential_fields(setup, tmp_path, capsys):
     undecided = sum(g["bases"]["a"]["decision"] == "undecided" for g in again["groups"])
     assert mark_undecided(ax, again, cols) == undecided
     plt.close(fig)
-    # bad values are usage errors (exit 2)
+    # the fast rule on request; its interval and assumption are recorded
+    assert cli.main(["barrier", *common, "--layers", "block.0", "--decide", str(T), "--sequential-rule", "fast",
+                     "--json-out", str(out)]) == 0
+    capsys.readouterr()
+    fast = json.loads(out.read_text())
+    assert fast["interval_method"] == "student-t-union-bound" and "Gaussian" in fast["assumption"]
+    assert fast["sequential"]["rule"] == "fast" and fast["blocks_used"] >= 8
+    # bad values are usage errors (exit 2), shown with their flags
+    assert cli.main(["scan", *common, "--decide", str(T), "--rare-fraction", "1.5", "--out", str(tmp_path / "y")]) == 2
+    assert "--rare-fraction 1.5: must be between 0 and 1" in capsys.readouterr().err
     assert cli.main(["scan", *common, "--decide", str(T), "--confidence", "1.5", "--out", str(tmp_path / "x")]) == 2
     assert cli.main(["barrier", *common, "--target-se", "0", "--json-out", str(out)]) == 2
     with pytest.raises(ScanError):
