@@ -27,7 +27,7 @@ with their ratios, and how many sequential decisions agree with the full-budget 
 interval excludes the threshold. Exit status 1 when a pair saves less than 3x the tokens or a
 decision disagrees.
 
-    python benchmarks/sequential_speed.py                  # both pairs, default budget (~10 min on 2 cores)
+    python benchmarks/sequential_speed.py                  # both pairs, default budget (~7 min on 2 cores)
     python benchmarks/sequential_speed.py --pairs stdlib   # one pair
     python benchmarks/sequential_speed.py --quick          # 4 blocks, 16k tokens, about a minute
 """

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import interpolated_state, plain_eval, state_dict
-from sequential_battery import N as BATTERY_N
-from sequential_battery import OFFSETS, REGIMES, SCENARIOS, population, run_battery
+from sequential_battery import OFFSETS, REGIMES, SCENARIOS, N as BATTERY_N, population, run_battery
 
 import hf_llmc
 from hf_llmc import DataConfig, ModelPair, ScanConfig, ScanError, SequentialConfig, cli, run_scan, sequential_decision

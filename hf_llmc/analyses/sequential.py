@@ -622,7 +622,7 @@ def run_looks(stream: Stream, rule: Rule) -> Outcome:
     Returns:
         Where and why the point stopped.
     """
-    s, last = rule.schedule, rule.levels - 1
+    s = rule.schedule
 
     def fetch(lo: int, hi: int) -> np.ndarray:
         return np.asarray(stream.point(lo, hi), dtype=np.float64)
@@ -805,7 +805,7 @@ def replay_many(d: np.ndarray, g: np.ndarray | None, rule: Rule, *, endpoint_blo
         raise ScanError(f"d, g: need shape (R, {rule.num_blocks}), got {d.shape} and {None if g is None else g.shape}")
     if not np.isfinite(d).all() or (g is not None and not np.isfinite(g).all()):
         raise ScanError("d, g: non-finite values")
-    s, last, R = rule.schedule, rule.levels - 1, d.shape[0]
+    s, R = rule.schedule, d.shape[0]
     shift_d = d[:, : s[0]].mean(-1)
     shift_g = g[:, : s[0]].mean(-1) if g is not None else np.zeros(R)
     dc = d - shift_d[:, None]
