@@ -1,6 +1,8 @@
 """Barriers: in-place path points vs freshly built interpolated models."""
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from helpers import interpolated_state, plain_eval, rel, state_dict
 
 from hf_llmc import DataConfig, ModelPair
 from hf_llmc.config.alphas import parse_alphas
+from hf_llmc.config.errors import PrecisionWarning
 
 TOL = 1e-5
 
@@ -127,14 +130,70 @@ def test_prefix_reuse_gives_identical_numbers(llama):
         assert on.loss == pytest.approx(off.loss, rel=1e-6)
 
 
-def test_bf16_live_model_uses_float32_arithmetic(llama_pair):
+def test_bf16_layer_point_is_held_in_float32(llama_pair):
+    """In a bfloat16 live model a layer group at a path point holds the exact float32 mix (its
+    modules compute in float32); the base comes back bitwise, and no hook is left behind."""
     pair = ModelPair.from_pretrained(llama_pair.a, llama_pair.b, device="cpu", dtype="bfloat16")
     name = pair.groups("attn.1")[0].parameters[0]
     a, b = pair.ckpt_a.get(name), pair.ckpt_b.get(name)
+    param = dict(pair.model.named_parameters())[name]
+    before = param.detach().clone()
     with pair.interp.at(pair.groups("attn.1"), 0.3):
-        value = dict(pair.model.named_parameters())[name].detach().clone()
-    expected = (a.float() * 0.7 + b.float() * 0.3).to(torch.bfloat16)
-    assert value.dtype == torch.bfloat16 and torch.equal(value, expected)
+        assert param.dtype == torch.float32
+        assert torch.equal(param.detach(), a.float() * 0.7 + b.float() * 0.3)
+        ids = torch.randint(0, 100, (1, 8))
+        assert pair.model(input_ids=ids).logits.dtype == torch.bfloat16  # the rest stays in bfloat16
+    assert param.dtype == torch.bfloat16 and torch.equal(param.detach(), before)
+    assert pair.interp.held == [] and not any(m._forward_hooks for m in pair.model.modules())
+
+
+def test_bf16_full_path_is_rounded_and_says_how_much(llama_pair):
+    pair = ModelPair.from_pretrained(llama_pair.a, llama_pair.b, device="cpu", dtype="bfloat16")
+    name = pair.full_group().parameters[1]
+    a, b = pair.ckpt_a.get(name).float(), pair.ckpt_b.get(name).float()
+    with pytest.warns(PrecisionWarning, match=r"effective alpha"):
+        with pair.interp.at([pair.full_group()], 0.3):
+            value = dict(pair.model.named_parameters())[name].detach().clone()
+    assert value.dtype == torch.bfloat16 and torch.equal(value, (a * 0.7 + b * 0.3).to(torch.bfloat16))
+    rounded = pair.interp.rounding[0.3]
+    assert rounded["dtype"] == "bfloat16" and 0 < rounded["relative_error"] < 1 and rounded["effective_alpha"] != 0.3
+
+
+def _small_delta_pair(root, src, dtype=torch.bfloat16, relative=0.005):
+    """A = the trained A; B = A + a step along the fine-tune direction (B - A) of relative size
+    ``relative`` per tensor; both stored in ``dtype``."""
+    from safetensors.torch import load_file, save_file
+
+    sa, sb = load_file(src.a / "model.safetensors"), load_file(src.b / "model.safetensors")
+    out = {}
+    for which in ("a", "b"):
+        folder = root / which
+        shutil.copytree(getattr(src, which), folder)
+        state = {}
+        for key, ta in sa.items():
+            step = sb[key].float() - ta.float()
+            scale = relative * ta.float().norm() / step.norm() if step.norm() > 0 else 0.0
+            state[key] = (ta.float() + (scale * step if which == "b" else 0)).to(dtype)
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")  # loads as stored, like most LLMs
+        (folder / "config.json").write_text(json.dumps(config))
+        out[which] = folder
+    return out["a"], out["b"]
+
+
+def test_bf16_layer_barrier_equals_float32_computation(llama_pair, tmp_path):
+    """On a bfloat16 pair 0.5 % apart, the layer barrier at α = 0.25 of the bfloat16 live model
+    equals the float32 computation (the same checkpoints loaded in float32) within 1e-3 nats."""
+    a, b = _small_delta_pair(tmp_path, llama_pair)
+    ids = ModelPair.from_pretrained(a, b, device="cpu").blocks(str(llama_pair.eval_text)).ids[:8]
+    low = ModelPair.from_pretrained(a, b, device="cpu").barrier(ids, layers="block.1-2", alphas=[0, 0.25, 1])
+    exact = ModelPair.from_pretrained(a, b, device="cpu", dtype="float32").barrier(ids, layers="block.1-2", alphas=[0, 0.25, 1])
+    at = low.alphas.index(0.25)
+    assert next(iter(ModelPair.from_pretrained(a, b, device="cpu").model.parameters())).dtype == torch.bfloat16
+    barrier_low = low.loss[at] - 0.75 * low.loss_a - 0.25 * low.loss_b
+    barrier_exact = exact.loss[at] - 0.75 * exact.loss_a - 0.25 * exact.loss_b
+    assert abs(barrier_low - barrier_exact) < 1e-3, (barrier_low, barrier_exact)
 
 
 @pytest.mark.parametrize(

@@ -40,10 +40,11 @@ class BarrierResult:
         loss_b: loss of the full model B.
         accuracy_a: accuracy of the full model A.
         accuracy_b: accuracy of the full model B.
-        barrier_max: largest barrier over the interior α (over all α when there is none).
+        barrier_max: largest barrier over the whole α grid (0 and 1 included: on a layer-wise path
+            α = 1 into A is A with B's group, a real point of the path; on the full path they give 0).
         barrier_mid: barrier at α = 0.5.
         barrier_mid_se: paired standard error of ``barrier_mid`` over the token blocks.
-        error_barrier_max: largest error-rate barrier over the interior α.
+        error_barrier_max: largest error-rate barrier over the whole α grid.
         error_barrier_mid: error-rate barrier at α = 0.5.
         error_barrier_mid_se: paired standard error of ``error_barrier_mid``.
         tokens: predicted tokens of the endpoint evaluation.
@@ -120,9 +121,8 @@ def barrier_from_stats(
     alphas = sorted(curve)
     la, lb = stat_a.loss, stat_b.loss
     ea, eb = 1.0 - stat_a.accuracy, 1.0 - stat_b.accuracy
-    interior = [a for a in alphas if 0.0 < a < 1.0] or alphas
-    barrier_max = max(curve[a].loss - ((1 - a) * la + a * lb) for a in interior)
-    err_max = max((1.0 - curve[a].accuracy) - ((1 - a) * ea + a * eb) for a in interior)
+    barrier_max = max(curve[a].loss - ((1 - a) * la + a * lb) for a in alphas)  # the sup over the path
+    err_max = max((1.0 - curve[a].accuracy) - ((1 - a) * ea + a * eb) for a in alphas)
     mid = curve.get(0.5)
     if mid is not None:
         d = mid.block_loss - 0.5 * (stat_a.block_loss + stat_b.block_loss)
@@ -217,17 +217,22 @@ def barrier(
     ev = evaluator_for(pair, blocks, batch_size)
     group = pair.full_group() if layers is None else union(pair.groups(layers), pair.arch, layers)
     if sequential is not None:
-        return sequential_barrier(pair, ev, group, alphas, sequential, base=base, method=method, prefix=prefix,
-                                  layers=layers)
-    # Endpoints first, ending on the base so the path points need no extra switch.
-    order = ("b", "a") if base == "a" else ("a", "b")
-    stats = {w: endpoint(pair, w, ev, blocks) for w in order}
-    curve: dict[float, BlockStats] = {}
-    for alpha in alphas:
-        which = is_endpoint(alpha, base, group.name == "full")
-        curve[alpha] = stats[which] if which else check_finite(
-            point(pair, ev, group, alpha, base=base, method=method, prefix=prefix), f"{group.name} at alpha={alpha}")
-    return barrier_from_stats(curve, stats["a"], stats["b"], layers=layers, base=base, method=method)
+        result = sequential_barrier(pair, ev, group, alphas, sequential, base=base, method=method, prefix=prefix,
+                                    layers=layers)
+    else:
+        # Endpoints first, ending on the base so the path points need no extra switch.
+        order = ("b", "a") if base == "a" else ("a", "b")
+        stats = {w: endpoint(pair, w, ev, blocks) for w in order}
+        curve: dict[float, BlockStats] = {}
+        for alpha in alphas:
+            which = is_endpoint(alpha, base, group.name == "full")
+            curve[alpha] = stats[which] if which else check_finite(
+                point(pair, ev, group, alpha, base=base, method=method, prefix=prefix), f"{group.name} at alpha={alpha}")
+        result = barrier_from_stats(curve, stats["a"], stats["b"], layers=layers, base=base, method=method)
+    rounded = [pair.interp.rounding[a] for a in result.alphas if a in pair.interp.rounding]
+    if rounded and group.name == "full":  # a low-precision full path: how far its points are off the path
+        result.extra["rounded_points"] = rounded
+    return result
 
 
 def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: list[float], cfg: SequentialConfig, *,
@@ -281,9 +286,8 @@ def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: lis
         barriers[alpha] = look.mean if alpha == 0.5 else estimate(
             est.differences(curve[alpha], alpha), g, look.i, look.j, est.rule).mean
     result = barrier_from_stats(curve, stat_a, stat_b, layers=layers, base=base, method=method)
-    interior = [a for a in barriers if 0.0 < a < 1.0] or list(barriers)
     result.barrier_mid, result.barrier_mid_se = look.mean, look.se
-    result.barrier_max = max(barriers[a] for a in interior)
+    result.barrier_max = max(barriers.values())
     fields = outcome.fields(mid.tokens_per_block)
     result.extra.update(
         barrier_curve=[barriers[a] for a in result.alphas],

@@ -163,11 +163,16 @@ class RobustnessRunner(ScanRunner):
             stats: its statistics.
 
         Returns:
-            The scan row plus ``direction``, ``sample`` and ``delta`` (loss − L_A; None for a non-finite loss).
+            The scan row plus ``direction``, ``sample`` and ``delta`` (loss − L_A; None for a non-finite
+            loss). A random direction's row has no ``barrier`` fields: its points are not on the A-B path,
+            so a loss minus the A-B reference line means nothing there.
         """
         row = super().row(point, stats)
         row["direction"] = point.direction
         row["sample"] = point.sample
+        if point.direction != "interp":
+            for key in ("barrier", "barrier_se", "error_barrier"):
+                row.pop(key, None)
         row["delta"] = None if row["loss"] is None else row["loss"] - self.ends["a"].loss
         return row
 

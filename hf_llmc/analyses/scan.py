@@ -678,7 +678,11 @@ class ScanRunner:
         Returns:
             :func:`point_row` against the endpoints.
         """
-        return point_row(point, stats, self.ends["a"], self.ends["b"])
+        row = point_row(point, stats, self.ends["a"], self.ends["b"])
+        rounded = self.pair.interp.rounding.get(float(point.alpha))
+        if rounded is not None and point.group.name == self.full.name:  # a low-precision full path
+            row["rounded_point"] = rounded
+        return row
 
     def result_row(self, point: ScanPoint, done: dict[tuple, dict]) -> dict:
         """The result row of a point, evaluating only when it is not known otherwise.

@@ -15,7 +15,7 @@ import sys
 import typing
 import warnings
 
-from ..config.errors import exit_code
+from ..config.errors import PrecisionWarning, exit_code
 from .errors import cli_message
 from .parser import build_parser
 
@@ -29,12 +29,18 @@ def third_parties_quiet(debug: bool):
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        warnings.filterwarnings("always", category=PrecisionWarning)  # ours: one line on stderr
+        warnings.showwarning = _show_warning
         previous = logging.root.manager.disable
         logging.disable(logging.CRITICAL)
         try:
             yield
         finally:
             logging.disable(previous)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"hf-llmc: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

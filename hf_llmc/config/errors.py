@@ -108,6 +108,11 @@ class HubError(HfLlmcError, RuntimeError):
     """A Hub operation failed. The message is one line and never contains a token."""
 
 
+class PrecisionWarning(UserWarning):
+    """A number was computed at a lower precision than the path needs (e.g. a rounded bfloat16
+    full-path point); the message gives the measured error."""
+
+
 def exit_code(err: BaseException) -> int:
     """The command-line exit code of an error, so scripts can tell bad input from a failed run.
 

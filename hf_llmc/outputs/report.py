@@ -190,7 +190,7 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
 
     Returns:
         Command, models, data, settings, status, α grid and endpoints, then ``groups``: per group
-        (full model first, then plan order) and base, barrier_mid, barrier_max (over interior α),
+        (full model first, then plan order) and base, barrier_mid, barrier_max (over the whole α grid),
         their standard errors, perplexity ratios, error barriers and the curve; plus ``cumulative``
         curves for a cumulative scan, ``robustness`` statistics and ``sequential`` settings when present.
     """
@@ -207,9 +207,8 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
         for base, rs in sorted(by_group[name].items()):
             rs = sorted({float(r["alpha"]): r for r in rs}.values(), key=lambda r: r["alpha"])
             mid = next((r for r in rs if r["alpha"] == MID), None)
-            interior = [r for r in rs if 0.0 < r["alpha"] < 1.0 and r["barrier"] is not None] or \
-                [r for r in rs if r["barrier"] is not None]
-            top = max(interior, key=lambda r: r["barrier"], default=None)
+            known = [r for r in rs if r["barrier"] is not None]  # the whole α grid, 0 and 1 included
+            top = max(known, key=lambda r: r["barrier"], default=None)
             entry["bases"][base] = {
                 "barrier_mid": mid["barrier"] if mid else None,
                 "barrier_mid_se": mid.get("barrier_se") if mid else None,
@@ -219,7 +218,7 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
                 "barrier_max_alpha": top["alpha"] if top else None,
                 "barrier_max_ratio": _exp(top["barrier"]) if top else None,
                 "error_barrier_mid": mid.get("error_barrier") if mid else None,
-                "error_barrier_max": max((r["error_barrier"] for r in interior), default=None),
+                "error_barrier_max": max((r["error_barrier"] for r in known), default=None),
                 "curve": [{"alpha": r["alpha"], "loss": r["loss"], "accuracy": r["accuracy"], "barrier": r["barrier"],
                            **curve_fields(r)} for r in rs],
                 **summary_fields(mid),  # sequential estimation: tokens used, interval, decision

@@ -16,7 +16,7 @@ def _set_points(pair, plan: MergePlan) -> list[str]:
     written: list[str] = []
     for alpha, names in plan.changed().items():
         group = make_group(pair.arch, f"merge@{alpha:g}", "set", names)
-        written += pair.interp.set_point([group], alpha, plan.method)
+        written += pair.interp.set_point([group], alpha, plan.method, hold=False)  # as the saved merge
     return written
 
 
