@@ -121,3 +121,67 @@ def test_seq_len_above_model_positions(tok, tmp_path, tiny_model):
 def test_tokenize_stream_eos_between_documents(tok):
     ids = tokenize_stream(tok, ["a b", "", "c"], 100)
     assert ids == tok("a b")["input_ids"] + [tok.eos_token_id] + tok("c")["input_ids"]
+
+
+# -- BOS, tokenizer identity, cached blocks ------------------------------------------------------------
+def _bos_tokenizer(tok):
+    """``tok`` made to add a BOS token to every text (as Llama-family tokenizers do)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+    bos = tok.eos_token
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.eos_token_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=bos)
+
+
+def test_blocks_start_with_bos_when_the_tokenizer_adds_one(tok, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    btok = _bos_tokenizer(tok)
+    assert btok("abc")["input_ids"][0] == btok.bos_token_id != tok("abc")["input_ids"][0]
+    blocks = load_blocks(btok, DataConfig(data=str(path), seq_len=8))
+    # reference: the documents' own tokens (no special tokens), EOS between them, 7 per block after BOS
+    text = []
+    for i, d in enumerate(DOCS):
+        text += ([btok.eos_token_id] if i else []) + tok(d)["input_ids"]
+    n = len(text) // 7
+    assert blocks.ids.tolist() == [[btok.bos_token_id] + text[i * 7:(i + 1) * 7] for i in range(n)]
+    plain = load_blocks(btok, DataConfig(data=str(path), seq_len=8, no_bos=True))  # the tokenizer's default per document
+    assert plain.ids.flatten().tolist() == expected_stream(btok, DOCS, 10**9)[: plain.ids.numel()]
+    assert plain.fingerprint != blocks.fingerprint
+    assert load_blocks(tok, DataConfig(data=str(path), seq_len=8)).ids.flatten().tolist() == \
+        expected_stream(tok, DOCS, 10**9)[: blocks.ids.numel() // 8 * 8][: len(expected_stream(tok, DOCS, 10**9)) // 8 * 8]
+
+
+def test_token_cache_tells_tokenizers_with_one_vocabulary_apart(tok, tmp_path):
+    """A lowercasing tokenizer with the same vocabulary gets its own blocks, not the cached ones."""
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Lowercase()
+    lower = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tok.eos_token, unk_token=tok.unk_token)
+    assert lower.get_vocab() == tok.get_vocab()
+    path = tmp_path / "d.txt"
+    path.write_text("ABC DEF Ghi JKL mno " * 20)
+    first = load_blocks(tok, DataConfig(data=str(path), seq_len=8))
+    second = load_blocks(lower, DataConfig(data=str(path), seq_len=8))
+    assert second.ids.flatten().tolist() == lower(path.read_text())["input_ids"][: second.ids.numel()]
+    assert first.fingerprint != second.fingerprint and not torch.equal(first.ids, second.ids)
+
+
+def test_damaged_or_foreign_cache_entries_are_rebuilt(tok, tmp_path):
+    from hf_llmc.engine.data import cache_dir
+
+    path = tmp_path / "d.txt"
+    path.write_text(" ".join(DOCS) * 5)
+    good = load_blocks(tok, DataConfig(data=str(path), seq_len=8))
+    (entry,) = cache_dir().glob(f"{good.fingerprint}.pt")
+    for bad in (torch.full_like(good.ids, len(tok) + 5), good.ids[:, :4], good.ids.float(), "junk"):
+        if isinstance(bad, str):
+            entry.write_text(bad)
+        else:
+            torch.save(bad, entry)
+        again = load_blocks(tok, DataConfig(data=str(path), seq_len=8))
+        assert torch.equal(again.ids, good.ids)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from hf_llmc import DataConfig, MergeSpec, ModelPair, ScanConfig, distances, lazy_pair, run_scan, save_merged
 from hf_llmc.cli import main
 from hf_llmc.cli.recipes import load_recipe
-from hf_llmc.config.errors import NonFiniteTensorError
+from hf_llmc.config.errors import NonFiniteTensorError, PrecisionWarning
 from hf_llmc.engine.io import TMP_MARK
 from hf_llmc.engine.provenance import environment
 from hf_llmc.testing import synthetic_text
@@ -56,19 +56,25 @@ def _expected(a: torch.Tensor, b: torch.Tensor, alpha: float, dtype: torch.dtype
 
 
 # -- float32 arithmetic, one cast ----------------------------------------------------------------------
-def test_bf16_checkpoints_live_path_is_float32_cast_once(bf16):
+def test_bf16_checkpoints_live_path_is_float32(bf16):
+    """A layer point of a bfloat16 model is the float32 mix itself (held in float32); the full
+    path is the float32 mix cast once to bfloat16 (never bfloat16 arithmetic)."""
     pair = ModelPair.from_pretrained(bf16["a"], bf16["b"], device="cpu", dtype="bfloat16")
     a, b = pair.ckpt_a.get(ATTN), pair.ckpt_b.get(ATTN)
     assert a.dtype == b.dtype == torch.bfloat16
     param = dict(pair.model.named_parameters())[ATTN]
     for alpha in (0.3, 0.7):
+        naive = a * (1 - alpha) + b * alpha  # bf16 arithmetic, rounded at every step
         with pair.interp.at(pair.groups("attn.1"), alpha):
             value = param.detach().clone()
-        expected = _expected(a, b, alpha, torch.bfloat16)
-        naive = a * (1 - alpha) + b * alpha  # bf16 arithmetic, rounded at every step
-        assert value.dtype == torch.bfloat16 and torch.equal(value, expected)
-        assert not torch.equal(naive, expected)  # the check can tell the two apart
-    assert torch.equal(param.detach(), a)  # restored exactly
+        assert value.dtype == torch.float32 and torch.equal(value, _expected(a, b, alpha, torch.float32))
+        with pytest.warns(PrecisionWarning):
+            with pair.interp.at([pair.full_group()], alpha):
+                value = param.detach().clone()
+        assert value.dtype == torch.bfloat16 and torch.equal(value, _expected(a, b, alpha, torch.bfloat16))
+        assert not torch.equal(naive, _expected(a, b, alpha, torch.bfloat16))  # the check can tell the two apart
+        pair.interp._warned = False
+    assert param.dtype == torch.bfloat16 and torch.equal(param.detach(), a)  # restored exactly
 
 
 @pytest.mark.parametrize("out_dtype", [None, "float16"])

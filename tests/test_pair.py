@@ -65,3 +65,34 @@ def test_trust_remote_code_is_off_by_default(dirs, tmp_path):
     (remote / "configuration_evil.py").write_text("raise SystemExit('remote code ran')\n")
     with pytest.raises(PairError, match="trust_remote_code=True"):
         ModelPair.from_pretrained(remote, dirs["llama1"], device="cpu")
+
+
+def _with_tokenizer(src, dst, edit):
+    import shutil
+
+    shutil.copytree(src, dst)
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    edit(tok)
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    return dst
+
+
+def test_tokenizers_that_encode_text_differently_are_refused(dirs, tmp_path):
+    """Same vocabulary, another normalizer: B would cut the text differently, so the pair is refused."""
+    lower = _with_tokenizer(dirs["llama1"], tmp_path / "lower", lambda t: t.update(normalizer={"type": "Lowercase"}))
+    with pytest.raises(PairError, match=r"encode text differently"):
+        ModelPair.from_pretrained(dirs["llama0"], lower, device="cpu")
+    from hf_llmc import lazy_pair
+
+    with pytest.raises(PairError, match=r"encode text differently"):
+        lazy_pair(dirs["llama0"], lower)
+
+
+def test_a_tokenizer_that_does_not_load_is_an_error(dirs, tmp_path):
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(dirs["llama1"], broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(PairError, match=r"broken: its tokenizer files do not load"):
+        ModelPair.from_pretrained(dirs["llama0"], broken, device="cpu")

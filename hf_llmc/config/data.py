@@ -19,6 +19,7 @@ class DataConfig:
     text_column: str = setting("text", "Column holding the text in tabular data.")
     seq_len: int | None = setting(None, "Tokens per block (default: min(1024, the model's maximum positions)).")
     max_tokens: int = setting(DEFAULT_MAX_TOKENS, "Cap on evaluation tokens (the stream is cut before blocking).")
+    no_bos: bool = setting(False, "Do not start every block with BOS (by default blocks start with BOS when A's tokenizer adds one to a text, as Llama-family models are trained; documents are then joined without it).")
 
     def validate(self) -> None:
         """Check the options without reading any data.

@@ -109,8 +109,10 @@ class HubError(HfLlmcError, RuntimeError):
 
 
 class PrecisionWarning(UserWarning):
-    """A number was computed at a lower precision than the path needs (e.g. a rounded bfloat16
-    full-path point); the message gives the measured error."""
+    """A number was computed at a lower precision than the path needs.
+
+    E.g. a full-path point rounded to bfloat16; the message gives the measured error.
+    """
 
 
 def exit_code(err: BaseException) -> int:

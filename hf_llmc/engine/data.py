@@ -1,9 +1,14 @@
 """Evaluation text -> deterministic, non-overlapping token blocks.
 
-Protocol: documents are tokenized with A's tokenizer (its default special-token behaviour),
-concatenated with the EOS id between documents, capped at ``max_tokens`` and cut into blocks of
-``seq_len`` tokens; the last partial block is dropped. Tokenizations are cached on disk, keyed by
-tokenizer, data and settings.
+Protocol: documents are tokenized with A's tokenizer, concatenated with the EOS id between
+documents, capped at ``max_tokens`` and cut into blocks of ``seq_len`` tokens; the last partial
+block is dropped. When the tokenizer adds a BOS token to a text by default (Llama-family models
+are trained so), every block starts with BOS followed by ``seq_len - 1`` tokens of text, and the
+documents are tokenized without special tokens; ``no_bos`` keeps the tokenizer's default per
+document instead. The first token of a block is never predicted, so every block scores
+``seq_len - 1`` tokens either way. Tokenizations are cached on disk, keyed by the data, the
+settings (BOS included: it is part of the data fingerprint) and a digest of the tokenizer's whole
+definition; a cached entry is used only if its shape and token ids fit.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..config.data import DataConfig
 from ..config.errors import DataError, PairError
 from ..config.files import cache_root
 from ..config.security import display_name
+from ..model.tokenizer import adds_bos, tokenizer_digest
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -155,12 +161,6 @@ def _hub_documents(cfg: DataConfig) -> tuple[list[str], str]:
     return [t for t in ds[cfg.text_column] if isinstance(t, str)], f"{cfg.dataset}:{split}:{fingerprint}"
 
 
-def _tokenizer_fingerprint(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    h = hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab, tokenizer.eos_token_id]).encode())
-    return h.hexdigest()[:16]
-
-
 def cache_dir() -> Path:
     """The folder tokenized blocks are cached in, so a second run skips tokenization.
 
@@ -194,23 +194,26 @@ def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_confi
     if limit and seq_len > limit:
         raise DataError(f"seq_len={seq_len}: above the model's maximum positions ({limit})")
     docs, digest = _read_documents(cfg)
-    key = hashlib.sha256(
-        json.dumps([digest, _tokenizer_fingerprint(tokenizer), cfg.text_column, seq_len, cfg.max_tokens]).encode()
-    ).hexdigest()[:24]
+    bos = not cfg.no_bos and adds_bos(tokenizer)
+    key = hashlib.sha256(json.dumps(
+        [digest, tokenizer_digest(tokenizer), cfg.text_column, seq_len, cfg.max_tokens, "bos" if bos else "plain"]
+    ).encode()).hexdigest()[:24]
     source = cfg.data or cfg.dataset
     cached = cache_dir() / f"{key}.pt"
     if use_cache and cached.is_file():
-        try:
-            return TokenBlocks(torch.load(cached, weights_only=True), source, key)
-        except Exception:
-            pass  # a damaged cache entry is rebuilt
-    ids = tokenize_stream(tokenizer, docs, cfg.max_tokens)
+        blocks = _read_cached(cached, seq_len, len(tokenizer))
+        if blocks is not None:
+            return TokenBlocks(blocks, source, key)
+    width = seq_len - 1 if bos else seq_len  # a BOS block: BOS + seq_len - 1 tokens of text
+    ids = tokenize_stream(tokenizer, docs, cfg.max_tokens, add_special_tokens=not bos)
     if not ids:
         raise DataError(f"{source}: no tokens in the evaluation data")
-    n = len(ids) // seq_len
+    n = len(ids) // width
     if n == 0:
         raise DataError(f"{source}: {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
-    blocks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    blocks = torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+    if bos:
+        blocks = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), blocks], dim=1)
     if use_cache:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
@@ -222,13 +225,28 @@ def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_confi
     return TokenBlocks(blocks, source, key)
 
 
-def tokenize_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], max_tokens: int) -> list[int]:
+def _read_cached(path: Path, seq_len: int, vocab_size: int) -> torch.Tensor | None:
+    """Cached blocks, or None when the entry is damaged or does not fit (shape, dtype, id range)."""
+    try:
+        blocks = torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+        return None
+    ok = (isinstance(blocks, torch.Tensor) and blocks.dtype == torch.long and blocks.dim() == 2
+          and blocks.shape[0] > 0 and blocks.shape[1] == seq_len
+          and int(blocks.min()) >= 0 and int(blocks.max()) < vocab_size)
+    return blocks if ok else None
+
+
+def tokenize_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], max_tokens: int, *,
+                    add_special_tokens: bool = True) -> list[int]:
     """Tokenize documents into one token stream, stopping once ``max_tokens`` are reached.
 
     Args:
-        tokenizer: the tokenizer (its default special-token behaviour is kept).
+        tokenizer: the tokenizer.
         docs: the documents; empty ones are skipped.
         max_tokens: the cap on the stream's length.
+        add_special_tokens: keep the tokenizer's default special tokens per document (False: the
+            text's tokens only, when blocks get their own BOS).
 
     Returns:
         The token ids of the documents with the EOS id between them (when the tokenizer has one),
@@ -241,7 +259,7 @@ def tokenize_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], max_tok
             continue
         if out and eos is not None:
             out.append(eos)
-        out.extend(tokenizer(doc)["input_ids"])
+        out.extend(tokenizer(doc, add_special_tokens=add_special_tokens)["input_ids"])
         if len(out) >= max_tokens:
             break
     return out[:max_tokens]

@@ -240,7 +240,8 @@ class Interpolator:
             hold = len(names) < len(self.arch.parameters)
         for name in names:
             self._set_mix(name, alpha, method, hold)
-        self._warn_rounding()
+        if alpha in self.rounding and not hold:
+            self._warn_rounding()
         return names
 
     @torch.no_grad()

@@ -31,6 +31,7 @@ from .families import checkpoint_tensors, table_architecture
 from .interpolation import Interpolator
 from .placement import attach as attach_placement, load_kwargs, resolve_device
 from .selection import Group, make_group, resolve
+from .tokenizer import check_same_tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,16 +44,6 @@ def check_same_architecture(a: tuple, b: tuple) -> None:
     """
     if a != b:
         raise PairError(f"architecture mismatch: A is {a[0]} {a[1]}, B is {b[0]} {b[1]}")
-
-
-def load_tokenizer(folder: Path, trust_remote_code: bool):
-    """The tokenizer in ``folder`` (None when it has none that loads)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 class ModelPair:
@@ -182,13 +173,7 @@ class ModelPair:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
             raise PairError(f"B lacks parameters of A: {', '.join(missing[:3])}{more}")
         if self.tokenizer is not None and tokenizer_b is not None:
-            va, vb = self.tokenizer.get_vocab(), tokenizer_b.get_vocab()
-            if va != vb:
-                diff = sorted(set(va.items()) ^ set(vb.items()))[:3]
-                raise PairError(
-                    f"different tokenizer vocabularies (A {len(va)} tokens, B {len(vb)}; first differences: "
-                    f"{', '.join(repr(t) for t, _ in diff)})"
-                )
+            check_same_tokenizer(self.tokenizer, tokenizer_b)
 
     def groups(self, spec: str | None) -> list[Group]:
         """Resolve a layer spec (None = the whole model as one group named ``full``)."""
