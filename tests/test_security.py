@@ -453,3 +453,19 @@ def test_token_shaped_names_survive_and_the_real_token_never_appears(models, tmp
         data = path.read_bytes()
         assert real.encode() not in data and stored.encode() not in data, path
     assert real not in capsys.readouterr().out
+
+
+def test_reads_check_that_every_byte_arrived(models, tmp_path):
+    """A file shortened after its header was validated: every read path reports it in one line."""
+    from hf_llmc.model.checkpoint.safetensors import SafetensorsFile
+
+    path = tmp_path / "model.safetensors"
+    shutil.copy(models["a"] / "model.safetensors", path)
+    st = SafetensorsFile(path)
+    name = max(st.keys(), key=lambda k: st.location(k)[1])  # the tensor stored last
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 4)
+    for read in (lambda: st.get(name), lambda: list(st.iter_chunks(name, 1 << 20)),
+                 lambda: st.read_into(name, torch.empty(st.shape(name), dtype=st.dtype(name)))):
+        with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: tensor '{re.escape(name)}': short read \(\d+ of \d+ bytes\)"):
+            read()
