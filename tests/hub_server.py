@@ -6,7 +6,8 @@ path, i.e. ``HF_HUB_DISABLE_XET=1``), ``repo_info`` and ``list_repo_refs`` call 
 huggingface_hub 2.x:
 
 * ``POST /api/repos/create`` — 409 when the repo exists (``exist_ok`` relies on it);
-* ``GET  /api/models/{repo}`` and ``/api/models/{repo}/revision/{rev}`` — repo info;
+* ``GET  /api/models/{repo}`` and ``/api/models/{repo}/revision/{rev}`` — repo info (also for a
+  canonical id without a namespace, such as ``gpt2``; 404 ``RepoNotFound`` for a missing repo);
 * ``GET  /api/models/{repo}/refs`` — branches;
 * ``POST /api/models/{repo}/branch/{branch}`` — 409 when it exists;
 * ``POST /api/validate-yaml`` — parses the README front matter with PyYAML;
@@ -480,6 +481,7 @@ ROUTES = {
     "validate-yaml": ("POST", re.compile(r"/api/validate-yaml"), _Handler.validate_yaml),
     "refs": ("GET", re.compile(rf"/api/models/{_REPO}/refs"), _Handler.list_refs),
     "info": ("GET", re.compile(rf"/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?"), _Handler.repo_info),
+    "info-canonical": ("GET", re.compile(r"/api/models/(?P<repo>[\w.-]+)"), _Handler.repo_info),  # e.g. gpt2
     "branch": ("POST", re.compile(rf"/api/models/{_REPO}/branch/(?P<branch>.+)"), _Handler.create_branch),
     "preupload": ("POST", re.compile(rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)"), _Handler.preupload),
     "lfs-batch": ("POST", re.compile(rf"/{_REPO}\.git/info/lfs/objects/batch"), _Handler.lfs_batch),

@@ -7,7 +7,7 @@ Each case runs ``python -m hf_llmc ...`` in a subprocess, in its own work folder
 * exactly one non-empty line on stderr, ``hf-llmc CMD: error: ...`` naming the problem (no
   library's warning or log line before or after it), no traceback, nothing on stdout (no ``nan`` printed as a result),
 * no file created, removed or changed in the work folder (listing + sha256 before and after) nor
-  in the shared input models,
+  in the shared input models, and no temporary sibling (``*.hf-llmc-tmp-*``) left anywhere in it,
 * the token appears nowhere: not in stdout, stderr, nor any file under the work folder, the
   Hugging Face home or the token cache.
 
@@ -39,6 +39,8 @@ import torch
 
 pytestmark = pytest.mark.slow  # one fixture starts ~40 CLI processes
 from safetensors.torch import load_file, save_file
+
+from hf_llmc.config.files import TMP_MARK
 
 SENTINEL = "hf_SENTINELsentinel123456"
 PARALLEL = 4
@@ -162,6 +164,109 @@ def setup_recipe(body: str) -> Callable[[Path, dict], None]:
     return setup
 
 
+# -- output folders, recipes and checkpoints that must not be trusted ----------------------------------
+def setup_victim(w: Path, inp: dict) -> None:
+    """Folders the user cares about: ``victim`` (notes) and ``thesis`` (a thesis and its data)."""
+    (w / "victim").mkdir()
+    (w / "victim" / "notes.txt").write_text("do not delete\n")
+    (w / "thesis" / "sub").mkdir(parents=True)
+    (w / "thesis" / "thesis.tex").write_text("\\documentclass{article}\n")
+    (w / "thesis" / "sub" / "data.csv").write_text("x,y\n1,2\n")
+
+
+def setup_model_copy(w: Path, inp: dict) -> None:
+    _copy_model(inp["A"], w / "a_copy")
+    (w / "models").mkdir()
+    _copy_model(inp["A"], w / "models" / "a")
+
+
+def setup_work_recipe(body: str, extra: Callable[[Path, dict], None] | None = None) -> Callable[[Path, dict], None]:
+    """A recipe that may name the work folder ({WORK}) and the shared inputs ({A}, {B}, {DATA} ...)."""
+    def setup(w: Path, inp: dict) -> None:
+        setup_victim(w, inp)
+        if extra is not None:
+            extra(w, inp)
+        values = {k: str(v) for k, v in inp.items()}
+        (w / "recipe.yaml").write_text(body.format(WORK=str(w), **values))
+
+    return setup
+
+
+def setup_symlinked_pair(w: Path, inp: dict) -> None:
+    (w / "runs").mkdir()
+    (w / "runs" / "p").symlink_to(w / "victim", target_is_directory=True)
+
+
+def setup_foreign_step_output(w: Path, inp: dict) -> None:
+    folder = w / "runs" / "pair-1" / "merge"
+    folder.mkdir(parents=True)
+    (folder / "thesis.tex").write_text("not hf-llmc's\n")
+
+
+def _rewrite_header(folder: Path, change: Callable[[dict], object]) -> None:
+    """Replace the safetensors header of ``folder/model.safetensors`` by ``change(header)`` (data kept)."""
+    path = folder / "model.safetensors"
+    blob = path.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    new = change(header)
+    raw = new if isinstance(new, bytes) else json.dumps(header if new is None else new).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + blob[8 + n:])
+
+
+def setup_header(name: str, change: Callable[[dict], object]) -> Callable[[Path, dict], None]:
+    def setup(w: Path, inp: dict) -> None:
+        _rewrite_header(_copy_model(inp["B"], w / name), change)
+
+    return setup
+
+
+def _alias_last_onto_first(header: dict) -> None:
+    """A later tensor takes the offsets of an earlier tensor of the same size (they overlap)."""
+    tensors = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    size = {k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in tensors}
+    later = next(k for i, k in enumerate(tensors) if size[k] and size[k] in [size[t] for t in tensors[:i]])
+    earlier = next(k for k in tensors if size[k] == size[later])
+    header[later]["data_offsets"] = list(header[earlier]["data_offsets"])
+
+
+def _negative_shape(header: dict) -> None:
+    entry = header["transformer.h.0.attn.c_attn.weight"]
+    entry["shape"] = [-entry["shape"][0], -entry["shape"][1]]
+
+
+def _first_entry(header: dict) -> dict:
+    return header[sorted(k for k in header if k != "__metadata__")[0]]
+
+
+def setup_huge_header_length(w: Path, inp: dict) -> None:
+    path = _copy_model(inp["B"], w / "b_huge") / "model.safetensors"
+    blob = path.read_bytes()
+    path.write_bytes((2**40).to_bytes(8, "little") + blob[8:])
+
+
+def setup_config_b(w: Path, inp: dict) -> None:
+    folder = _copy_model(inp["B"], w / "b_config")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["n_layer"] = -1
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+class _System:
+    """Unpickling this with full rights would run a shell command (it is never unpickled so)."""
+
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def setup_evil_pickle(w: Path, inp: dict) -> None:
+    folder = w / "b_evil"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(inp["B"] / name, folder / name)
+    torch.save({**load_file(inp["B"] / "model.safetensors"), "x": _System()}, folder / "pytorch_model.bin")
+
+
 PAIR_YAML = "pairs:\n  - a: {{model: {A}}}\n    b: {{model: {B}}}\n"
 DATA_YAML = "data: {{data: {DATA}, seq_len: 32}}\n"
 BARRIER = ["barrier", "{A}", "{B}", "--data", "{DATA}", *SEQ]
@@ -171,7 +276,8 @@ CASES = [
     Case("model-path-missing", ["merge", "./no-such-model", "{B}", "--layers", "attn.0", "--out", "merged"], 1, r"no-such-model: no such model folder"),
     Case("hub-id-offline", ["merge", "someone/model-not-in-the-cache", "{B}", "--layers", "attn.0", "--out", "merged"], 1, r"the Hub cannot be reached \(offline"),
     Case("architecture-mismatch", ["barrier", "{A}", "{LLAMA}", "--data", "{DATA}"], 1, r"architecture mismatch: A is gpt2 .* B is llama"),
-    Case("different-sizes", ["barrier", "{A}", "{WIDE}", "--data", "{DATA}"], 1, r"shape mismatch between A and B"),
+    Case("different-sizes", ["barrier", "{A}", "{WIDE}", "--data", "{DATA}"], 1,
+         r"config mismatch in the hidden size: A has n_embd 32, B has n_embd 64"),
     Case("different-vocabularies", ["merge", "{A}", "b_vocab", "--layers", "attn.0", "--out", "merged"], 1,
          r"different tokenizer vocabularies", setup_vocab),
     # bitsandbytes logs a warning at import on some CPUs: it must not reach the terminal
@@ -223,6 +329,89 @@ CASES = [
          r"locked.*not writable", setup_locked, unwritable=True),
     Case("resume-other-settings", ["scan", "{A}", "{B}", "--data", "{DATA}", *SEQ, "--alphas", "0.25,0.5", "--out", "prior", "--resume"], 2,
          r"holds a run with different .*alphas", setup_prior_scan),
+    # recipes from elsewhere: every path stays inside the output folder, no code runs without a flag
+    Case("recipe-pair-name-escapes", ["run", "recipe.yaml"], 2,
+         r"recipe\.yaml\.pairs\[0\]\.name: '/.*/victim' must be a plain folder name",
+         setup_work_recipe("pairs:\n  - name: {WORK}/victim\n    a: {{model: {A}}}\n    b: {{model: {B}}}\n"
+                           "steps:\n  - merge: {{layers: attn.0, out: '{{pair}}', overwrite: true}}\n")),
+    Case("recipe-pair-name-escapes-check", ["run", "recipe.yaml", "--check"], 2, r"pairs\[0\]\.name: .* must be a plain folder name",
+         setup_work_recipe("pairs:\n  - name: ../victim\n    a: {{model: {A}}}\n    b: {{model: {B}}}\n"
+                           "steps:\n  - merge: {{layers: attn.0, out: '{{pair}}', overwrite: true}}\n")),
+    Case("recipe-top-out-escapes", ["run", "recipe.yaml", "--check"], 2,
+         r"recipe\.yaml\.out: '\.\./outside' leads outside the working folder",
+         setup_work_recipe("out: ../outside\n" + PAIR_YAML + "steps:\n  - merge: {{layers: attn.0}}\n")),
+    Case("recipe-top-out-absolute", ["run", "recipe.yaml"], 2, r"recipe\.yaml\.out: '/.*/victim' leads outside the working folder",
+         setup_work_recipe("out: {WORK}/victim\n" + PAIR_YAML + "steps:\n  - merge: {{layers: attn.0, overwrite: true}}\n")),
+    Case("recipe-step-name-escapes", ["run", "recipe.yaml", "--check"], 2,
+         r"steps\[0\]\.merge\.name: '\.\./\.\./victim' must be a plain folder name",
+         setup_work_recipe(PAIR_YAML + "steps:\n  - merge: {{layers: attn.0, name: ../../victim, out: '{{step}}'}}\n")),
+    Case("recipe-push-folder-escapes", ["run", "recipe.yaml", "--check"], 2,
+         r"steps\[0\]\.push\.folder: .* must stay inside the output folder",
+         setup_work_recipe(PAIR_YAML + "steps:\n  - push: {{folder: '{{pair}}/../../..', push_to_hub: me/x}}\n")),
+    Case("recipe-scan-dir-escapes", ["run", "recipe.yaml", "--check"], 2, r"steps\[0\]\.merge\.scan_dir: .* must stay inside",
+         setup_work_recipe(PAIR_YAML + DATA_YAML + "steps:\n  - merge: {{auto: true, scan_dir: {WORK}/victim}}\n")),
+    Case("recipe-symlink-escapes", ["run", "recipe.yaml"], 2,
+         r"steps\[0\]\.merge\.out: '\{pair\}/m' gives 'p/m', which leads outside the output folder runs through a symbolic link",
+         setup_work_recipe("out: runs\npairs:\n  - name: p\n    a: {{model: {A}}}\n    b: {{model: {B}}}\n"
+                           "steps:\n  - merge: {{layers: attn.0, out: '{{pair}}/m'}}\n", setup_symlinked_pair)),
+    Case("recipe-overwrites-foreign-folder", ["run", "recipe.yaml"], 2,
+         r"steps\[0\]\.merge\.out \(pair-1/merge\): was not written by hf-llmc",
+         setup_work_recipe("out: runs\n" + PAIR_YAML + "steps:\n  - merge: {{layers: attn.0, overwrite: true}}\n",
+                           setup_foreign_step_output)),
+    Case("recipe-trust-remote-code", ["run", "recipe.yaml"], 2,
+         r"recipe\.yaml\.load\.trust_remote_code: a recipe cannot switch this on .*pass --trust-remote-code",
+         setup_work_recipe("pairs:\n  - a: {{model: a_remote}}\n    b: {{model: {B}}}\nload: {{trust_remote_code: true}}\n"
+                           "steps:\n  - merge: {{layers: attn.0}}\n", setup_remote)),
+    Case("recipe-allow-pickle", ["run", "recipe.yaml"], 2,
+         r"recipe\.yaml\.load\.allow_pickle: a recipe cannot switch this on .*pass --allow-pickle",
+         setup_work_recipe("pairs:\n  - a: {{model: {A}}}\n    b: {{model: b_evil}}\nload: {{allow_pickle: true}}\n"
+                           "steps:\n  - merge: {{layers: attn.0}}\n", setup_evil_pickle)),
+    # the output-folder policy: never a source, the Hub cache, the current or home folder; overwrite only hf-llmc's
+    Case("merge-out-is-model-a", ["merge", "a_copy", "{B}", "--layers", "attn.0", "--out", "a_copy", "--overwrite"], 2,
+         r"--out a_copy: is model A's folder", setup_model_copy),
+    Case("merge-out-inside-model-a", ["merge", "a_copy", "{B}", "--layers", "attn.0", "--out", "a_copy/merged"], 2,
+         r"--out a_copy/merged: lies inside model A's folder", setup_model_copy),
+    Case("merge-out-contains-model-a", ["merge", "models/a", "{B}", "--layers", "attn.0", "--out", "models", "--overwrite"], 2,
+         r"--out models: contains model A's folder", setup_model_copy),
+    Case("merge-out-current-folder", ["merge", "{A}", "{B}", "--layers", "attn.0", "--out", ".", "--overwrite"], 2,
+         r"--out \.: is the current folder", setup_victim),
+    Case("merge-out-home", ["merge", "{A}", "{B}", "--layers", "attn.0", "--out", "~", "--overwrite"], 2, r"--out ~: is your home folder"),
+    Case("merge-out-hub-cache", ["merge", "{A}", "{B}", "--layers", "attn.0", "--out", "{HUB}/merged"], 2,
+         r"lies inside the Hugging Face Hub cache"),
+    Case("merge-overwrite-foreign-folder", ["merge", "{A}", "{B}", "--layers", "attn.0", "--out", "thesis", "--overwrite"], 2,
+         r"--out thesis: was not written by hf-llmc \(no \.hf-llmc marker file\)", setup_victim),
+    Case("scan-overwrite-foreign-folder", ["scan", "{A}", "{B}", "--data", "{DATA}", *SEQ, "--out", "thesis", "--overwrite"], 2,
+         r"--out thesis: was not written by hf-llmc", setup_victim),
+    Case("scan-out-is-model-a", ["scan", "a_copy", "{B}", "--data", "{DATA}", *SEQ, "--out", "a_copy", "--resume"], 2,
+         r"--out a_copy: is model A's folder", setup_model_copy),
+    Case("robustness-out-current-folder", ["robustness", "{A}", "{B}", "--data", "{DATA}", *SEQ, "--out", ".", "--overwrite"], 2,
+         r"--out \.: is the current folder", setup_victim),
+    Case("demo-overwrite-foreign-folder", ["demo", "--out", "thesis", "--overwrite"], 2, r"--out thesis: was not written by hf-llmc",
+         setup_victim),
+    # checkpoints: headers validated like the safetensors library, configs field by field, pickles refused
+    Case("safetensors-overlapping-tensors", ["merge", "{A}", "b_overlap", "--layers", "attn.0", "--out", "merged"], 1,
+         r"b_overlap/model\.safetensors: tensor '[\w.]+': its bytes \[\d+, \d+\] overlap those of tensor '[\w.]+'",
+         setup_header("b_overlap", _alias_last_onto_first)),
+    Case("safetensors-negative-shape", ["merge", "{A}", "b_negative", "--layers", "attn.0", "--out", "merged"], 1,
+         r"tensor 'transformer\.h\.0\.attn\.c_attn\.weight': shape \[-32, -96\] is not a list of non-negative integers",
+         setup_header("b_negative", _negative_shape)),
+    Case("safetensors-huge-header-length", ["merge", "{A}", "b_huge", "--layers", "attn.0", "--out", "merged"], 1,
+         r"b_huge/model\.safetensors: header length 1099511627776 is above the safetensors limit", setup_huge_header_length),
+    Case("safetensors-begin-after-end", ["merge", "{A}", "b_reversed", "--layers", "attn.0", "--out", "merged"], 1,
+         r"tensor '[\w.]+': data_offsets \[\d+, \d+\] begin after they end",
+         setup_header("b_reversed", lambda h: _first_entry(h).update(data_offsets=_first_entry(h)["data_offsets"][::-1] if _first_entry(h)["data_offsets"][1] else [1, 0]))),
+    Case("safetensors-list-header", ["merge", "{A}", "b_list", "--layers", "attn.0", "--out", "merged"], 1,
+         r"b_list/model\.safetensors: header is a JSON list, not an object of tensors", setup_header("b_list", lambda h: [])),
+    Case("safetensors-missing-offsets", ["merge", "{A}", "b_nooffsets", "--layers", "attn.0", "--out", "merged"], 1,
+         r"tensor '[\w.]+': missing data_offsets", setup_header("b_nooffsets", lambda h: _first_entry(h).pop("data_offsets") and None)),
+    Case("safetensors-string-offsets", ["merge", "{A}", "b_strings", "--layers", "attn.0", "--out", "merged"], 1,
+         r"tensor '[\w.]+': data_offsets \[\"\d+\", \"\d+\"\] is not two non-negative integers",
+         setup_header("b_strings", lambda h: _first_entry(h).update(data_offsets=[str(o) for o in _first_entry(h)["data_offsets"]]))),
+    Case("config-b-negative-layers", ["merge", "{A}", "b_config", "--layers", "attn.0", "--out", "merged"], 1,
+         r"model B's config\.json: n_layer is -1, not a non-negative integer", setup_config_b),
+    Case("pickle-that-runs-code", ["merge", "{A}", "b_evil", "--layers", "attn.0", "--out", "merged", "--allow-pickle"], 1,
+         r"pytorch_model\.bin: refused by torch\.load\(weights_only=True\) \(it refers to posix\.system\); only plain tensors",
+         setup_evil_pickle),
     # recipes
     Case("recipe-unknown-key", ["run", "recipe.yaml"], 2, r"recipe\.yaml\.steps\[0\]\.merge\.alpah: unknown key; did you mean 'alpha'",
          setup_recipe(PAIR_YAML + "steps:\n  - merge: {{layers: attn.0, alpah: 0.5}}\n")),
@@ -331,6 +520,7 @@ def bad_input_runs(request, tmp_path_factory, save_tiny_model, tiny_model, tiny_
     env.update(HF_TOKEN=SENTINEL, HF_HOME=str(hf_home), HF_LLMC_CACHE=str(cache), HF_HUB_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", COLUMNS="200")
+    inp["HUB"] = hf_home / "hub"  # huggingface_hub.constants.HF_HUB_CACHE of the child processes
     shared_before = snapshot(inputs_dir)
 
     pending = []
@@ -387,6 +577,7 @@ def test_bad_input_fails_cleanly(bad_input_runs, case):
     assert r.stdout.strip() == "", r.stdout  # no table, and no nan printed as a result
     assert r.after == r.before, {k: (r.before.get(k), r.after.get(k)) for k in set(r.before) ^ set(r.after) | {
         k for k in r.before if r.after.get(k) != r.before[k]}}
+    assert not [k for k in r.after if TMP_MARK in k], "a temporary sibling was left behind"
     assert SENTINEL not in r.stdout and SENTINEL not in r.stderr
     assert files_containing(r.work, SENTINEL) == []
 

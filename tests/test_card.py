@@ -32,10 +32,11 @@ def dirs(merge_pair_dirs):
 def test_card_round_trips_with_evaluation(dirs, tmp_path):
     pair = ModelPair.from_pretrained(dirs["a"], dirs["b"])
     out = tmp_path / "gpt2-attn-merge"
-    result = save_merged(pair, MergeSpec(layers="attn.0-1", alpha=0.25), out, data=str(dirs["eval"]))
+    result = save_merged(pair, MergeSpec(layers="attn.0-1", alpha=0.25), out, data=str(dirs["eval"]),
+                         hub_id_a="org/model-a", hub_id_b="org/model-b")
     card = ModelCard.load(out / "README.md")
     data = card.data
-    assert data.base_model == ["model-a", "model-b"]
+    assert data.base_model == ["org/model-a", "org/model-b"]  # Hub ids only: the Hub resolves them
     assert data.base_model_relation == "merge"
     assert data.library_name == "transformers"
     assert data.pipeline_tag == "text-generation"
@@ -55,7 +56,10 @@ def test_card_round_trips_with_evaluation(dirs, tmp_path):
     assert f"{ev['barrier_mid']:+.4f}" in text
     assert "| `attn.0` | 0.25 |" in text and "| `attn.1` | 0.25 |" in text
     assert f"({100 * result.plan.fraction_changed:.2f} %)" in text
-    assert "hf-llmc merge model-a model-b --layers attn.0-1 --alpha 0.25 --eval-data eval.txt --out gpt2-attn-merge" in text
+    assert "Model A, `model-a`, is a local folder, from the Hub repo `org/model-a`." in text
+    assert ("hf-llmc merge model-a model-b --layers attn.0-1 --alpha 0.25 --eval-data eval.txt "
+            "--hub-id-a org/model-a --hub-id-b org/model-b --out gpt2-attn-merge") in text
+    assert "hub_id: org/model-a" in (out / "hf_llmc_config.yaml").read_text()
     assert (out / "hf_llmc_config.yaml").read_text().strip() in text  # the exact config
 
 
@@ -73,7 +77,8 @@ def test_no_absolute_path_and_no_token(dirs, tmp_path, monkeypatch):
         assert str(tmp_path) not in text and str(dirs["root"]) not in text
         assert not re.search(r"(?<![\w.])/(tmp|home|root|work|Users)/", text), name
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model == ["a-***", "model-b"]
+    assert card.data.base_model is None  # local folders are no Hub ids: named in the text only
+    assert "Model A, `a-***`, is a local folder" in card.text and "Model B, `model-b`, is a local folder" in card.text
 
 
 def test_card_without_evaluation_or_license(dirs, tmp_path):
@@ -87,6 +92,24 @@ def test_card_without_evaluation_or_license(dirs, tmp_path):
     assert "## Evaluation" not in card.text
     assert "the config and the tokenizer come from\n**model-b**" in card.text
     assert "--base b" in card.text and "--method slerp" in card.text
+
+
+def test_base_model_lists_hub_ids_only(tmp_path, monkeypatch):
+    """A model given as a Hub id is a base model; a local folder only with the Hub repo it came from."""
+    from hf_llmc.outputs.card import merge_card
+    from hf_llmc.outputs.merge.plan import MergePlan
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hf_tinyllama7b").mkdir()  # a local folder whose name looks like a token
+    plan = MergePlan(alphas={}, rows=[], base="a", method="lerp", numel_total=1, numel_changed=0, groups=[])
+    spec = MergeSpec(layers="attn.0")
+    card = lambda a, b, **kw: ModelCard(merge_card(source_a=a, source_b=b, plan=plan, spec=spec, command="hf-llmc merge",
+                                                   config_yaml="x: 1", **kw))
+    assert card("EleutherAI/pythia-70m", "hf_tinyllama7b").data.base_model == ["EleutherAI/pythia-70m"]
+    both = card("hf_tinyllama7b", "/abs/path/other", hub_id_a="TinyLlama/TinyLlama-1.1B", hub_id_b="org/other")
+    assert both.data.base_model == ["TinyLlama/TinyLlama-1.1B", "org/other"]
+    assert "`hf_tinyllama7b`, is a local folder, from the Hub repo `TinyLlama/TinyLlama-1.1B`" in both.text
+    assert card("./x", "../y").data.base_model is None
 
 
 def test_template_ships_in_the_package():

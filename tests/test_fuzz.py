@@ -1,10 +1,14 @@
 """Property tests (hypothesis): the layer grammar and recipe loading fail only with their own
-validation errors, whatever the input, and the grammar round-trips."""
+validation errors, whatever the input, and the grammar round-trips; every path a recipe produces
+stays inside its output folder; every malformed safetensors header is refused with one line (at
+least whatever the safetensors library refuses), and nothing is merged from it."""
 
 from __future__ import annotations
 
+import json
 import os
 import string
+import struct
 import tempfile
 import types
 import typing
@@ -188,3 +192,157 @@ def test_load_recipe_raises_only_recipe_error(recipe_file, content):
         load_recipe(recipe_file)
     except RecipeError:
         pass
+
+
+# -- recipe paths -------------------------------------------------------------------------------------
+PATH_PARTS = st.sampled_from(["{pair}", "{step}", "..", ".", "/", "~", "x", "a/b", "\\", "\x00", "/tmp", "C:", "link"])
+path_text = st.lists(PATH_PARTS, min_size=1, max_size=5).map("".join)
+
+
+@pytest.fixture(scope="module")
+def recipe_root(tmp_path_factory):
+    """An output root holding a symbolic link that leads out of it."""
+    base = tmp_path_factory.mktemp("recipe-paths")
+    (base / "outside").mkdir()
+    (base / "root").mkdir()
+    (base / "root" / "link").symlink_to(base / "outside")
+    return base
+
+
+@FUZZ
+@given(pair_name=st.one_of(st.none(), path_text), step_name=st.one_of(st.none(), path_text),
+       out=st.one_of(st.none(), path_text), folder=path_text, scan_dir=path_text)
+@example(pair_name="/tmp/victim", step_name=None, out="{pair}", folder="x", scan_dir="x")
+@example(pair_name="link", step_name=None, out="{pair}/m", folder="x", scan_dir="x")
+def test_recipe_paths_never_leave_the_output_folder(recipe_root, pair_name, step_name, out, folder, scan_dir):
+    from hf_llmc.cli.recipes import check_outputs
+    from hf_llmc.config.errors import UsageError
+
+    root = recipe_root / "root"
+    merge = {"auto": True, "scan_dir": scan_dir, **({"out": out} if out is not None else {}),
+             **({"name": step_name} if step_name is not None else {})}
+    payload = {"pairs": [{"a": {"model": "org/a"}, "b": {"model": "org/b"}, **({"name": pair_name} if pair_name else {})}],
+               "data": {"data": "e.txt"}, "steps": [{"merge": merge}, {"push": {"folder": folder, "push_to_hub": "me/x"}}]}
+    try:
+        planned = check_outputs(parse_recipe(payload, "fuzz.yaml"), root)
+    except UsageError:
+        return
+    real_root = os.path.realpath(root)
+    for item in planned:
+        for path in (item.output, item.scan_dir):
+            if path is not None:
+                real = os.path.realpath(path)
+                assert real == real_root or real.startswith(real_root + os.sep), (item.field, path)
+
+
+# -- safetensors headers ------------------------------------------------------------------------------
+SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1}
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False),
+              st.text(max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)),
+    max_leaves=6,
+)
+
+
+@st.composite
+def safetensors_bytes(draw) -> bytes:
+    """A safetensors file: a valid layout, then (usually) one mutation of its header or size."""
+    names = draw(st.lists(st.text(min_size=1, max_size=6).filter(lambda n: n != "__metadata__"), max_size=4, unique=True))
+    header: dict = {}
+    offset = 0
+    for name in names:
+        dtype = draw(st.sampled_from(sorted(SIZES)))
+        shape = draw(st.lists(st.integers(min_value=0, max_value=3), max_size=3))
+        n = SIZES[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    if draw(st.booleans()):
+        header["__metadata__"] = {"format": "pt"}
+    data = draw(st.binary(min_size=offset, max_size=offset))
+    mutation = draw(st.sampled_from(["none", "field", "drop", "shift", "alias", "root", "metadata", "repeat",
+                                     "length", "cut", "extra", "garbage"]))
+    tensors = [k for k in header if k != "__metadata__"]
+    raw_header = None
+    length = None
+    if mutation == "field" and tensors:
+        header[draw(st.sampled_from(tensors))][draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = draw(json_values)
+    elif mutation == "drop" and tensors:
+        del header[draw(st.sampled_from(tensors))][draw(st.sampled_from(["dtype", "shape", "data_offsets"]))]
+    elif mutation == "shift" and tensors:
+        entry = header[draw(st.sampled_from(tensors))]
+        i = draw(st.sampled_from([0, 1]))
+        entry["data_offsets"][i] += draw(st.integers(min_value=-16, max_value=16))
+    elif mutation == "alias" and len(tensors) > 1:
+        a, b = draw(st.lists(st.sampled_from(tensors), min_size=2, max_size=2, unique=True))
+        header[a] = {**header[b]}
+    elif mutation == "root":
+        raw_header = json.dumps(draw(json_values)).encode()
+    elif mutation == "metadata":
+        header["__metadata__"] = draw(json_values)
+    elif mutation == "repeat" and tensors:
+        text = json.dumps(header)
+        first = json.dumps({tensors[0]: header[tensors[0]]})[1:-1]
+        raw_header = ("{" + first + ", " + text[1:]).encode()
+    elif mutation == "length":
+        length = draw(st.one_of(st.integers(min_value=0, max_value=2**64 - 1), st.sampled_from([2**40, 100_000_001])))
+    elif mutation == "garbage":
+        raw_header = draw(st.binary(max_size=24))
+    raw_header = raw_header if raw_header is not None else json.dumps(header).encode()
+    blob = struct.pack("<Q", len(raw_header) if length is None else length) + raw_header + data
+    if mutation == "cut":
+        blob = blob[: draw(st.integers(min_value=0, max_value=len(blob)))]
+    elif mutation == "extra":
+        blob += draw(st.binary(min_size=1, max_size=9))
+    return blob
+
+
+@pytest.fixture(scope="module")
+def st_files(tmp_path_factory, save_tiny_model):
+    """A model A and a folder whose model.safetensors each example replaces (B)."""
+    root = tmp_path_factory.mktemp("safetensors-fuzz")
+    a = save_tiny_model("gpt2", root / "a")
+    b = root / "b"
+    b.mkdir()
+    (b / "config.json").write_bytes((a / "config.json").read_bytes())
+    return {"root": root, "a": a, "b": b}
+
+
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(blob=safetensors_bytes())
+@example(blob=struct.pack("<Q", 2**40) + b"{}")
+@example(blob=struct.pack("<Q", 2) + b"[]")
+def test_malformed_safetensors_headers_are_refused_in_one_line(st_files, blob):
+    import torch
+    from safetensors import safe_open
+
+    from hf_llmc import lazy_pair, save_merged
+    from hf_llmc.config.errors import CheckpointError
+    from hf_llmc.model.checkpoint.safetensors import SafetensorsFile
+
+    path = st_files["b"] / "model.safetensors"
+    path.write_bytes(blob)
+    try:
+        with safe_open(path, "pt") as f:
+            library = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - the library refuses: so must hf-llmc
+        library = None
+    try:
+        ours = SafetensorsFile(path)
+    except CheckpointError as err:
+        message = str(err)
+        assert "\n" not in message and message.startswith(f"{path}: "), message
+        out = st_files["root"] / "merged"
+        with pytest.raises(CheckpointError):  # a merge from it is refused before anything is written
+            save_merged(lazy_pair(st_files["a"], st_files["b"]), "attn.0=0.5", out)
+        assert not out.exists() and not [p for p in st_files["root"].iterdir() if "hf-llmc-tmp" in p.name]
+        return
+    assert library is not None, "hf-llmc accepted a header the safetensors library refuses"
+    assert set(ours.keys()) == set(library)
+    for key, tensor in library.items():
+        mine = ours.get(key)
+        assert mine.dtype == tensor.dtype and tuple(mine.shape) == tuple(tensor.shape)
+        assert torch.equal(mine.reshape(-1).view(torch.uint8), tensor.reshape(-1).contiguous().view(torch.uint8))

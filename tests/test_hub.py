@@ -52,7 +52,7 @@ def build_model_folder(out: Path) -> Path:
     model = init_model(tiny_config("gpt2", num_layers=2, hidden_size=64, vocab_size=500), seed=3)
     model.save_pretrained(out, max_shard_size="250KB")
     data = ModelCardData(
-        base_model=["org/model-a", "model-b"],
+        base_model=["org/model-a"],  # a Hub model (the test Hub holds it)
         base_model_relation="merge",
         library_name="transformers",
         tags=["merge", "hf-llmc", "layer-wise-lmc"],
@@ -78,10 +78,26 @@ def cli_env(tmp: Path, endpoint: str, token: str | None, *, stored_token: str | 
     return env
 
 
+def with_local_base_models(model_dir: Path, out: Path) -> Path:
+    """A copy of the model folder whose card names local folders (and a path) as base models, with
+    hf-llmc's marker file, as an older hf-llmc wrote them."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    shutil.copytree(model_dir, out)
+    card = ModelCard.load(out / "README.md")
+    card.data.base_model = ["org/model-a", "model-b", "../models/local-c"]
+    card.save(out / "README.md")
+    (out / ".hf-llmc").write_text('{"written_by": "hf-llmc", "kind": "merge"}\n')
+    return out
+
+
 # -- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hub():
     with HubServer(tokens=(VALID,), read_only_tokens=(READ_ONLY,)) as server:
+        server.add_repo("org/model-a")
         yield server
 
 
@@ -96,7 +112,9 @@ def runs(hub, model_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
     dead = f"http://127.0.0.1:{closed_port()}"
     hub.add_repo("tester/branchy")  # exists: the branch push goes through create_repo's 409 (exist_ok) path
+    local_bases = with_local_base_models(model_dir, base / "folders" / "local-bases")
     cases = {
+        "local-bases": ([str(local_bases), "tester/local-bases"], hub.url, VALID, None),
         "push": ([str(model_dir), "tester/merged", "--private", "--commit-message", "first merge"], hub.url, VALID, None),
         "branch": ([str(model_dir), "tester/branchy", "--revision", "exp/v1"], hub.url, None, VALID),  # stored login
         "no-token": ([str(model_dir), "tester/none"], dead, None, None),
@@ -192,6 +210,50 @@ def test_push_imports_neither_torch_nor_transformers(runs, hub):
     assert "huggingface_hub" in imported  # the import list was read
     assert not {m.split(".")[0] for m in imported} & {"torch", "transformers"}
     assert "tester/light" in hub.repos
+
+
+def test_push_drops_base_models_that_are_not_on_the_hub(runs, hub):
+    """A card naming local folders as base models: one warning line, and the uploaded card lists
+    only the Hub model; every other file goes up byte for byte, the marker file not at all, and
+    the local folder is not changed."""
+    from huggingface_hub import ModelCard
+
+    rc, out, err, case_dir = runs["local-bases"]
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hf-llmc push: warning: README.md names base_model 'model-b', "
+                                                   "'../models/local-c', which are not Hub models; dropped"), err
+    local = folder_files(case_dir.parent / "folders" / "local-bases")
+    remote = hub.files("tester/local-bases")
+    assert set(remote) == set(local) - {".hf-llmc"} | {".gitattributes"}
+    assert all(remote[name] == data for name, data in local.items() if name not in (".hf-llmc", "README.md"))
+    uploaded = ModelCard(remote["README.md"].decode())
+    assert uploaded.data.base_model == ["org/model-a"] and uploaded.text == ModelCard(local["README.md"].decode()).text
+    assert ModelCard(local["README.md"].decode()).data.base_model == ["org/model-a", "model-b", "../models/local-c"]
+
+
+def test_token_anywhere_in_a_large_file_is_found(hub, model_dir, tmp_path, inprocess, monkeypatch):
+    """The leak guard reads every byte of every file (streamed): a token at the end of an 11 MB file,
+    and one split across two read chunks, are both found before anything is sent."""
+    import shutil
+
+    from hf_llmc import HubError, push_folder
+    from hf_llmc.outputs import hub as hub_module
+
+    leaky = tmp_path / "leaky-large"
+    shutil.copytree(model_dir, leaky)
+    with open(leaky / "extra" / "big.bin", "wb") as fh:
+        fh.write(b"\0" * (11 * 1024 * 1024))
+        fh.write(VALID.encode())
+    before = len(hub.log)
+    with pytest.raises(HubError, match="extra/big.bin contains an access token"):
+        push_folder(leaky, "tester/api-large", token=VALID, endpoint=hub.url)
+    assert len(hub.log) == before
+    monkeypatch.setattr(hub_module, "_SCAN_CHUNK_BYTES", 1000)
+    split = tmp_path / "split.bin"
+    split.write_bytes(b"x" * 990 + VALID.encode() + b"y" * 2000)  # the token spans bytes 990-1019
+    assert hub_module._file_contains(split, [VALID.encode()])
+    assert not hub_module._file_contains(split, [READ_ONLY.encode()])
 
 
 def _assert_one_line_error(err: str) -> str:

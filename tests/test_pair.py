@@ -34,9 +34,18 @@ def test_architecture_mismatch(dirs):
         ModelPair.from_pretrained(dirs["llama0"], dirs["gpt2"], device="cpu")
 
 
-def test_size_mismatch_lists_first_names(dirs):
-    with pytest.raises(PairError, match=r"shape mismatch between A and B: model\.embed_tokens\.weight \(\d+, 32\) vs \(\d+, 48\)"):
+def test_size_mismatch_lists_first_names(dirs, tmp_path):
+    import shutil
+
+    # B's config.json is compared field by field first, under the family's own names
+    with pytest.raises(PairError, match=r"config mismatch in the hidden size: A has hidden_size 32, B has hidden_size 48"):
         ModelPair.from_pretrained(dirs["llama0"], dirs["llama_wide"], device="cpu")
+    # a checkpoint whose tensors disagree with a config that agrees: the shapes are compared too
+    wide = tmp_path / "wide"
+    shutil.copytree(dirs["llama_wide"], wide)
+    shutil.copy(dirs["llama0"] / "config.json", wide / "config.json")
+    with pytest.raises(PairError, match=r"shape mismatch between A and B: model\.embed_tokens\.weight \(\d+, 32\) vs \(\d+, 48\)"):
+        ModelPair.from_pretrained(dirs["llama0"], wide, device="cpu")
 
 
 def test_vocabulary_mismatch(dirs, tmp_path):

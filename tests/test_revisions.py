@@ -61,7 +61,6 @@ def test_recipe_sweeps_revision_pairs_into_a_heatmap(offline, tmp_path, capsys):
     recipe = tmp_path / "sweep.yaml"
     recipe.write_text(f"""
 description: one run at two steps against its last step
-out: {tmp_path / 'runs'}
 pairs:
   - name: s2
     a: {{model: {REPO}, revision: step2}}
@@ -73,7 +72,7 @@ data: {{data: {text}, seq_len: 16}}
 steps:
   - scan: {{name: layers, granularity: sublayer, alphas: "0.5"}}
 """)
-    assert main(["run", str(recipe)]) == 0
+    assert main(["run", str(recipe), "--out", str(tmp_path / "runs")]) == 0  # a recipe's own out stays below the working folder
     assert main(["sweep-report", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "sweep_heatmap.png" in out

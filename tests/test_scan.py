@@ -308,6 +308,13 @@ def test_output_folder_rules(gpt2, tmp_path):
         run_scan(pair, blocks, cfg, out, progress=False)
     with pytest.raises(ScanSettingsError, match="nothing to resume"):
         run_scan(pair, blocks, cfg, out, resume=True, progress=False)
+    with pytest.raises(ScanError, match="was not written by hf-llmc"):  # never replaces a folder it did not write
+        run_scan(pair, blocks, cfg, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    out = tmp_path / "scan"
+    run_scan(pair, blocks, cfg, out, progress=False)
+    assert (out / ".hf-llmc").is_file()  # the scan's folder carries the marker
+    (out / "notes.txt").write_text("mine")
     rows = run_scan(pair, blocks, cfg, out, overwrite=True, progress=False)
     assert (out / "notes.txt").read_text() == "mine"  # only the scan's own files are replaced
     assert len(read_rows(out / RESULTS)) == len(rows)

@@ -38,7 +38,7 @@ from ..config.security import display_name
 from ..config.spec import BLOCK_KINDS, SpecItem, format_spec
 from ..engine.data import TokenBlocks
 from ..engine.evaluation import BlockStats, check_finite, evaluator_for, point as point_stats
-from ..engine.io import MANIFEST, RESULTS, RowWriter, read_rows
+from ..engine.io import MANIFEST, RESULTS, RowWriter, Sources, check_run_dir, output_path, prepare_run_dir, read_rows
 from ..engine.provenance import library_versions
 from ..engine.stats import standard_error
 from ..model.architecture import Architecture
@@ -371,27 +371,35 @@ def stats_from_endpoint_row(row: dict) -> BlockStats:
 
 
 # -- results files ----------------------------------------------------------------------------------
-def prepare_out_dir(out: Path, hashed: dict, *, resume: bool, overwrite: bool) -> bool:
+def prepare_out_dir(out: Path, hashed: dict, *, resume: bool, overwrite: bool, sources: Sources = (),
+                    kind: str = "scan") -> bool:
     """Check the output folder of a scan, and clear its scan files on ``overwrite``.
+
+    The output-folder policy of :mod:`hf_llmc.engine.io` applies: never a source model's folder,
+    the Hub cache, the current or home folder; ``overwrite`` only of a folder hf-llmc wrote (its
+    marker file). A folder the scan creates (or finds empty) gets the marker.
 
     Args:
         out: the output folder (created when missing).
         hashed: everything that changes the numbers (see :meth:`ScanRunner.hashed`).
         resume: continue the scan in the folder.
         overwrite: remove the files a scan writes (:data:`OUTPUT_FILES`; nothing else).
+        sources: ``(label, folder)`` of the source models (:func:`hf_llmc.engine.io.source_folders`).
+        kind: what the folder holds, recorded in its marker (``scan`` or ``robustness``).
 
     Returns:
         True when the folder holds a scan to resume, False when the run starts afresh.
 
     Raises:
-        ScanError: a file in its place, or a non-empty folder without ``resume`` or ``overwrite``.
+        ScanError: a file or link in its place, a non-empty folder without ``resume`` or
+            ``overwrite``, or ``overwrite`` of a folder hf-llmc did not write.
+        OutputExistsError: a protected location, or a folder that is not writable.
         ScanSettingsError: ``resume`` on a folder without a readable manifest or holding a run
             of other settings, models or data (the message names what differs).
     """
-    if out.exists() and not out.is_dir():
-        raise ScanError(f"{out}: exists and is not a folder")
+    check_run_dir(out, resume=resume, overwrite=overwrite, sources=sources)
     if not out.is_dir() or not any(out.iterdir()):
-        out.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(out, kind)
         return False
     manifest = out / MANIFEST
     if resume:
@@ -401,6 +409,8 @@ def prepare_out_dir(out: Path, hashed: dict, *, resume: bool, overwrite: bool) -
             raise ScanSettingsError(f"{out}: not a scan folder (no {MANIFEST}); nothing to resume") from None
         except ValueError:
             raise ScanSettingsError(f"{out}/{MANIFEST}: unreadable; cannot resume") from None
+        if not isinstance(old, dict):
+            raise ScanSettingsError(f"{out}/{MANIFEST}: unreadable; cannot resume")
         if old.get("settings_hash") != settings_hash(hashed):
             before = old.get("hashed") if isinstance(old.get("hashed"), dict) else {}
             differ = []
@@ -416,11 +426,11 @@ def prepare_out_dir(out: Path, hashed: dict, *, resume: bool, overwrite: bool) -
                 f"{out}: holds a run with different {', '.join(differ) or 'settings'}; "
                 "resume with the same settings, or use another --out or --overwrite"
             )
+        prepare_run_dir(out, kind)  # a scan of this run: marked (and tidied) like a new one
         return True
-    if not overwrite:
-        raise ScanError(f"{out}: output folder is not empty; pass overwrite=True to replace it or resume=True to continue")
-    for name in OUTPUT_FILES:
+    for name in OUTPUT_FILES:  # overwrite: check_run_dir found the folder's marker
         (out / name).unlink(missing_ok=True)
+    prepare_run_dir(out, kind)
     return False
 
 
@@ -513,7 +523,7 @@ class ScanRunner:
         self.pair = pair
         self.blocks = blocks
         self.cfg = cfg
-        self.out = Path(out_dir)
+        self.out = output_path(out_dir)  # ~ expanded
         self.progress = progress
         self._evaluate = evaluate
         self.plan = plan or build_plan(pair.arch, cfg)
@@ -727,7 +737,8 @@ class ScanRunner:
         extra = {"parallel": procs.info} if procs.info else {}
 
         def prepare() -> bool:  # the main process owns the folder
-            resuming = prepare_out_dir(self.out, self.hashed(), resume=resume, overwrite=overwrite)
+            resuming = prepare_out_dir(self.out, self.hashed(), resume=resume, overwrite=overwrite,
+                                       sources=self.pair.source_folders(), kind=self.command)
             procs.tidy(self.out, resuming)
             write_json_atomic(self.out / MANIFEST, self.manifest("running", started_at=_now(), **extra))
             return resuming

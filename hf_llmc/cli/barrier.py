@@ -8,8 +8,8 @@ from pathlib import Path
 from ..config.alphas import parse_alphas
 from ..config.files import write_json_atomic
 from ..config.spec import parse_spec
-from ..engine.io import check_writable
-from .common import data_config, sequential_config
+from ..engine.io import check_location, check_writable
+from .common import cli_sources, data_config, sequential_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,7 +20,9 @@ def run(args: argparse.Namespace) -> int:
     data = data_config(args)
     sequential = sequential_config(args)
     if args.json_out:
-        check_writable(Path(args.json_out).parent, f"json_out={args.json_out!r}")  # before any work
+        where = f"json_out={args.json_out!r}"
+        check_location(args.json_out, cli_sources(args), shown=where)  # never into a model folder or the Hub cache
+        check_writable(Path(args.json_out).expanduser().parent, where)  # before any work
 
     from rich.table import Table
 
@@ -73,5 +75,5 @@ def run(args: argparse.Namespace) -> int:
         payload["data"] = {"source": display_name(blocks.source), "fingerprint": blocks.fingerprint,
                            "num_blocks": blocks.num_blocks, "seq_len": blocks.seq_len}
         payload["environment"] = environment(pair.model)
-        write_json_atomic(args.json_out, payload)
+        write_json_atomic(Path(args.json_out).expanduser(), payload)
     return 0

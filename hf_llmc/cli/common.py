@@ -32,6 +32,15 @@ def load_pair(args: argparse.Namespace, **overrides):
     return ModelPair.from_pretrained(args.model_a, args.model_b, **options)
 
 
+def cli_sources(args: argparse.Namespace) -> list:
+    """``(label, folder)`` of the local model folders a command reads (A, B, an adapter's base), so
+    that no output replaces, lies in or contains them (checked before torch is imported)."""
+    from ..engine.io import source_folders
+
+    return source_folders([("model A", getattr(args, "model_a", None)), ("model B", getattr(args, "model_b", None)),
+                           ("the base model", getattr(args, "base_model", None))])
+
+
 def quant_overrides(args: argparse.Namespace) -> dict:
     """With --load-in-8bit/4bit and --layers: keep the interpolated groups' modules unquantized."""
     if not (getattr(args, "load_in_8bit", False) or getattr(args, "load_in_4bit", False)) or not getattr(args, "layers", None):

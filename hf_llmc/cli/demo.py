@@ -33,6 +33,10 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: What the demo folder takes on disk, at most (three small models, a scan and its report).
+DEMO_SIZE = 64 * 1000 * 1000
+
+
 def build_demo_pair(out_dir: str | Path, **overrides: Any):
     """Build the default demo pair (:data:`DEMO_DEFAULTS`, overridable) into ``out_dir``; returns
     a :class:`hf_llmc.testing.DemoPair`."""
@@ -48,7 +52,7 @@ def run_demo(out_dir: str | Path, *, overwrite: bool = False, progress: bool = T
     report), choose the mergeable groups automatically from that scan, and write the merged
     model with its card. Everything goes to ``out_dir`` (built beside it, renamed at the end);
     returns the paths of the parts."""
-    out = check_output_dir(out_dir, overwrite)
+    out = check_output_dir(out_dir, overwrite, size=DEMO_SIZE)
     from ..analyses.autoselect import auto_select
     from ..analyses.scan import run_scan
     from ..engine.data import blocks_for
@@ -56,7 +60,7 @@ def run_demo(out_dir: str | Path, *, overwrite: bool = False, progress: bool = T
     from ..outputs.merge.save import save_merged
     from ..outputs.report import render
 
-    with atomic_output_dir(out, overwrite=overwrite) as work:
+    with atomic_output_dir(out, overwrite=overwrite, size=DEMO_SIZE, kind="demo") as work:
         demo = build_demo_pair(work / "pair", **pair_overrides)
         pair = ModelPair.from_pretrained(demo.a, demo.b, device="cpu")
         data = DataConfig(data=str(demo.eval_text), seq_len=64)
@@ -75,8 +79,8 @@ def run(args) -> int:
 
     from .common import console, print_scan_summary
 
-    check_output_dir(args.out, args.overwrite)  # before torch is imported
-    parts = run_demo(Path(args.out), overwrite=args.overwrite)
+    check_output_dir(args.out, args.overwrite, size=DEMO_SIZE)  # before torch is imported
+    parts = run_demo(args.out, overwrite=args.overwrite)
     print_scan_summary(json.loads((parts["scan"] / "summary.json").read_text()))
     for name, path in parts.items():
         console.print(f"{name}: {path}")

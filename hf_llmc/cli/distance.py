@@ -7,14 +7,17 @@ from pathlib import Path
 
 from ..config.files import write_json_atomic
 from ..config.spec import parse_spec
-from ..engine.io import check_writable
+from ..engine.io import check_location, check_writable
+from .common import cli_sources
 
 
 def run(args: argparse.Namespace) -> int:
     if args.layers:
         parse_spec(args.layers)
     if args.json_out:
-        check_writable(Path(args.json_out).parent, f"json_out={args.json_out!r}")  # before any work
+        where = f"json_out={args.json_out!r}"
+        check_location(args.json_out, cli_sources(args), shown=where)  # never into a model folder or the Hub cache
+        check_writable(Path(args.json_out).expanduser().parent, where)  # before any work
 
     from rich.table import Table
 
@@ -34,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
                       "n/a" if rel is None else f"{rel:.4f}", "n/a" if cos is None else f"{cos:.6f}")
     console.print(table)
     if args.json_out:
-        write_json_atomic(args.json_out, result)
+        write_json_atomic(Path(args.json_out).expanduser(), result)
     return 0

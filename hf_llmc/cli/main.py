@@ -15,32 +15,37 @@ import sys
 import typing
 import warnings
 
-from ..config.errors import PrecisionWarning, exit_code
+from ..config.errors import HfLlmcWarning, exit_code
 from .errors import cli_message
 from .parser import build_parser
 
 
 @contextlib.contextmanager
-def third_parties_quiet(debug: bool):
+def third_parties_quiet(debug: bool, command: str = ""):
     """Without ``--debug``, no warning or log line of a library (bitsandbytes, peft, transformers,
-    torch ...) reaches the terminal, so an error stays one line; with it, they all do."""
+    torch ...) reaches the terminal, so an error stays one line; with it, they all do. hf-llmc's
+    own warnings (:class:`~hf_llmc.config.errors.HfLlmcWarning`) are shown as one line each,
+    ``hf-llmc CMD: warning: ...``."""
     if debug:
         yield
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        warnings.filterwarnings("always", category=PrecisionWarning)  # ours: one line on stderr
-        warnings.showwarning = _show_warning
+        warnings.filterwarnings("always", category=HfLlmcWarning)
+
+        def show(message, category, *_args, **_kwargs) -> None:
+            from ..config.security import redact
+
+            text = " ".join(str(message).split())
+            print(f"hf-llmc {command}: warning: {redact(text)}", file=sys.stderr)
+
+        warnings.showwarning = show
         previous = logging.root.manager.disable
         logging.disable(logging.CRITICAL)
         try:
             yield
         finally:
             logging.disable(previous)
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"hf-llmc: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
-    with third_parties_quiet(args.debug):
+    with third_parties_quiet(args.debug, args.command):
         code = _run(parser, args)
     if _in_process_group():
         _leave(code)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config.errors import UsageError
 from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig, check_merge_options
 from ..engine.io import check_output_dir
-from .common import data_config
+from .common import cli_sources, data_config
 from .parser import from_args
 
 
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     alpha = check_merge_options(spec, auto, export, evaluates=data is not None)
     if push.push_to_hub is None and (push.private or push.revision or push.commit_message):
         raise UsageError("--private, --revision and --commit-message need --push-to-hub")
-    check_output_dir(export.out, export.overwrite)
+    check_output_dir(export.out, export.overwrite, sources=cli_sources(args))
 
     from rich.table import Table
 
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     result = save_merged(
         pair, spec, export.out, max_shard_size=export.max_shard_size, dtype=export.dtype, overwrite=export.overwrite,
         data=data, batch_size=args.batch_size, auto=choice, push=push, progress=True,
+        hub_id_a=export.hub_id_a, hub_id_b=export.hub_id_b,
     )
     table = Table(title=f"merged into {Path(result.folder).name} (method {result.spec.method}, base {result.spec.base.upper()})")
     for col in ("group", "alpha", "parameters"):

@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="Validate the recipe and print what it would write; load nothing.")
     p.add_argument("--schema", action="store_true", help="Print every recipe key with its type and help, then exit.")
     p.add_argument("--out", help="Output root (default: the recipe's out, else a folder named after the recipe).")
-    p.add_argument("--overwrite", action="store_true", help="Replace existing outputs of every step.")
+    p.add_argument("--overwrite", action="store_true", help="Replace existing outputs of every step (only outputs hf-llmc wrote).")
+    p.add_argument("--trust-remote-code", action="store_true", help="Run custom modelling code shipped with the checkpoints, for every pair (a recipe cannot switch it on).")
+    p.add_argument("--allow-pickle", action="store_true", help="Allow pickled .bin/.pt weights (torch.load(weights_only=True)), for every pair (a recipe cannot switch it on).")
 
     p = _command(sub, "scan", "scan", "Barriers of every layer, cumulative groups or moving windows; resumable, with a report.")
     add_pair_args(p)

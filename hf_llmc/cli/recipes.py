@@ -19,14 +19,23 @@ keys, wrong types and missing fields with messages that name the offending key::
       - scan: {granularity: sublayer}
       - merge: {layers: "attn.*", alpha: 0.5, eval: true}
 
-Paths (``out``, ``scan_dir``, ``folder``) may use ``{pair}`` and ``{step}`` and are relative to
-the output root; local model folders and data files are relative to the working directory.
+Paths (``out``, ``scan_dir``, ``folder``, ``offload_folder``) may use ``{pair}`` and ``{step}`` and are
+relative to the output root; local model folders and data files are relative to the working directory.
+
+A recipe may come from anyone, so it is confined (:func:`plan_outputs`, run by ``--check`` and before
+every run): every path it produces is resolved (symbolic links included) and must stay inside the
+output root (``--out``, else the recipe's relative ``out`` below the working folder); pair and step
+names are plain folder names; every output follows the output-folder policy of
+:mod:`hf_llmc.engine.io`; no two steps write into one another's folders. A recipe cannot switch on
+code execution: ``load.trust_remote_code`` / ``load.allow_pickle`` only declare what it needs, and
+``hf-llmc run`` refuses it unless the same flag is given on the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -36,13 +45,22 @@ from typing import Literal
 
 from ..config.alphas import parse_alpha, parse_alphas
 from ..config.data import DataConfig
-from ..config.errors import RecipeError, UnsafePathError
+from ..config.errors import OutputExistsError, RecipeError, ScanError, UnsafePathError
 from ..config.fields import choices as literal_choices
 from ..config.files import write_json_atomic
 from ..config.load import LoadConfig
 from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig, check_merge_options
 from ..config.scan import Method, ScanConfig
-from ..config.security import display_name, safe_join
+from ..config.security import display_name, is_hub_id, safe_join
+from ..engine.io import (
+    check_location,
+    check_output_dir,
+    check_run_dir,
+    is_hf_llmc_folder,
+    output_path,
+    source_folders,
+    write_marker,
+)
 
 STEP_KINDS = ("barrier", "scan", "merge", "push")
 DEFAULT_STEP_OUT = "{pair}/{step}"
@@ -55,6 +73,7 @@ class ModelRef:
 
     model: str = field(metadata={"help": "Local folder (relative to the working directory), Hub id, or PEFT adapter."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision: branch, tag (e.g. step143000) or commit."})
+    hub_id: str | None = field(default=None, metadata={"help": "For a local folder: the Hub repo id it came from (the merge card's base_model)."})
 
 
 @dataclass
@@ -63,14 +82,14 @@ class PairEntry:
 
     a: ModelRef = field(metadata={"help": "Model A."})
     b: ModelRef = field(metadata={"help": "Model B."})
-    name: str | None = field(default=None, metadata={"help": "Name of the pair's output folder (default: pair-N)."})
+    name: str | None = field(default=None, metadata={"help": "Name of the pair's output folder, a plain folder name (default: pair-N)."})
 
 
 @dataclass
 class StepCommon:
     """Options every step takes."""
 
-    name: str | None = field(default=None, metadata={"help": "Step name, used in output paths as {step} (default: the step kind, numbered when repeated)."})
+    name: str | None = field(default=None, metadata={"help": "Step name, a plain folder name used in output paths as {step} (default: the step kind, numbered when repeated)."})
     out: str | None = field(default=None, metadata={"help": "Output path below the output root; may use {pair} and {step} (default: {pair}/{step})."})
     overwrite: bool = field(default=False, metadata={"help": "Replace existing output."})
 
@@ -108,7 +127,7 @@ class RunSettings:
     """Top-level recipe settings."""
 
     description: str | None = field(default=None, metadata={"help": "What the experiment is for."})
-    out: str | None = field(default=None, metadata={"help": "Output root (default: a folder named after the recipe file)."})
+    out: str | None = field(default=None, metadata={"help": "Output root, a relative path below the working folder (default: a folder named after the recipe file; hf-llmc run --out overrides it)."})
     batch_size: int | None = field(default=None, metadata={"help": "Blocks per forward (default: automatic)."})
 
 
@@ -121,6 +140,9 @@ STEP_SCHEMAS: dict[str, tuple] = {
 }
 #: Fields a recipe may not set: revisions belong to each model, the rest is internal.
 EXCLUDED = {LoadConfig: {"revision_a", "revision_b"}}
+#: Loading switches that run code from a checkpoint: a recipe may only declare that it needs them;
+#: they are switched on by the command line alone (``hf-llmc run --trust-remote-code / --allow-pickle``).
+CODE_SWITCHES = {"trust_remote_code": "--trust-remote-code", "allow_pickle": "--allow-pickle"}
 TOP_KEYS = ("description", "out", "batch_size", "pairs", "load", "data", "steps", "provenance")
 
 
@@ -271,12 +293,57 @@ class Recipe:
     def pair_name(self, i: int) -> str:
         return self.pairs[i].name or f"pair-{i + 1}"
 
+    @property
+    def where(self) -> str:
+        return Path(self.source).name
+
     def root(self, out: str | os.PathLike | None = None) -> Path:
-        return Path(out or self.settings.out or Path(self.source).stem)
+        """The output root: ``out`` (the command line's ``--out``), else the recipe's ``out`` below
+        the working folder, else a folder named after the recipe file there.
+
+        Raises:
+            RecipeError: the recipe's ``out`` is absolute or leads outside the working folder.
+        """
+        if out is not None:
+            return output_path(out)
+        cwd = Path.cwd()
+        text = self.settings.out
+        if text is None:
+            return output_path(cwd / Path(self.source).stem)
+        try:
+            safe_join(cwd, text)
+        except UnsafePathError:
+            raise RecipeError(f"{self.where}.out: {text!r} leads outside the working folder; a recipe's out is a relative "
+                              "path below the folder it is run from (pass --out to write elsewhere)") from None
+        root = output_path(cwd / text)
+        if not _inside(root, cwd):
+            raise RecipeError(f"{self.where}.out: {text!r} leads outside the working folder through a symbolic link; "
+                              "pass --out to write elsewhere")
+        return root
 
     def output(self, step: Step, pair_index: int, root: Path, template: str | None = None) -> Path:
         text = template or step.common.out or DEFAULT_STEP_OUT
         return root / text.format(pair=self.pair_name(pair_index), step=step.name)
+
+    def needs(self) -> list[tuple[str, str]]:
+        """The code-execution switches the recipe declares: ``(flag, recipe key)``."""
+        return [(flag, f"{self.where}.load.{key}") for key, flag in CODE_SWITCHES.items() if getattr(self.load, key)]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies in ``root`` (or is it) once every symbolic link is resolved."""
+    real, base = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return real == base or base in real.parents
+
+
+def _check_name(name: str | None, path: str) -> None:
+    """A pair or step name becomes a folder name: one plain path component."""
+    if name is None:
+        return
+    if (not name.strip() or name in (".", "..") or any(c in name for c in "/\\\x00")
+            or name.startswith("~") or Path(name).is_absolute()):
+        raise RecipeError(f"{path}: {name!r} must be a plain folder name (no '/', '\\', '..' or '~'); "
+                          "it would lead outside the output folder")
 
 
 def _check_template(text: str, path: str) -> None:
@@ -286,6 +353,8 @@ def _check_template(text: str, path: str) -> None:
         raise RecipeError(f"{path}: bad placeholder in {text!r} ({err}); use {{pair}} and {{step}}") from None
     try:  # outputs never escape the output root (a recipe from elsewhere cannot write anywhere)
         safe_join(".", filled)
+        if filled.startswith("~"):
+            raise UnsafePathError(filled)
     except UnsafePathError:
         raise RecipeError(f"{path}: {text!r} must stay inside the output folder (a relative path without '..')") from None
 
@@ -333,11 +402,19 @@ def parse_recipe(payload, source: str = "<recipe>") -> Recipe:
             raise RecipeError(f"{where}.{key}: expected a non-empty list, got {_value_name(payload[key])}")
     settings = build(RunSettings, {k: payload[k] for k in ("description", "out", "batch_size") if k in payload}, where)
     pairs = [build(PairEntry, p, f"{where}.pairs[{i}]") for i, p in enumerate(payload["pairs"])]
+    for i, pair in enumerate(pairs):
+        _check_name(pair.name, f"{where}.pairs[{i}].name")
+        for which in ("a", "b"):
+            hub_id = getattr(pair, which).hub_id
+            if hub_id is not None and not is_hub_id(hub_id):
+                raise RecipeError(f"{where}.pairs[{i}].{which}.hub_id: {hub_id!r} is not a Hub repo id (name or namespace/name)")
     names = [p.name or f"pair-{i + 1}" for i, p in enumerate(pairs)]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise RecipeError(f"{where}.pairs: two pairs are named {dup!r}")
     load = build(LoadConfig, payload.get("load"), f"{where}.load")
+    if load.offload_folder is not None:
+        _check_template(load.offload_folder, f"{where}.load.offload_folder")
     data = None
     if payload.get("data") is not None:
         data = build(DataConfig, payload["data"], f"{where}.data")
@@ -366,6 +443,8 @@ def parse_recipe(payload, source: str = "<recipe>") -> Recipe:
     for step in steps:
         seen[step.kind] = seen.get(step.kind, 0) + 1
         step.name = step.common.name or (step.kind if totals[step.kind] == 1 else f"{step.kind}-{seen[step.kind]}")
+    for i, step in enumerate(steps):
+        _check_name(step.common.name, f"{step.path}.name")
     step_names = [s.name for s in steps]
     dup = next((n for n in step_names if step_names.count(n) > 1), None)
     if dup:
@@ -436,36 +515,226 @@ def _needs_live(recipe: Recipe) -> bool:
     return False
 
 
-def plan_outputs(recipe: Recipe, out: str | os.PathLike | None = None) -> list[dict]:
-    """What :func:`run_recipe` will do: one entry per (pair, step) with its output path."""
-    root = recipe.root(out)
-    rows = []
+@dataclass
+class PlannedOutput:
+    """Where one step writes (or reads) for one pair, resolved and checked."""
+
+    pair_index: int
+    step: Step
+    output: Path  # the step's folder (barrier: its barrier.json); push: the folder uploaded
+    scan_dir: Path | None = None
+    field: str = ""  # the recipe key that produced ``output``
+
+
+def _resolved(recipe: Recipe, root: Path, text: str, pair_index: int, step: Step | None, field_path: str) -> Path:
+    """``root / text`` with the pair's and step's real names, refused when it leads outside ``root``."""
+    filled = text.format(pair=recipe.pair_name(pair_index), step=step.name if step else "")
+    try:
+        safe_join(root, filled)
+        if filled.startswith("~"):
+            raise UnsafePathError(filled)
+    except UnsafePathError:
+        raise RecipeError(f"{field_path}: {text!r} gives {filled!r}, which leads outside the output folder {root.name}") from None
+    target = output_path(root / filled)
+    if not _inside(target, root):
+        raise RecipeError(f"{field_path}: {text!r} gives {filled!r}, which leads outside the output folder "
+                          f"{root.name} through a symbolic link")
+    return target
+
+
+def _sources(recipe: Recipe) -> list[tuple[str, Path]]:
+    models = []
     for i, pair in enumerate(recipe.pairs):
+        models += [(f"model A of {recipe.pair_name(i)}", pair.a.model), (f"model B of {recipe.pair_name(i)}", pair.b.model)]
+    models.append(("the base model", recipe.load.base_model))
+    return source_folders(models)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix() or "."
+    except ValueError:
+        return str(path)
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_outputs(recipe: Recipe, out: str | os.PathLike | None = None, *, overwrite: bool = False) -> list[PlannedOutput]:
+    """Resolve and check every path the recipe produces, before anything is loaded or written.
+
+    Args:
+        recipe: the validated recipe.
+        out: the output root given on the command line (default: the recipe's).
+        overwrite: ``--overwrite`` (every step may replace its output).
+
+    Returns:
+        One :class:`PlannedOutput` per (pair, step), in running order.
+
+    Raises:
+        RecipeError: a path (the recipe's ``out``, a step's ``out``, ``scan_dir``, ``folder``,
+            ``load.offload_folder``; pair and step names are checked when the recipe is parsed)
+            that leads outside the output root, symbolic links included; two steps writing into
+            one another's folders.
+        OutputExistsError, ScanError: a step's output that the output-folder policy refuses
+            (a source model's folder, the Hub cache, an existing output without overwrite, or one
+            hf-llmc did not write).
+    """
+    root = recipe.root(out)
+    sources = _sources(recipe)
+    if out is not None:  # the folder given on the command line: the policy's protected places
+        check_location(out, sources)
+    if recipe.load.offload_folder is not None:
+        _resolved(recipe, root, recipe.load.offload_folder, 0, None, f"{recipe.where}.load.offload_folder")
+    planned: list[PlannedOutput] = []
+    written: list[tuple[Path, str]] = []
+    for i in range(len(recipe.pairs)):
         for step in recipe.steps:
+            replace = overwrite or step.common.overwrite
+            field_path = f"{step.path}.out"
+            target = _resolved(recipe, root, step.common.out or DEFAULT_STEP_OUT, i, step, field_path)
+            scan_dir = None
             if step.kind == "push":
-                target = recipe.output(step, i, root, step.get(PushStep).folder)
-            elif step.kind == "merge":
-                target = recipe.output(step, i, root)
-            elif step.kind == "barrier":
-                target = recipe.output(step, i, root) / "barrier.json"
+                field_path = f"{step.path}.folder"
+                target = _resolved(recipe, root, step.get(PushStep).folder, i, step, field_path)
             else:
-                target = recipe.output(step, i, root)
-            rows.append({"pair": recipe.pair_name(i), "a": pair.a.model, "revision_a": pair.a.revision,
-                         "b": pair.b.model, "revision_b": pair.b.revision, "step": step.name, "kind": step.kind,
-                         "output": str(target)})
+                shown = f"{field_path} ({_relative(target, root)})"
+                folder = target
+                try:
+                    if step.kind == "merge":
+                        check_output_dir(target, replace, sources=sources)
+                    elif step.kind == "scan":
+                        check_run_dir(target, resume=step.get(ScanStepOptions).resume, overwrite=replace, sources=sources)
+                    else:
+                        check_location(target, sources)
+                except (OutputExistsError, ScanError) as err:
+                    text = str(err)
+                    if text.startswith("out="):
+                        text = text.split(": ", 1)[1]
+                    raise RecipeError(f"{shown}: {text}") from None
+                auto = step.get(AutoConfig) if step.kind == "merge" else None
+                if auto is not None and auto.auto and auto.scan_dir:
+                    scan_dir = _resolved(recipe, root, auto.scan_dir, i, step, f"{step.path}.scan_dir")
+                if step.kind == "barrier":  # STEP/barrier.json
+                    if (target / "barrier.json").exists():
+                        if not replace:
+                            raise RecipeError(f"{shown}/barrier.json: exists; pass --overwrite (or overwrite: true) to replace it")
+                        if not is_hf_llmc_folder(target):
+                            raise RecipeError(f"{shown}: was not written by hf-llmc (no .hf-llmc marker file), so its "
+                                              "barrier.json is not replaced; remove it yourself or choose another out")
+                    target = target / "barrier.json"
+                for other, other_field in written:
+                    if _overlap(folder, other):
+                        raise RecipeError(f"{field_path}: writes to {_relative(folder, root)}, "
+                                          f"which overlaps the output of {other_field}; give each step its own folder")
+                written.append((folder, f"{step.path} ({recipe.pair_name(i)})"))
+            planned.append(PlannedOutput(i, step, target, scan_dir, field_path))
+    return planned
+
+
+def plan_outputs(recipe: Recipe, out: str | os.PathLike | None = None, *, overwrite: bool = False) -> list[dict]:
+    """What :func:`run_recipe` will do: one entry per (pair, step) with its checked output path.
+
+    Args:
+        recipe: the validated recipe.
+        out: the output root given on the command line.
+        overwrite: ``--overwrite``.
+
+    Returns:
+        Rows with the pair, its models and revisions, the step, its kind and its output path.
+
+    Raises:
+        RecipeError: see :func:`check_outputs`.
+    """
+    rows = []
+    for item in check_outputs(recipe, out, overwrite=overwrite):
+        pair = recipe.pairs[item.pair_index]
+        rows.append({"pair": recipe.pair_name(item.pair_index), "a": pair.a.model, "revision_a": pair.a.revision,
+                     "b": pair.b.model, "revision_b": pair.b.revision, "step": item.step.name, "kind": item.step.kind,
+                     "output": str(item.output)})
     return rows
 
 
+def code_needs(recipe: Recipe) -> list[str]:
+    """What the recipe would need to run custom code or unpickle weights, for ``--check``.
+
+    Returns:
+        One line per need: the switches ``load`` declares, and local model folders whose
+        ``config.json`` ships code (``auto_map``) or that hold only pickled weights.
+    """
+    from ..model.checkpoint.folders import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE
+
+    lines = [f"needs {flag} (declared by {key}; a recipe cannot switch it on)" for flag, key in recipe.needs()]
+    seen = set()
+    for label, folder in _sources(recipe):
+        if folder in seen or not folder.is_dir():
+            continue
+        seen.add(folder)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        if isinstance(config, dict) and config.get("auto_map"):
+            lines.append(f"may need --trust-remote-code: {label} ({folder.name}) ships custom code (auto_map in config.json)")
+        if not (folder / SAFE_INDEX).is_file() and not (folder / SAFE_SINGLE).is_file() and (
+                (folder / PICKLE_INDEX).is_file() or any((folder / n).is_file() for n in PICKLE_SINGLE)):
+            lines.append(f"needs --allow-pickle: {label} ({folder.name}) holds only pickled weights")
+    return lines
+
+
+def check_switches(recipe: Recipe, *, trust_remote_code: bool, allow_pickle: bool) -> None:
+    """Refuse a recipe that declares a code-execution switch the command line did not give.
+
+    Args:
+        recipe: the validated recipe.
+        trust_remote_code: ``hf-llmc run --trust-remote-code``.
+        allow_pickle: ``hf-llmc run --allow-pickle``.
+
+    Raises:
+        RecipeError: ``load.trust_remote_code`` or ``load.allow_pickle`` without its flag.
+    """
+    given = {"--trust-remote-code": trust_remote_code, "--allow-pickle": allow_pickle}
+    for flag, key in recipe.needs():
+        if not given[flag]:
+            what = "run code shipped with a checkpoint" if flag == "--trust-remote-code" else "unpickle weights"
+            raise RecipeError(f"{key}: a recipe cannot switch this on (it would {what}); "
+                              f"pass {flag} to hf-llmc run if you trust the checkpoints")
+
+
 def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrite: bool = False,
-               progress: bool = True, echo=print) -> list[dict]:
-    """Run every step of ``recipe`` on every pair; return one summary dict per (pair, step)."""
+               progress: bool = True, echo=print, trust_remote_code: bool = False, allow_pickle: bool = False) -> list[dict]:
+    """Run every step of ``recipe`` on every pair; return one summary dict per (pair, step).
+
+    Every path is resolved and checked (:func:`check_outputs`) and the code-execution switches
+    (:func:`check_switches`) before anything is loaded.
+
+    Args:
+        recipe: the validated recipe.
+        out: the output root (default: the recipe's).
+        overwrite: replace every step's output (only outputs hf-llmc wrote).
+        progress: show progress bars on a terminal.
+        echo: prints one line per step.
+        trust_remote_code: run code shipped with the checkpoints, for every pair (never from the recipe).
+        allow_pickle: allow pickled weights, for every pair (never from the recipe).
+
+    Returns:
+        One summary dict per (pair, step).
+
+    Raises:
+        RecipeError: an escaping path, or a declared switch without its flag.
+    """
     from ..analyses.scan import run_scan
     from ..api import ModelPair
     from ..model.pair import lazy_pair
     from ..outputs.hub import push_folder
 
+    check_switches(recipe, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    planned = {(item.pair_index, item.step.name): item for item in check_outputs(recipe, out, overwrite=overwrite)}
     root = recipe.root(out)
-    load = recipe.load
+    load = dataclasses.replace(recipe.load, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if load.offload_folder is not None:
+        load.offload_folder = str(_resolved(recipe, root, load.offload_folder, 0, None, f"{recipe.where}.load.offload_folder"))
     live = _needs_live(recipe)
     summaries = []
     for i, entry in enumerate(recipe.pairs):
@@ -484,51 +753,54 @@ def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrit
         for step in recipe.steps:
             summary = {"pair": name, "step": step.name, "kind": step.kind}
             replace = overwrite or step.common.overwrite
+            item = planned[(i, step.name)]
+            target = item.output
             if step.kind == "barrier":
                 s = step.get(BarrierStep)
                 result = pair.barrier(blocks, layers=s.layers, alphas=s.alphas, base=s.base, method=s.method,
                                       batch_size=recipe.settings.batch_size, allow_extrapolation=s.allow_extrapolation)
-                target = recipe.output(step, i, root) / "barrier.json"
-                if target.exists() and not replace:
+                folder = target.parent
+                fresh = not folder.is_dir() or not any(folder.iterdir())
+                if target.exists() and not (replace and is_hf_llmc_folder(folder)):
                     raise RecipeError(f"{target}: exists; pass --overwrite (or overwrite: true) to replace it")
                 write_json_atomic(target, {"model_a": display_name(entry.a.model), "revision_a": entry.a.revision,
-                                     "model_b": display_name(entry.b.model), "revision_b": entry.b.revision,
-                                     **result.to_dict()})
+                                           "model_b": display_name(entry.b.model), "revision_b": entry.b.revision,
+                                           **result.to_dict()})
+                if fresh:
+                    write_marker(folder, "barrier")
                 summary.update(output=str(target), barrier_mid=result.barrier_mid, barrier_max=result.barrier_max)
                 echo(f"  {step.name}: barrier_mid {result.barrier_mid:+.4f} nats, barrier_max {result.barrier_max:+.4f} -> {target}")
             elif step.kind == "scan":
                 cfg = step.get(ScanConfig)
                 if cfg.batch_size is None and recipe.settings.batch_size:
                     cfg = dataclasses.replace(cfg, batch_size=recipe.settings.batch_size)
-                target = recipe.output(step, i, root)
                 rows = run_scan(pair, blocks, cfg, target, resume=step.get(ScanStepOptions).resume, progress=progress,
                                 overwrite=replace)
                 summary.update(output=str(target), rows=len(rows))
                 echo(f"  {step.name}: {len(rows)} result rows -> {target}")
             elif step.kind == "merge":
-                summary.update(_run_merge(recipe, step, pair, blocks, i, root, replace, progress, echo))
+                summary.update(_run_merge(recipe, step, pair, blocks, i, item, replace, progress, echo))
             elif step.kind == "push":
                 push = step.get(PushConfig)
-                folder = recipe.output(step, i, root, step.get(PushStep).folder)
-                url = push_folder(folder, push.push_to_hub, private=push.private, revision=push.revision,
+                url = push_folder(target, push.push_to_hub, private=push.private, revision=push.revision,
                                   commit_message=push.commit_message)
-                summary.update(output=str(folder), url=url)
-                echo(f"  {step.name}: pushed {folder.name} to {push.push_to_hub}: {url}")
+                summary.update(output=str(target), url=url)
+                echo(f"  {step.name}: pushed {target.name} to {push.push_to_hub}: {url}")
             summaries.append(summary)
     return summaries
 
 
-def _run_merge(recipe: Recipe, step: Step, pair, blocks, i: int, root: Path, overwrite: bool, progress: bool, echo) -> dict:
+def _run_merge(recipe: Recipe, step: Step, pair, blocks, i: int, item: PlannedOutput, overwrite: bool, progress: bool, echo) -> dict:
     from ..analyses.autoselect import auto_select
     from ..outputs.merge.save import save_merged
 
     spec, auto, export = step.get(MergeSpec), step.get(AutoConfig), step.get(ExportConfig)
     push = step.get(PushConfig)
-    target = recipe.output(step, i, root)
+    target = item.output
     choice = None
     if auto.auto:
         if auto.scan_dir:
-            auto = dataclasses.replace(auto, scan_dir=str(recipe.output(step, i, root, auto.scan_dir)))
+            auto = dataclasses.replace(auto, scan_dir=str(item.scan_dir))
         alpha, _ = parse_alpha(0.5 if spec.alpha is None else spec.alpha, allow_extrapolation=spec.allow_extrapolation)
         choice = auto_select(pair, blocks, auto, alpha=alpha, base=spec.base, method=spec.method,
                              batch_size=recipe.settings.batch_size)
@@ -537,7 +809,8 @@ def _run_merge(recipe: Recipe, step: Step, pair, blocks, i: int, root: Path, ove
     evaluate = auto.auto or step.get(MergeStepOptions).eval
     result = save_merged(pair, spec, target, max_shard_size=export.max_shard_size, dtype=export.dtype,
                          overwrite=overwrite, data=recipe.data if evaluate else None,
-                         batch_size=recipe.settings.batch_size, auto=choice, push=push, progress=progress)
+                         batch_size=recipe.settings.batch_size, auto=choice, push=push, progress=progress,
+                         hub_id_a=recipe.pairs[i].a.hub_id, hub_id_b=recipe.pairs[i].b.hub_id)
     echo(f"  {step.name}: merged {spec.describe()} ({100 * result.plan.fraction_changed:.2f} % of the parameters) -> {target}")
     out = {"output": str(target), "fraction_changed": result.plan.fraction_changed, "spec": spec.describe()}
     if result.evaluation:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..config.scan import RobustnessConfig
 from ..config.spec import parse_spec
-from ..engine.io import RESULTS, check_run_dir
-from .common import data_config
+from ..engine.io import RESULTS, check_run_dir, output_path
+from .common import cli_sources, data_config
 from .parser import from_args
 
 
@@ -18,8 +17,8 @@ def run(args: argparse.Namespace) -> int:
     cfg.validate()
     if cfg.layers:
         parse_spec(cfg.layers)
-    out = Path(args.out)
-    check_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+    out = output_path(args.out)
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, sources=cli_sources(args))
     data = data_config(args)
 
     from ..analyses.robustness import run_robustness

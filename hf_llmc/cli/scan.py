@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..config.scan import ScanConfig
-from ..engine.io import RESULTS, check_run_dir
-from .common import data_config, sequential_config
+from ..engine.io import RESULTS, check_run_dir, output_path
+from .common import cli_sources, data_config, sequential_config
 from .parser import from_args
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(ScanConfig, args, prefix=not args.no_prefix, sequential=sequential_config(args))
     cfg.validate()
-    out = Path(args.out)
+    out = output_path(args.out)
     parallel = getattr(args, "parallel", "none")
     if parallel == "none":  # every option is checked before torch is imported
-        check_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+        check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, sources=cli_sources(args))
     data = data_config(args)
 
     from ..analyses.distributed import init_processes, is_main_process, run_scan_parallel, setup_parallel
@@ -26,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     if parallel != "none":
         init_processes()
         if is_main_process():  # only process 0 owns the output folder
-            check_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+            check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, sources=cli_sources(args))
 
     from ..analyses.scan import ScanRunner, run_scan
     from ..engine.data import blocks_for

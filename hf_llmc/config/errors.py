@@ -52,7 +52,11 @@ class MergeSpecError(UsageError):
 
 
 class OutputExistsError(UsageError):
-    """An output folder exists and is not empty without ``overwrite``, or cannot be written."""
+    """An output folder cannot be used (a protected place, not empty, not hf-llmc's, not writable, no room).
+
+    Protected places are a source model's folder, the Hub cache, the current and the home folder.
+    A non-empty folder is replaced only with ``overwrite`` and only when hf-llmc wrote it.
+    """
 
 
 class PlacementError(UsageError):
@@ -108,7 +112,12 @@ class HubError(HfLlmcError, RuntimeError):
     """A Hub operation failed. The message is one line and never contains a token."""
 
 
-class PrecisionWarning(UserWarning):
+# -- warnings --------------------------------------------------------------------------------------
+class HfLlmcWarning(UserWarning):
+    """Something hf-llmc changed or skipped on the way, and went on (the command line shows it as one line)."""
+
+
+class PrecisionWarning(HfLlmcWarning):
     """A number was computed at a lower precision than the path needs.
 
     E.g. a full-path point rounded to bfloat16; the message gives the measured error.

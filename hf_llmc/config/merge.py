@@ -11,6 +11,7 @@ from .errors import MergeSpecError
 from .fields import check_choice, setting
 from .load import DType
 from .scan import Method
+from .security import is_hub_id
 from .spec import parse_spec
 
 DEFAULT_ALPHA = 0.5
@@ -147,15 +148,22 @@ class ExportConfig:
     out: str | None = setting(None, "Output folder (written atomically).")
     max_shard_size: str = setting(DEFAULT_MAX_SHARD_SIZE, "Largest safetensors shard, e.g. 5GB or 500MB (model.safetensors.index.json when sharded).")
     dtype: DType | None = setting(None, "Output dtype of floating tensors (default: as stored in the base).")
-    overwrite: bool = setting(False, "Replace an existing non-empty output folder (kept intact until the new one is complete).")
+    overwrite: bool = setting(False, "Replace an existing non-empty output folder that hf-llmc wrote (kept intact until the new one is complete).")
+    hub_id_a: str | None = setting(None, "Hub repo id model A came from, for the card's base_model (a local folder is otherwise named in the card's text only).", recipe=False)
+    hub_id_b: str | None = setting(None, "Hub repo id model B came from, for the card's base_model.", recipe=False)
 
     def validate(self) -> None:
         """Check the options before anything is written.
 
         Raises:
-            MergeSpecError: ``dtype`` is not one of float32, bfloat16, float16.
+            MergeSpecError: ``dtype`` is not one of float32, bfloat16, float16, or a ``hub_id_a`` /
+                ``hub_id_b`` that is not a Hub repo id.
         """
         check_choice(ExportConfig, self, "dtype", MergeSpecError)
+        for name in ("hub_id_a", "hub_id_b"):
+            value = getattr(self, name)
+            if value is not None and not is_hub_id(value):
+                raise MergeSpecError(f"{name}={value!r}: not a Hub repo id (name or namespace/name)")
 
 
 @dataclass

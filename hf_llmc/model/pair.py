@@ -46,6 +46,59 @@ def check_same_architecture(a: tuple, b: tuple) -> None:
         raise PairError(f"architecture mismatch: A is {a[0]} {a[1]}, B is {b[0]} {b[1]}")
 
 
+#: Config fields that decide tensor shapes, each under the names the families use for it.
+SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "hidden size": ("hidden_size", "n_embd", "d_model"),
+    "attention heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "key/value heads": ("num_key_value_heads", "num_kv_heads"),
+    "vocabulary": ("vocab_size",),
+    "intermediate size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+}
+
+
+def _shape_fields(config: dict, which: str, prefix: str = "") -> dict[str, tuple[str, object]]:
+    """``{field: (attribute name, value)}`` of ``config``'s shape-deciding fields, each value checked."""
+    out: dict[str, tuple[str, object]] = {}
+    for label, names in SHAPE_FIELDS.items():
+        name = next((n for n in names if n in config), None)
+        if name is None:
+            continue
+        value = config[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise CheckpointError(f"model {which}'s config.json: {prefix}{name} is {value!r}, not a non-negative integer")
+        out[label] = (prefix + name, value)
+    nested = config.get("text_config")
+    if isinstance(nested, dict) and not prefix:
+        out.update({f"text {k}": v for k, v in _shape_fields(nested, which, "text_config.").items()})
+    return out
+
+
+def check_config_fields(config_a: dict | None, config_b: dict | None) -> None:
+    """A's and B's ``config.json`` agree field by field on what decides shapes (layers, hidden size,
+    heads, vocabulary, intermediate size), each under the family's own attribute names.
+
+    Values are checked in both configs; they are compared when both have the same ``model_type``
+    (otherwise the architecture check reports the difference).
+
+    Args:
+        config_a: A's ``config.json`` as a dict (None: not checked).
+        config_b: B's.
+
+    Raises:
+        CheckpointError: a negative or non-integer value in either config.
+        PairError: a field that differs (or is present in one config only), naming both values.
+    """
+    fields_a = _shape_fields(config_a, "A") if config_a is not None else None
+    fields_b = _shape_fields(config_b, "B") if config_b is not None else None
+    if fields_a is None or fields_b is None or config_a.get("model_type") != config_b.get("model_type"):
+        return  # another family: the architecture check names both
+    for label in [k for k in {**fields_a, **fields_b}]:
+        a, b = fields_a.get(label, ("it unset", None)), fields_b.get(label, ("it unset", None))
+        if a[1] != b[1]:
+            raise PairError(f"config mismatch in the {label}: A has {a[0]} {a[1]}, B has {b[0]} {b[1]}".replace(" None", ""))
+
+
 class ModelPair:
     """A live model holding A (or B), with lazy checkpoints of both."""
 
@@ -78,6 +131,20 @@ class ModelPair:
     @property
     def config(self):
         return self.model.config
+
+    def source_folders(self) -> list[tuple[str, Path]]:
+        """The folders the pair reads, which no output may replace, lie in or contain.
+
+        Returns:
+            ``(label, folder)`` for A and B (for an adapter: its folder and its base model's).
+        """
+        out: list[tuple[str, Path]] = []
+        for label, ckpt in (("model A", self.ckpt_a), ("model B", self.ckpt_b)):
+            if isinstance(ckpt, AdapterCheckpoint):
+                out += [(label, Path(ckpt.adapter_folder)), (f"the base model of {label[-1]}", Path(ckpt.base.folder))]
+            else:
+                out.append((label, Path(ckpt.folder)))
+        return out
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -120,6 +187,7 @@ class ModelPair:
         load.validate()
         ckpt_a = open_source(a, revision=revision_a, allow_pickle=allow_pickle, token=token, base_model=base_model)
         ckpt_b = open_source(b, revision=revision_b, allow_pickle=allow_pickle, token=token, base_model=base_model)
+        check_config_fields(read_config(ckpt_a.folder), read_config(ckpt_b.folder))
         cfg_a = load_config(ckpt_a.folder, trust_remote_code)
         cfg_b = load_config(ckpt_b.folder, trust_remote_code)
         check_same_architecture((cfg_a.model_type, cfg_a.architectures), (cfg_b.model_type, cfg_b.architectures))
@@ -236,6 +304,7 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
                       allow_pickle=allow_pickle, base_model=None if base_model is None else str(base_model))
     same_tokenizer = same_tokenizer_files(ckpt_a.folder, ckpt_b.folder)
     raw_a, raw_b = read_config(ckpt_a.folder), read_config(ckpt_b.folder)
+    check_config_fields(raw_a, raw_b)
     key = architecture_key(raw_a) if raw_a is not None and raw_b is not None and not trust_remote_code else None
     if same_tokenizer and key is not None:
         for arch in known_architectures(key, raw_a, ckpt_a):

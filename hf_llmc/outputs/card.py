@@ -1,9 +1,11 @@
 """Model cards of merged checkpoints, rendered with huggingface_hub ``ModelCard``/``ModelCardData``.
 
 The template ships inside the package (``hf_llmc/templates/hf_llmc_merge.md``; the repository's
-``model_cards/hf_llmc_merge.md`` is a link to it). Cards name local folders by their basename only
-and pass through :func:`hf_llmc.config.security.redact`, so no token and no absolute path of the user's
-machine is ever written.
+``model_cards/hf_llmc_merge.md`` is a link to it). The card's ``base_model`` lists Hub repo ids only
+(the Hub resolves them): a model given as a Hub id, or the Hub repo a local folder came from
+(``hub_id_a`` / ``hub_id_b``). Local folders are named in the card's body, by their basename only.
+Cards pass through :func:`hf_llmc.config.security.redact`, so no token and no absolute path of
+the user's machine is ever written.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from ..config.security import display_name, redact
+from ..config.security import display_name, is_local_source, redact
 from ..config.version import __version__
 
 TEMPLATE = "hf_llmc_merge.md"
@@ -86,16 +88,31 @@ def merge_card(
     license_folder: str | os.PathLike | None = None,
     model_name: str | None = None,
     repo_id: str | None = None,
+    hub_id_a: str | None = None,
+    hub_id_b: str | None = None,
 ) -> str:
-    """Render the card of a merge (``plan``/``spec`` from :mod:`hf_llmc.outputs.merge`) as README.md text."""
+    """Render the card of a merge (``plan``/``spec`` from :mod:`hf_llmc.outputs.merge`) as README.md text.
+
+    ``base_model`` holds Hub repo ids only: ``hub_id_a`` / ``hub_id_b`` where given, else a model
+    given as a Hub id; a local folder without a Hub id is named in the card's body only.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
-
     name_a, name_b = display_name(source_a), display_name(source_b)
-    bases = list(dict.fromkeys([name_a, name_b]))
+    bases, notes = [], []
+    for which, source, name, hub_id in (("A", source_a, name_a, hub_id_a), ("B", source_b, name_b, hub_id_b)):
+        local = is_local_source(source)
+        if hub_id:
+            bases.append(hub_id)
+        elif not local:
+            bases.append(str(source))
+        if local:
+            origin = f", from the Hub repo `{hub_id}`" if hub_id else " (no Hub repo given, so it is not in base_model)"
+            notes.append(f"Model {which}, `{name}`, is a local folder{origin}.")
+    bases = list(dict.fromkeys(bases))
     model_name = model_name or f"{name_a.rsplit('/', 1)[-1]}-{name_b.rsplit('/', 1)[-1]}-merge"
     data = ModelCardData(
-        base_model=bases,
+        base_model=bases or None,
         base_model_relation="merge",
         library_name="transformers",
         tags=list(TAGS),
@@ -115,6 +132,7 @@ def merge_card(
         model_name=model_name,
         model_a=name_a,
         model_b=name_b,
+        local_note=" ".join(notes),
         base=spec.base,
         base_name=name_a if spec.base == "a" else name_b,
         method=spec.method,

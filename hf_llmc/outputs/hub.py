@@ -10,10 +10,11 @@ token; the original exception (whose request headers hold the token) is not chai
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
-from ..config.errors import HubError, ModelFolderError
-from ..config.security import known_tokens, redact
+from ..config.errors import HfLlmcWarning, HubError, ModelFolderError
+from ..config.security import is_hub_id, known_tokens, redact
 
 __all__ = ["HubError", "ModelFolderError", "check_model_folder", "push_folder"]
 
@@ -22,8 +23,12 @@ NOT_LOGGED_IN = "not logged in: run `hf auth login` or set HF_TOKEN"
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "tf_model.h5", "flax_model.msgpack", "*.gguf")
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_SCAN_FULL_BYTES = 10 * 1024 * 1024  # files up to this size are scanned for tokens entirely
-_SCAN_HEAD_BYTES = 1024 * 1024  # larger files: their head (e.g. a safetensors header)
+_SCAN_CHUNK_BYTES = 16 * 1024 * 1024  # every file is scanned whole, in chunks of this size
+#: Files of hf-llmc's own that are not published (the output-folder marker).
+NOT_PUBLISHED = (".hf-llmc",)
+#: What ``upload_folder`` never uploads (huggingface_hub's ``DEFAULT_IGNORE_PATTERNS``).
+_ALWAYS_IGNORED = (".git", ".git/*", "*/.git", "**/.git/**", ".cache/huggingface", ".cache/huggingface/*",
+                   "*/.cache/huggingface", "**/.cache/huggingface/**")
 
 
 def check_model_folder(folder: str | os.PathLike) -> Path:
@@ -90,19 +95,91 @@ def _resolve_token(token: str | None) -> str | None:
         return None
 
 
+def _file_contains(path: Path, needles: list[bytes]) -> bool:
+    """Whether a file holds one of ``needles``, read whole in chunks (a needle across two chunks is found)."""
+    keep = max(len(n) for n in needles) - 1
+    tail = b""
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            chunk = fh.read(_SCAN_CHUNK_BYTES)
+            if not chunk:
+                return False
+            window = tail + chunk
+            if any(n in window for n in needles):
+                return True
+            tail = window[-keep:] if keep else b""
+
+
 def _find_token_in_files(root: Path, tokens: list[str]) -> str | None:
-    """Relative path of the first file that contains one of ``tokens`` (a leak guard)."""
-    needles = [t.encode() for t in tokens if t and len(t) >= 8]
+    """Relative path of the first file that contains one of ``tokens`` (a leak guard; every byte of every file)."""
+    needles = [t.encode() for t in dict.fromkeys(tokens) if t and len(t) >= 8]
     if not needles:
         return None
     for item in sorted(root.rglob("*")):
         if not item.is_file() or ".git" in item.relative_to(root).parts:
             continue
-        with open(item, "rb") as fh:
-            data = fh.read(_SCAN_FULL_BYTES if item.stat().st_size <= _SCAN_FULL_BYTES else _SCAN_HEAD_BYTES)
-        if any(n in data for n in needles):
+        if _file_contains(item, needles):
             return item.relative_to(root).as_posix()
     return None
+
+
+def card_base_models(root: Path) -> list:
+    """The ``base_model`` entries of a folder's README.md card, in the card's order.
+
+    Args:
+        root: the model folder.
+
+    Returns:
+        The entries (empty without a card, an unreadable card or no ``base_model``).
+    """
+    readme = root / "README.md"
+    if not readme.is_file():
+        return []
+    from huggingface_hub import ModelCard
+
+    try:
+        value = ModelCard.load(readme, ignore_metadata_errors=True).data.base_model
+    except Exception:  # noqa: BLE001 - an unreadable card is reported by the Hub's own validation
+        return []
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _card_without(root: Path, dropped: list[str]) -> bytes:
+    """README.md with the ``dropped`` entries removed from ``base_model`` (the file itself is not changed)."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(root / "README.md", ignore_metadata_errors=True)
+    value = card.data.base_model
+    kept = [e for e in (value if isinstance(value, list) else [value]) if str(e) not in dropped]
+    card.data.base_model = kept or None
+    if not kept:
+        card.data.base_model_relation = None
+    return str(card).encode("utf-8")
+
+
+def _model_exists(api, repo_id: str) -> bool:
+    """Whether a Hub model exists (a gated or private one counts); a 404 of any kind means no."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return api.repo_exists(repo_id, repo_type="model")
+    except HfHubHTTPError as err:
+        if getattr(getattr(err, "response", None), "status_code", None) == 404:
+            return False
+        raise
+
+
+def _operations(root: Path, replaced: dict[str, bytes]) -> list:
+    """The commit operations ``upload_folder`` would make for ``root`` (same ignore rules), with
+    the files in ``replaced`` uploaded from memory instead."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    kept = filter_repo_objects(files, ignore_patterns=[*_ALWAYS_IGNORED, *NOT_PUBLISHED])
+    return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=replaced.get(name, str(root / name))) for name in kept]
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -179,6 +256,11 @@ def push_folder(
         create_pr: open a pull request against ``main`` instead of committing.
         endpoint: the Hub URL (default: ``HF_ENDPOINT`` read at call time).
 
+    Every file is scanned for the token first (whole files, streamed). A ``base_model`` of the
+    card that is not a Hub model (a local folder's name, a path, a repo that does not exist) is
+    dropped from the uploaded card with a :class:`~hf_llmc.config.errors.HfLlmcWarning`; the folder
+    itself is not changed. hf-llmc's marker file ``.hf-llmc`` is not uploaded.
+
     Returns:
         The commit URL (the pull request's URL with ``create_pr``), without any token.
 
@@ -210,15 +292,31 @@ def push_folder(
         if branch is not None:
             step = f"creating branch {branch}"
             api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
+        step = "checking the card's base_model"
+        dropped = [str(entry) for entry in card_base_models(root)
+                   if not (isinstance(entry, str) and is_hub_id(entry) and _model_exists(api, entry))]
+        if dropped:
+            warnings.warn(HfLlmcWarning(
+                f"README.md names base_model {', '.join(repr(d) for d in dropped)}, which "
+                f"{'is not a Hub model' if len(dropped) == 1 else 'are not Hub models'}; dropped from the "
+                "uploaded card (the folder is unchanged; a merge names its Hub repos with --hub-id-a/--hub-id-b)"),
+                stacklevel=2)
         step = "uploading the folder"
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=root,
-            repo_type="model",
-            revision=branch,
-            commit_message=message,
-            create_pr=create_pr,
-        )
+        if dropped:  # the folder's files as they are, but the card without the dropped entries
+            info = api.create_commit(
+                repo_id=repo_id, repo_type="model", revision=branch, commit_message=message, create_pr=create_pr,
+                operations=_operations(root, {"README.md": _card_without(root, dropped)}),
+            )
+        else:
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=root,
+                repo_type="model",
+                revision=branch,
+                commit_message=message,
+                create_pr=create_pr,
+                ignore_patterns=list(NOT_PUBLISHED),
+            )
     except Exception as err:  # noqa: BLE001 - mapped to a one-line HubError below
         failure = _describe(err, endpoint=endpoint, repo_id=repo_id, step=step)
     if failure is not None:

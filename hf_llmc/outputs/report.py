@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config.errors import ScanError
-from ..config.files import write_json_atomic
+from ..config.files import atomic_file, write_json_atomic, write_text_atomic
 from ..engine.io import MANIFEST, RESULTS, read_rows
 
 if TYPE_CHECKING:
@@ -31,6 +31,12 @@ MAX_ROBUSTNESS_PANELS = 16
 
 
 # -- sequential fields -----------------------------------------------------------------------------
+
+def _save_figure(fig, path: Path, **kwargs) -> None:
+    """``fig.savefig`` through a temporary sibling (fsynced, renamed): never a half-written PNG."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", **kwargs)
+
 def summary_fields(row: dict | None) -> dict:
     """The sequential-estimation fields of a group's α = 0.5 row, for ``summary.json``.
 
@@ -367,7 +373,7 @@ def plot_heatmap(summary: dict, path: Path, block_prefix: str | None = None) -> 
                   + ("\nhatched: undecided (sequential estimation stopped with T inside the interval)" if undecided else ""),
                   fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -411,7 +417,7 @@ def plot_cumulative(summary: dict, path: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -461,7 +467,7 @@ def plot_robustness(summary: dict, path: Path, block_prefix: str | None = None) 
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("Robustness: interpolation direction vs random directions of equal norm (mean ± std)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -605,9 +611,7 @@ def write_markdown(summary: dict, path: Path, figures: dict[str, Path]) -> Path:
     if summary["command"] == "robustness":
         lines += ["## Robustness", "", _md_table(*robustness_table(summary)), ""]
     lines += ["## Groups", "", _md_table(*group_table(summary)), ""]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -640,9 +644,7 @@ def write_html(summary: dict, path: Path, figures: dict[str, Path]) -> Path:
     if summary["command"] == "robustness":
         parts += ["<h2>Robustness</h2>", _html_table(*robustness_table(summary))]
     parts += ["<h2>Groups</h2>", _html_table(*group_table(summary)), "</body></html>"]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(parts))
     return path
 
 

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from ..config.errors import SweepError
+from ..config.files import atomic_file, write_text_atomic
 from ..engine.io import MANIFEST, RESULTS, read_rows
 from .report import summarize
 
@@ -114,7 +115,8 @@ def plot_sweep(sweep: dict, path: Path) -> Path:
     ax.set_title(f"barrier at α=0.5 (nats), base {sweep['base'].upper()}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
 
@@ -125,7 +127,5 @@ def write_sweep(roots: list[str | os.PathLike], out: str | os.PathLike, base: st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / "sweep.json"
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(sweep, indent=2) + "\n")
-    os.replace(tmp, target)
+    write_text_atomic(target, json.dumps(sweep, indent=2) + "\n")
     return {"json": target, "heatmap": plot_sweep(sweep, out / "sweep_heatmap.png")}

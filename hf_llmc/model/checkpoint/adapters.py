@@ -26,7 +26,7 @@ import torch
 from ...config.errors import CheckpointError, PairError
 from ...config.security import display_name
 from .folders import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE, resolve_folder
-from .lazy import LazyCheckpoint
+from .lazy import LazyCheckpoint, _load_pickle as load_pickle
 from .safetensors import SafetensorsFile
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -164,7 +164,7 @@ class AdapterCheckpoint(LazyCheckpoint):
                     f"{folder.name}: only pickled adapter weights ({ADAPTER_PICKLE}); refusing to unpickle. "
                     "pass allow_pickle=True (loaded with weights_only=True)"
                 )
-            return torch.load(folder / ADAPTER_PICKLE, map_location="cpu", weights_only=True)
+            return load_pickle(folder / ADAPTER_PICKLE)
         raise CheckpointError(f"{folder.name}: {ADAPTER_CONFIG} but no {ADAPTER_SAFE}")
 
     @staticmethod

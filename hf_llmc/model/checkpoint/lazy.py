@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,21 +25,37 @@ from .folders import PICKLE_INDEX, PICKLE_SINGLE, SAFE_INDEX, SAFE_SINGLE
 from .safetensors import SafetensorsFile
 
 
+def _refusal(err: BaseException) -> str | None:
+    """What ``torch.load(weights_only=True)`` refused, when ``err`` is such a refusal (any torch wording).
+
+    Returns:
+        ``"it refers to NAME"`` (the global the pickle asks for), ``"it holds more than plain
+        tensors"`` for another refusal, or None when ``err`` is not a weights-only refusal.
+    """
+    text = str(err)
+    if not isinstance(err, pickle.UnpicklingError) and "weights_only" not in text and "Weights only" not in text:
+        return None
+    found = re.search(r"GLOBAL\s+([A-Za-z_][\w.]*)", text) or re.search(r"global[:\s]+'?([A-Za-z_][\w.]*)", text)
+    if found:
+        return f"it refers to {found.group(1)}"
+    return "it holds more than plain tensors"
+
+
 def _load_pickle(file: Path) -> dict:
     """``torch.load(weights_only=True)``: tensors only; a pickle that would run code or build other
-    objects is refused with a :class:`CheckpointError` (never unpickled with full rights)."""
+    objects is refused with a :class:`CheckpointError` (never unpickled with full rights). Zip
+    archives (``torch.save``'s format) are memory-mapped; older pickles are read whole."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError...
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        if found:
+        refused = _refusal(err)
+        if refused is not None:
             raise CheckpointError(
-                f"{file.name}: refused by torch.load(weights_only=True) (it refers to {found.group(1)}); "
-                "only plain tensors are loaded"
+                f"{file.name}: refused by torch.load(weights_only=True) ({refused}); only plain tensors are loaded"
             ) from None
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
         raise CheckpointError(f"{file.name}: unreadable pickled weights ({type(err).__name__}: {first}); is it truncated?") from None
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{file.name}: not a state dict of tensors")
     return state
 

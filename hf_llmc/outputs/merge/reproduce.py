@@ -64,6 +64,9 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
             argv += ["--text-column", data.text_column]
     if export.dtype:
         argv += ["--dtype", export.dtype]
+    for name in ("hub_id_a", "hub_id_b"):
+        if getattr(export, name, None):
+            argv += ["--" + name.replace("_", "-"), getattr(export, name)]
     if export.max_shard_size != DEFAULT_MAX_SHARD_SIZE:
         argv += ["--max-shard-size", str(export.max_shard_size)]
     argv += ["--out", Path(export.out or "merged").name]
@@ -78,7 +81,10 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
 
 def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, revision_b: str | None, spec: MergeSpec,
                         export: ExportConfig, *, load=None, data=None) -> dict:
-    """A recipe (``hf-llmc run``) with one pair and one merge step that rebuilds this folder."""
+    """A recipe (``hf-llmc run``) with one pair and one merge step that rebuilds this folder.
+
+    ``trust_remote_code`` / ``allow_pickle`` are recorded in ``load`` as what the recipe needs; a
+    recipe cannot switch them on, so the description names the flags to pass to ``hf-llmc run``."""
     step: dict = {"sets": [f"{layers}={format_alpha(s, e)}" for layers, s, e in spec.entries()],
                   "method": spec.method, "base": spec.base}
     if spec.allow_extrapolation:
@@ -87,14 +93,19 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
     step["max_shard_size"] = str(export.max_shard_size)
     if export.dtype:
         step["dtype"] = export.dtype
+    flags = "".join(f" --{k.replace('_', '-')}" for k in ("trust_remote_code", "allow_pickle")
+                    if load is not None and getattr(load, k, False))
     recipe: dict = {
         "description": f"Reproduces this merge (written by hf-llmc {__version__}). Run from the folder "
-                       "holding the local models named below: hf-llmc run hf_llmc_config.yaml",
+                       f"holding the local models named below: hf-llmc run hf_llmc_config.yaml{flags}",
         "out": ".",
         "pairs": [{"name": "merge",
                    "a": {"model": public_name(source_a), "revision": revision_a},
                    "b": {"model": public_name(source_b), "revision": revision_b}}],
     }
+    for which in ("a", "b"):
+        if getattr(export, f"hub_id_{which}", None):
+            recipe["pairs"][0][which]["hub_id"] = getattr(export, f"hub_id_{which}")
     if load is not None:
         loading = {k: getattr(load, k) for k in ("dtype", "trust_remote_code", "allow_pickle", "base_model")
                    if getattr(load, k, None)}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...analyses.autoselect import AutoChoice, auto_select
 from ...config.data import DataConfig
+from ...config.files import write_text_atomic
 from ...config.merge import (
     DEFAULT_MAX_BARRIER,
     DEFAULT_MAX_SHARD_SIZE,
@@ -27,20 +28,42 @@ from ...config.merge import (
 from ...config.scan import Method, Which
 from ...config.security import redact
 from ...engine.data import DataSource
-from ...engine.io import atomic_output_dir, check_output_dir
+from ...engine.io import atomic_output_dir, check_output_dir, output_path
 from ...model.checkpoint.folders import COPY_PATTERNS
 from ..card import merge_card
 from ..hub import push_folder
 from .evaluate import evaluate_merge
 from .plan import MergePlan, plan_merge
 from .reproduce import merge_command, merge_provenance, reproduction_recipe
-from .writer import INDEX_FILE, OUT_DTYPES, Progress, shard_size_bytes, write_tensors
+from .writer import INDEX_FILE, OUT_DTYPES, Progress, plan_tensors, shard_size_bytes, write_tensors
 
 if TYPE_CHECKING:
     from ...model.pair import ModelPair
 
 CONFIG_FILE = "hf_llmc_config.yaml"
 CARD_FILE = "README.md"
+
+
+def _base_files(folder: Path) -> list[Path]:
+    return [item for item in sorted(Path(folder).iterdir())
+            if item.is_file() and any(fnmatch.fnmatch(item.name, p) for p in COPY_PATTERNS)]
+
+
+def estimate_size(pair: ModelPair, plan: MergePlan, dtype: str | None = None) -> int:
+    """The bytes a merged folder will take: its tensors, headers, the base's copied files and the card.
+
+    Args:
+        pair: the pair.
+        plan: the merge plan.
+        dtype: the output dtype (default: as stored).
+
+    Returns:
+        The estimated size in bytes (checked against the free disk space before any work).
+    """
+    jobs = plan_tensors(pair, plan, OUT_DTYPES[dtype] if dtype else None)
+    base = pair.ckpt_a if plan.base == "a" else pair.ckpt_b
+    copied = sum(item.stat().st_size for item in _base_files(base.folder))
+    return sum(job.nbytes + 200 for job in jobs) + copied + (1 << 20)
 
 
 def copy_base_files(folder: Path, dest: Path, dtype: str | None = None) -> list[str]:
@@ -55,10 +78,9 @@ def copy_base_files(folder: Path, dest: Path, dtype: str | None = None) -> list[
         The names of the files copied, sorted.
     """
     copied = []
-    for item in sorted(folder.iterdir()):
-        if item.is_file() and any(fnmatch.fnmatch(item.name, p) for p in COPY_PATTERNS):
-            shutil.copyfile(item, dest / item.name)
-            copied.append(item.name)
+    for item in _base_files(folder):
+        shutil.copyfile(item, dest / item.name)
+        copied.append(item.name)
     if dtype is not None and (dest / "config.json").is_file():
         config = json.loads((dest / "config.json").read_text())
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
@@ -113,6 +135,8 @@ def save_merged(
     push: PushConfig | None = None,
     card: bool = True,
     progress: Progress = False,
+    hub_id_a: str | None = None,
+    hub_id_b: str | None = None,
 ) -> MergeResult:
     """Write a merged model folder (weights, config, tokenizer, recipe, model card) atomically.
 
@@ -137,24 +161,32 @@ def save_merged(
         card: write ``README.md`` (the model card).
         progress: True shows a bar on a terminal; a callable is called as ``progress(done, total)``
             after each tensor.
+        hub_id_a: the Hub repo id model A came from (a local folder), for the card's ``base_model``.
+        hub_id_b: the same for model B.
 
     Returns:
         A :class:`MergeResult` (folder, files, plan, evaluation, reproduction command, URL).
 
     Raises:
-        MergeSpecError: a bad spec, dtype or shard size.
+        MergeSpecError: a bad spec, dtype, shard size or Hub repo id.
         SpecError: a layer spec that is malformed or out of range for the model.
-        OutputExistsError: ``out_dir`` is not empty without ``overwrite``, or not writable.
+        OutputExistsError: ``out_dir`` cannot be used: a source model's folder (or inside or around
+            one), the Hub cache, the current or home folder; not empty without ``overwrite``, or not
+            written by hf-llmc; not writable, or too little free disk space
+            (:func:`hf_llmc.engine.io.check_output_dir`).
         NonFiniteTensorError: a merged tensor holds NaN/inf (nothing is written).
         HubError: the upload failed (the folder is written).
     """
     t0 = time.perf_counter()
     spec = as_spec(spec)
     plan = plan_merge(pair.arch, spec)
-    export = ExportConfig(out=str(out_dir), max_shard_size=str(max_shard_size), dtype=dtype, overwrite=overwrite)
+    export = ExportConfig(out=str(out_dir), max_shard_size=str(max_shard_size), dtype=dtype, overwrite=overwrite,
+                          hub_id_a=hub_id_a, hub_id_b=hub_id_b)
     export.validate()
     shard_size_bytes(max_shard_size)
-    check_output_dir(out_dir, overwrite)
+    sources = pair.source_folders()
+    size = estimate_size(pair, plan, dtype)
+    check_output_dir(out_dir, overwrite, sources=sources, size=size)  # before any evaluation or write
     if isinstance(data, (str, os.PathLike)):
         data = DataConfig(data=str(data))
     data_cfg = data
@@ -170,7 +202,7 @@ def save_merged(
     recipe = reproduction_recipe(pair.source_a, pair.source_b, pair.ckpt_a.revision, pair.ckpt_b.revision, spec, export,
                                  load=pair.load, data=data_cfg)
     recipe["provenance"] = merge_provenance(pair, base_ckpt, dtype, evaluation)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, sources=sources, size=size, kind="merge") as tmp:
         files = write_tensors(pair, plan, tmp, max_shard_size=max_shard_size,
                               dtype=OUT_DTYPES[dtype] if dtype else None, progress=progress)
         files += copy_base_files(base_ckpt.folder, tmp, dtype)
@@ -180,7 +212,7 @@ def save_merged(
             "# hf-llmc merge configuration; reproduce with: hf-llmc run hf_llmc_config.yaml\n"
             + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
         )
-        (tmp / CONFIG_FILE).write_text(config_text)
+        write_text_atomic(tmp / CONFIG_FILE, config_text)
         files.append(CONFIG_FILE)
         if card:
             text = merge_card(
@@ -188,11 +220,12 @@ def save_merged(
                 revision_a=pair.ckpt_a.revision, revision_b=pair.ckpt_b.revision,
                 plan=plan, spec=spec, command=command, config_yaml=config_text,
                 evaluation=evaluation, auto=auto, license_folder=pair.ckpt_a.folder,
-                model_name=Path(out_dir).resolve().name, repo_id=push.push_to_hub if push else None,
+                model_name=output_path(out_dir).name, repo_id=push.push_to_hub if push else None,
+                hub_id_a=hub_id_a, hub_id_b=hub_id_b,
             )
-            (tmp / CARD_FILE).write_text(text)
+            write_text_atomic(tmp / CARD_FILE, text)
             files.append(CARD_FILE)
-    result = MergeResult(Path(out_dir), files, plan, spec, evaluation, command, seconds=time.perf_counter() - t0)
+    result = MergeResult(output_path(out_dir), files, plan, spec, evaluation, command, seconds=time.perf_counter() - t0)
     if push is not None and push.push_to_hub:
         result.url = push_folder(result.folder, push.push_to_hub, private=push.private, revision=push.revision,
                                  commit_message=push.commit_message)
@@ -230,7 +263,7 @@ def auto_merge(pair: ModelPair, data: DataSource, out_dir: str | os.PathLike, *,
         NoMergeableGroupError: no candidate stays under ``max_barrier``.
         OutputExistsError: ``out_dir`` is not empty without ``overwrite``, or not writable.
     """
-    check_output_dir(out_dir, save_kwargs.get("overwrite", False))  # before the choice's evaluations
+    check_output_dir(out_dir, save_kwargs.get("overwrite", False), sources=pair.source_folders())  # before the choice's evaluations
     cfg = AutoConfig(auto=True, scan_dir=scan_dir, max_barrier=max_barrier, auto_layers=candidates)
     choice = auto_select(pair, data, cfg, alpha=alpha, base=base, method=method, batch_size=batch_size)
     result = save_merged(pair, choice.spec(), out_dir, data=data, batch_size=batch_size, auto=choice, **save_kwargs)
