@@ -547,13 +547,14 @@ def build_pair(
     need = eval_blocks * 64 + 1
     kept: list[str] = []
     n_tokens = 0
-    # synthetic_documents is prefix-stable: the first k documents do not depend on n.
+    # synthetic_documents is prefix-stable: the first k documents do not depend on n. Documents
+    # are counted one by one (joined text tokenizes to about the sum), then the whole is checked.
     for doc in synthetic_documents("mixed", max(64, 4 * eval_blocks), eval_seed):
         kept.append(doc)
-        n_tokens = len(tokenizer("\n\n".join(kept) + "\n")["input_ids"])
-        if n_tokens >= need:
+        n_tokens += len(tokenizer(doc + "\n\n")["input_ids"])
+        if n_tokens >= need and len(tokenizer("\n\n".join(kept) + "\n")["input_ids"]) >= need:
             break
-    if n_tokens < need:  # pragma: no cover - documents are ~100 tokens each
+    if len(tokenizer("\n\n".join(kept) + "\n")["input_ids"]) < need:  # pragma: no cover - ~100 tokens a document
         raise RuntimeError("could not generate enough evaluation text")
     text = "\n\n".join(kept) + "\n"
     eval_path = out / "eval.txt"

@@ -15,7 +15,7 @@ from ..config.errors import NonFiniteLossError, UsageError
 from ..config.scan import METHODS, Method, SequentialConfig, Which
 from ..engine.data import DataSource, blocks_for
 from ..engine.evaluation import BlockStats, Evaluator, check_finite, endpoint, evaluator_for, point
-from ..engine.stats import standard_error
+from ..engine.stats import paired_standard_error
 from ..model.selection import union
 from .sequential import SequentialEstimator, estimate
 
@@ -127,8 +127,10 @@ def barrier_from_stats(
     if mid is not None:
         d = mid.block_loss - 0.5 * (stat_a.block_loss + stat_b.block_loss)
         de = mid.block_error - 0.5 * (stat_a.block_error + stat_b.block_error)
-        b_mid, b_mid_se = mid.loss - 0.5 * (la + lb), standard_error(d)
-        e_mid, e_mid_se = (1.0 - mid.accuracy) - 0.5 * (ea + eb), standard_error(de)
+        b_mid = mid.loss - 0.5 * (la + lb)
+        b_mid_se, se_method, lag1 = paired_standard_error(d, mid.indices)
+        e_mid, (e_mid_se, _, _) = (1.0 - mid.accuracy) - 0.5 * (ea + eb), paired_standard_error(de, mid.indices)
+        meta = {**meta, "extra": {**meta.get("extra", {}), "se_method": se_method, "lag1_correlation": lag1}}
     else:
         b_mid = b_mid_se = e_mid = e_mid_se = float("nan")
     return BarrierResult(
@@ -287,6 +289,7 @@ def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: lis
             est.differences(curve[alpha], alpha), g, look.i, look.j, est.rule).mean
     result = barrier_from_stats(curve, stat_a, stat_b, layers=layers, base=base, method=method)
     result.barrier_mid, result.barrier_mid_se = look.mean, look.se
+    result.extra.update(se_method="sequential", lag1_correlation=None)  # its own interval (random block order)
     result.barrier_max = max(barriers.values())
     fields = outcome.fields(mid.tokens_per_block)
     result.extra.update(

@@ -40,7 +40,7 @@ from ..engine.data import TokenBlocks
 from ..engine.evaluation import BlockStats, check_finite, evaluator_for, point as point_stats
 from ..engine.io import MANIFEST, RESULTS, RowWriter, Sources, check_run_dir, output_path, prepare_run_dir, read_rows
 from ..engine.provenance import library_versions
-from ..engine.stats import standard_error
+from ..engine.stats import paired_standard_error
 from ..model.architecture import Architecture
 from ..model.checkpoint.lazy import fingerprint
 from ..model.selection import Group, all_groups, block_group, make_group, union
@@ -289,8 +289,10 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
 
     Returns:
         The row: group, kind, blocks, first_block, numel, base, alpha, loss, perplexity, accuracy,
-        barrier, barrier_se, error_barrier, tokens (plus direction / sample off the interpolation
-        path); non-finite values are None and the row gets ``nonfinite``.
+        barrier, barrier_se (``se_method``: "iid", or "batch-means" where neighbouring blocks
+        correlate, see :func:`~hf_llmc.engine.stats.paired_standard_error`), error_barrier, tokens
+        (plus direction / sample off the interpolation path); non-finite values are None and the
+        row gets ``nonfinite``.
     """
     alpha = float(point.alpha)
     g = point.group
@@ -298,6 +300,7 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
     err_ref = (1 - alpha) * (1 - stat_a.accuracy) + alpha * (1 - stat_b.accuracy)
     d = stats.block_loss - ((1 - alpha) * stat_a.block_loss + alpha * stat_b.block_loss)
     finite = math.isfinite(stats.loss)
+    se, method, _ = paired_standard_error(d, stats.indices)
     row = {
         "group": g.name,
         "kind": g.kind,
@@ -310,7 +313,8 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
         "perplexity": _finite_or_none(stats.perplexity),
         "accuracy": stats.accuracy,
         "barrier": _finite_or_none(stats.loss - ref),
-        "barrier_se": _finite_or_none(standard_error(d)) if finite else None,
+        "barrier_se": _finite_or_none(se) if finite else None,
+        "se_method": method,
         "error_barrier": (1 - stats.accuracy) - err_ref,
         "tokens": stats.tokens,
     }
@@ -958,6 +962,7 @@ class SequentialScanRunner(ScanRunner):
         outcome = self._outcomes.pop(point.key, None) or self.seq.exact(n)
         if outcome.look is not None and row["barrier"] is not None:
             row["barrier"], row["barrier_se"] = outcome.look.mean, outcome.look.se
+            row["se_method"] = "sequential"
         row.update(outcome.fields(stats.tokens_per_block))
         return row
 

@@ -16,6 +16,40 @@ def standard_error(x: torch.Tensor) -> float:
     return float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
 
+def paired_standard_error(x: torch.Tensor, order: torch.Tensor | None = None) -> tuple[float, str, float | None]:
+    """Standard error of the mean of per-block differences that may correlate between neighbours.
+
+    Blocks are consecutive pieces of the token stream, so neighbouring blocks often come from one
+    document and their differences correlate. Where the lag-1 correlation (in stream order) is
+    significantly positive (above 2/√n, with at least 16 blocks), the standard error is the
+    batch-means one: the standard error of the means of about √n contiguous batches of blocks.
+    Otherwise it is the plain one of :func:`standard_error`.
+
+    Args:
+        x: per-block values.
+        order: the blocks' positions in the stream (default: ``x`` is in stream order).
+
+    Returns:
+        ``(standard error, method, lag-1 correlation)``; method ``"iid"`` or ``"batch-means"``;
+        the correlation is None for fewer than 16 blocks.
+    """
+    if order is not None:
+        x = x[torch.as_tensor(order).argsort()]
+    x = x.double()
+    n = x.numel()
+    plain = standard_error(x)
+    if n < 16:
+        return plain, "iid", None
+    centred = x - x.mean()
+    denom = float(centred @ centred)
+    r1 = float(centred[1:] @ centred[:-1]) / denom if denom > 0 else 0.0
+    if r1 <= 2.0 / math.sqrt(n):
+        return plain, "iid", r1
+    batches = torch.tensor_split(x, max(4, n // math.ceil(math.sqrt(n))))
+    means = torch.stack([b.mean() for b in batches])
+    return float(means.std(unbiased=True) / math.sqrt(means.numel())), "batch-means", r1
+
+
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz)."""
     tiny, eps = 1e-300, 1e-15

@@ -104,6 +104,48 @@ def mark_undecided(ax: Axes, summary: dict, cols: list[tuple[str, float]]) -> in
     return marked
 
 
+def interval_contains_zero(point: dict, z: float = 1.96) -> bool:
+    """Whether a curve point's barrier is not told apart from 0: its sequential interval, else
+    barrier ± 1.96 standard errors (95 %), contains 0.
+
+    Args:
+        point: a curve entry of the summary (``barrier``, ``barrier_se``, maybe ``interval``).
+        z: the normal quantile of the fixed-budget interval.
+
+    Returns:
+        True when 0 lies inside the interval (False without a barrier or an error bar).
+    """
+    if point.get("interval"):
+        low, high = point["interval"]
+        return low <= 0.0 <= high
+    barrier, se = point.get("barrier"), point.get("barrier_se")
+    return barrier is not None and se is not None and abs(barrier) <= z * se
+
+
+def mark_zero_inside(ax: Axes, summary: dict, cols: list[tuple[str, float]]) -> int:
+    """Frame the heatmap cells whose interval contains 0 (:func:`interval_contains_zero`) with a dotted line.
+
+    Args:
+        ax: the heatmap's axes (rows = the summary's groups).
+        summary: the run's summary.
+        cols: the heatmap's ``(base, alpha)`` columns.
+
+    Returns:
+        How many cells were framed.
+    """
+    from matplotlib.patches import Rectangle
+
+    marked = 0
+    for i, g in enumerate(summary.get("groups", [])):
+        for j, (base, alpha) in enumerate(cols):
+            point = {p["alpha"]: p for p in g["bases"].get(base, {}).get("curve", [])}.get(alpha)
+            if point is not None and interval_contains_zero(point):
+                ax.add_patch(Rectangle((j - 0.46, i - 0.42), 0.92, 0.84, fill=False, linestyle=":", edgecolor="black",
+                                       linewidth=1.2))
+                marked += 1
+    return marked
+
+
 def robustness_summary(rows: Iterable[dict]) -> list[dict]:
     """Robustness statistics per group and step t, comparing the path with the random directions.
 
@@ -226,6 +268,7 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
                 "error_barrier_mid": mid.get("error_barrier") if mid else None,
                 "error_barrier_max": max((r["error_barrier"] for r in known), default=None),
                 "curve": [{"alpha": r["alpha"], "loss": r["loss"], "accuracy": r["accuracy"], "barrier": r["barrier"],
+                           "barrier_se": r.get("barrier_se"),
                            **curve_fields(r)} for r in rs],
                 **summary_fields(mid),  # sequential estimation: tokens used, interval, decision
             }
@@ -364,12 +407,14 @@ def plot_heatmap(summary: dict, path: Path, block_prefix: str | None = None) -> 
                 dark = np.isfinite(v) and abs(norm(v) - 0.5) > 0.32
                 ax.text(j, i, text, ha="center", va="center", fontsize=size, color="white" if dark else "black")
     undecided = mark_undecided(ax, summary, cols)
+    unresolved = mark_zero_inside(ax, summary, cols)
     cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     cbar.set_label("barrier: loss − R(α) (nats)", fontsize=9)
     models = summary.get("models") or {}
     title = f"Layer-wise barrier: {models.get('a', {}).get('name', 'A')} ↔ {models.get('b', {}).get('name', 'B')}"
     ax.set_title(title, fontsize=10, pad=12)
     ax.set_xlabel("R(α) = (1−α)·L_A + α·L_B with the full endpoint models; full-model row may saturate the colours"
+                  + ("\ndotted frame: its 95 % interval contains 0 (no barrier resolved)" if unresolved else "")
                   + ("\nhatched: undecided (sequential estimation stopped with T inside the interval)" if undecided else ""),
                   fontsize=8)
     fig.tight_layout()
