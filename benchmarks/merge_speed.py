@@ -301,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         run_child(hf_argv(work / "out-prime"), env={"HF_LLMC_CACHE": str(cached)})
         shutil.rmtree(work / "out-prime", ignore_errors=True)
 
+        # With the family table, a known family's merge writes nothing to the cache: both cases are the same work.
+        cache_written = cached.is_dir() and any(cached.rglob("*"))
         bench = Harness("merge_speed", "Merge speed and memory", quick=args.quick or args.runs < 3, note=args.note)
         params = {"sizes": sizes, "layers": layers, "alpha": args.alpha, "params_m": built["params_m"],
-                  "checkpoint_gb": built["checkpoint_gb"], "methods": kinds}
+                  "checkpoint_gb": built["checkpoint_gb"], "methods": kinds, "architecture_cache_written": cache_written}
         if mk_exe:
             params["mergekit_version"] = MERGEKIT_VERSION
             params["mergekit_config"] = mk_config.read_text().replace(str(a), "A").replace(str(b), "B")

@@ -23,7 +23,7 @@ Each of ``--runs`` runs (default 3) is a fresh process started by the shared har
 between runs; CPU time (``time.process_time``) and tokens of each scan are reported with their
 median and range, and written to ``benchmarks/results/sequential_speed.json``.
 
-    python benchmarks/sequential_speed.py            # 12 blocks, default budget, 3 runs (~15 min on 2 cores)
+    python benchmarks/sequential_speed.py            # 12 blocks, default budget, 3 runs (~6 min on 2 cores)
     python benchmarks/sequential_speed.py --quick    # 4 blocks, 16k tokens, 3 runs (~2 min)
 """
 
