@@ -1,24 +1,31 @@
-"""Merge speed and memory: ``hf-llmc merge`` (streamed) vs. the straightforward method.
+"""Merge speed and memory: ``hf-llmc merge`` (streamed) vs mergekit and vs the straightforward method.
 
 Builds a ~0.3 B-parameter GPT-2-style pair locally (24 blocks, hidden 1024, vocabulary 8192:
-about 1.2 GB of float32 weights each), then merges ``attn.0-11`` at α = 0.5 with
+1.25 GB of float32 weights each; A random, B = A + noise), then merges ``attn.0-11`` at α = 0.5,
+every other tensor from A, with
 
-* hf-llmc: ``hf-llmc merge A B --layers attn.0-11 --alpha 0.5 --out DIR`` (tensor by tensor from
-  the two checkpoints, no model instantiated), twice: ``hf-llmc`` with the architecture in
-  hf-llmc's cache (primed by one untimed merge: every merge after the first of a model family)
-  and ``hf-llmc-first`` with an empty cache (discovers the architecture on the meta device), and
-* the straightforward method: ``from_pretrained`` A and B, average the selected parameters of A
-  in place, ``save_pretrained``.
+* ``hf-llmc-first``: ``python -m hf_llmc merge A B --layers attn.0-11 --alpha 0.5 --out DIR``
+  with an empty ``HF_LLMC_CACHE`` for every run (a first merge);
+* ``hf-llmc``: the same command with the cache kept from an untimed merge (a cached merge);
+* ``mergekit`` (``--mergekit``): ``mergekit-yaml CONFIG DIR`` with mergekit 0.1.5 in its own venv
+  (created once under ``~/.cache/hf_llmc_bench/mergekit-venv`` with the same torch), the linear
+  method and the equivalent ``slices`` / ``parameters`` config: blocks 0-11 from A and B with
+  ``weight`` 0.5 / 0.5 for tensors whose name contains ``.attn.`` and 1 / 0 otherwise, blocks
+  12-23 from A alone;
+* ``straightforward``: ``from_pretrained`` A and B, average the selected parameters,
+  ``save_pretrained``.
 
-Each method runs in its own subprocess; its peak resident memory is that process's high-water
-mark (``VmHWM``; ``ru_maxrss`` elsewhere) and its wall time is measured by the parent (imports
-included) and inside the process (the work alone). A third subprocess measures the import
-baseline. The outputs are compared tensor by tensor. Runs start from a synced disk, either with
-the two checkpoints evicted from the page cache (``cold``: the first merge after a download, or
-models larger than the cache) or read once beforehand (``warm``).
+Every run is a fresh process started by the shared harness (``benchmarks/harness.py``): wall time
+(interpreter start and imports included), CPU time and peak RSS of the process, median and range
+over ``--runs`` rotated runs after one untimed warm-up round of every method, with the two
+checkpoints' page cache ``cold`` (evicted with ``posix_fadvise(DONTNEED)`` after ``sync``) and
+``warm`` (read once) before every run. The last outputs of every method are compared tensor by
+tensor. The orchestrating process imports no torch (a child's ``ru_maxrss`` starts from its
+parent's); building the pair and comparing the outputs run in children too.
 
-    python benchmarks/merge_speed.py            # full size (~5 GB of disk in the work folder)
-    python benchmarks/merge_speed.py --quick    # tiny sizes, seconds
+    python benchmarks/merge_speed.py --mergekit                     # full: 3 runs x 4 methods x 2 page-cache states (~6 min on 2 cores, ~9 GB of disk)
+    python benchmarks/merge_speed.py --mergekit --quick --runs 1    # tiny sizes, validates the benchmark in ~1 min
+    python benchmarks/merge_speed.py --mergekit --profile           # also: where hf-llmc's first merge spends its time
 """
 
 from __future__ import annotations
@@ -27,76 +34,54 @@ import argparse
 import json
 import math
 import os
-import resource
+import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from harness import Harness, Method, child_env, common_arguments, page_cache, report, results_path, run_child  # noqa: E402
 
 FULL = dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=8192, n_positions=1024)
 QUICK = dict(n_layer=4, n_embd=128, n_head=4, vocab_size=1000, n_positions=128)
+MERGEKIT_VERSION = "0.1.5"
+DEFAULT_VENV = Path.home() / ".cache" / "hf_llmc_bench" / "mergekit-venv"
 
 
-# -- workers (run in subprocesses) ---------------------------------------------------------------
+# -- children (each runs in its own process) -----------------------------------------------------
 def _selected_names(model, layers: str) -> list[str]:
-    from hf_llmc.model.architecture import discover
     from hf_llmc import resolve
+    from hf_llmc.model.architecture import discover
 
     arch = discover(model)
     return sorted({arch.canonical(p) for g in resolve(layers, arch) for p in g.parameters})
 
 
-def worker(kind: str, a: str, b: str, out: str, layers: str, alpha: float) -> dict:
-    t0 = time.perf_counter()
-    if kind == "baseline":
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-
-        import hf_llmc.cli  # noqa: F401
-    elif kind.startswith("hf-llmc"):  # imports exactly what the command imports
-        from hf_llmc.cli import main
-
-        t0 = time.perf_counter()
-        rc = main(["merge", a, b, "--layers", layers, "--alpha", repr(alpha), "--out", out, "--overwrite"])
-        if rc != 0:
-            raise SystemExit(rc)
-    elif kind == "straightforward":
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        t0 = time.perf_counter()
-        model_a = AutoModelForCausalLM.from_pretrained(a)
-        model_b = AutoModelForCausalLM.from_pretrained(b)
-        params_b = dict(model_b.named_parameters())
-        selected = set(_selected_names(model_a, layers))
-        with torch.no_grad():
-            for name, param in model_a.named_parameters():
-                if name in selected:
-                    param.copy_((1 - alpha) * param + alpha * params_b[name])
-        if Path(out).exists():
-            shutil.rmtree(out)
-        model_a.save_pretrained(out)
-    else:
+def worker(kind: str, a: str, b: str, out: str, layers: str, alpha: float) -> None:
+    """The straightforward method (the other methods are their own commands)."""
+    if kind != "straightforward":
         raise ValueError(kind)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"work_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": peak_rss_mb()}
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_a = AutoModelForCausalLM.from_pretrained(a)
+    model_b = AutoModelForCausalLM.from_pretrained(b)
+    params_b = dict(model_b.named_parameters())
+    selected = set(_selected_names(model_a, layers))
+    with torch.no_grad():
+        for name, param in model_a.named_parameters():
+            if name in selected:
+                param.copy_((1 - alpha) * param + alpha * params_b[name])
+    model_a.save_pretrained(out)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM is reset at exec, unlike ru_maxrss)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# -- driver --------------------------------------------------------------------------------------
 def build_pair(folder: Path, sizes: dict, seed: int = 0) -> tuple[Path, Path]:
     """A: random weights (std 0.02); B: A + noise. Saved with save_pretrained (float32)."""
     import torch
@@ -127,37 +112,8 @@ def build_pair(folder: Path, sizes: dict, seed: int = 0) -> tuple[Path, Path]:
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.01)
     model.save_pretrained(b)
-    n = sum(p.numel() for p in model.parameters())
     stamp.write_text(json.dumps(sizes))
-    del model
-    print(f"built pair: {n / 1e6:.1f} M parameters, {n * 4 / 1e9:.2f} GB float32 each")
     return a, b
-
-
-def set_cache(files: list[Path], state: str) -> None:
-    """Sync the disk, then evict ``files`` from the page cache (cold) or read them once (warm)."""
-    os.sync()
-    for f in files:
-        with open(f, "rb") as fh:
-            if state == "warm":
-                while fh.read(1 << 24):
-                    pass
-            else:
-                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def run_worker(kind: str, a: Path, b: Path, out: Path, layers: str, alpha: float, cache: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_LLMC_CACHE": str(cache)}
-    cmd = [sys.executable, __file__, "--worker", kind, "--a", str(a), "--b", str(b), "--out", str(out),
-           "--layers", layers, "--alpha", repr(alpha)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_s"] = wall
-    return result
 
 
 def compare(x: Path, y: Path) -> dict:
@@ -184,92 +140,222 @@ def compare(x: Path, y: Path) -> dict:
         elif not torch.equal(u, v):
             max_diff = max(max_diff, float((u.float() - v.float()).abs().max()))
             mismatched.append(key)
-    return {"tensors": len(tx), "mismatched": mismatched, "max_abs_diff": max_diff}
+    return {"tensors": len(tx), "mismatched": mismatched[:10], "max_abs_diff": max_diff, "equal": not mismatched}
 
 
-def main() -> None:
+def checkpoint_size(a: Path) -> tuple[float, float]:
+    """(parameters in millions, GB of float32 weights) of a saved checkpoint, from its header."""
     from safetensors import safe_open
 
+    numel, size = 0, 0
+    for file in sorted(a.glob("*.safetensors")):
+        size += file.stat().st_size
+        with safe_open(file, "pt") as fh:
+            numel += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    return numel / 1e6, size / 1e9
+
+
+# -- mergekit ------------------------------------------------------------------------------------
+def ensure_mergekit(venv: Path) -> Path:
+    """``venv/bin/mergekit-yaml``, creating the venv once: mergekit==0.1.5 beside the torch of this
+    environment (its release, e.g. 2.13.0; a pinned version, so no range pulls a CUDA build)."""
+    exe = venv / "bin" / "mergekit-yaml"
+    python = venv / "bin" / "python"
+    if exe.exists():
+        probe = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == MERGEKIT_VERSION:
+            return exe
+    torch_version = metadata.version("torch").split("+")[0]
+    print(f"creating {venv} (torch=={torch_version}, mergekit=={MERGEKIT_VERSION}); this takes a few minutes", flush=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"torch=={torch_version}",
+                    f"mergekit=={MERGEKIT_VERSION}"], check=True)
+    return exe
+
+
+def mergekit_config(a: Path, b: Path, layers: str, alpha: float, n_layer: int) -> str:
+    """The mergekit config equal to ``hf-llmc merge A B --layers attn.S-E --alpha α``: blocks S..E
+    from A and B (weight 1-α / α on ``.attn.`` tensors, 1 / 0 elsewhere), the other blocks from A
+    alone, embeddings and final norm (planned with the first and last slice) from A."""
+    m = re.fullmatch(r"attn\.(\d+)(?:-(\d+))?", layers)
+    if not m:
+        raise SystemExit(f"--mergekit supports --layers attn.S-E only (got {layers!r})")
+    start, end = int(m.group(1)), int(m.group(2) or m.group(1)) + 1
+    if end > n_layer:
+        raise SystemExit(f"--layers {layers}: the model has {n_layer} blocks")
+
+    def source(model: Path, lo: int, hi: int, weight: str) -> str:
+        return f"      - model: {model}\n        layer_range: [{lo}, {hi}]\n        parameters:\n          weight:{weight}\n"
+
+    def filtered(inside: float, outside: float) -> str:
+        return f"\n            - filter: .attn.\n              value: {inside!r}\n            - value: {outside!r}"
+
+    slices = []
+    if start > 0:
+        slices.append("  - sources:\n" + source(a, 0, start, " 1.0"))
+    slices.append("  - sources:\n" + source(a, start, end, filtered(1 - alpha, 1.0))
+                  + source(b, start, end, filtered(alpha, 0.0)))
+    if end < n_layer:
+        slices.append("  - sources:\n" + source(a, end, n_layer, " 1.0"))
+    return "merge_method: linear\ndtype: float32\nslices:\n" + "".join(slices)
+
+
+# -- profile -------------------------------------------------------------------------------------
+def import_profile(argv: list[str], env: dict) -> dict:
+    """Seconds spent importing (``python -X importtime``): in all, and in torch / transformers / hf_llmc."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True,
+                          env={**os.environ, **env})
+    wall = time.perf_counter() - t0
+    entries = []
+    for line in proc.stderr.splitlines():
+        parts = line[len("import time:"):].split("|") if line.startswith("import time:") else []
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            raw = parts[2].rstrip()
+            entries.append((len(raw) - len(raw.lstrip(" ")), raw.strip(), int(parts[1]) / 1e6))
+    top = min((d for d, _, _ in entries), default=0)
+    tops: dict[str, float] = {}
+    for depth, name, seconds in entries:
+        if depth == top:
+            tops[name.split(".")[0]] = tops.get(name.split(".")[0], 0.0) + seconds
+    total = sum(tops.values())
+    keep: dict[str, float] = {}
+    for _, name, seconds in entries:  # a package's own import, wherever it happened
+        if name in ("torch", "transformers", "safetensors", "huggingface_hub", "hf_llmc") and name not in keep:
+            keep[name] = round(seconds, 3)
+    return {"imports_s": round(total, 3), "by_package_s": keep, "imports_transformers": "transformers" in keep,
+            "wall_s": round(wall, 3)}
+
+
+# -- driver --------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Tiny sizes (a smoke test).")
-    parser.add_argument("--workdir", help="Where the pair and the outputs go (default: a temporary folder).")
-    parser.add_argument("--keep", action="store_true", help="Keep the work folder (reused by the next run).")
-    parser.add_argument("--layers", default="attn.0-11")
+    common_arguments(parser)
+    parser.add_argument("--mergekit", action="store_true", help=f"Also run mergekit {MERGEKIT_VERSION} (its venv is created once).")
+    parser.add_argument("--mergekit-venv", default=str(DEFAULT_VENV), help="Where mergekit's venv lives (default: %(default)s).")
+    parser.add_argument("--no-straightforward", action="store_true", help="Leave out the from_pretrained/save_pretrained method.")
+    parser.add_argument("--cache", choices=["cold", "warm", "both"], default="both", help="Page-cache state of the two checkpoints before each run.")
+    parser.add_argument("--profile", action="store_true", help="Also measure the import time of hf-llmc's first merge (python -X importtime).")
+    parser.add_argument("--workdir", help="Where the pair and the outputs go (default: a temporary folder, removed after).")
+    parser.add_argument("--layers", default=None, help="Layers to merge (default attn.0-11; quick: attn.0-1).")
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--repeat", type=int, default=1, help="Runs of each method (alternating); medians are reported.")
-    parser.add_argument("--cache", choices=["cold", "warm", "both"], default="both", help="Page-cache state of the two checkpoints at the start of each run.")
-    parser.add_argument("--json-out", help="Also write the results as JSON to this file.")
+    # children
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--build", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", help=argparse.SUPPRESS)
+    parser.add_argument("--compare", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--a", help=argparse.SUPPRESS)
     parser.add_argument("--b", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.a, args.b, args.out, args.layers, args.alpha)))
-        return
+        worker(args.worker, args.a, args.b, args.out, args.layers, args.alpha)
+        return 0
+    if args.build:
+        a, b = build_pair(Path(args.build), json.loads(args.sizes))
+        params_m, gb = checkpoint_size(a)
+        report(params_m=params_m, checkpoint_gb=gb)
+        return 0
+    if args.compare:
+        report(**compare(Path(args.compare[0]), Path(args.compare[1])))
+        return 0
 
     sizes = QUICK if args.quick else FULL
-    layers = args.layers if not args.quick else "attn.0-1"
+    layers = args.layers or ("attn.0-1" if args.quick else "attn.0-11")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hf-llmc-merge-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
     try:
-        a, b = build_pair(work / "pair", sizes)
+        built = run_child([py, __file__, "--build", str(work / "pair"), "--sizes", json.dumps(sizes)])
+        a, b = work / "pair" / "a", work / "pair" / "b"
         inputs = sorted(a.glob("*.safetensors")) + sorted(b.glob("*.safetensors"))
-        cache_dir = work / "hf-llmc-cache"  # hf-llmc's architecture cache, primed by one untimed merge
-        baseline = run_worker("baseline", a, b, work / "none", layers, args.alpha, cache_dir)
-        run_worker("hf-llmc", a, b, work / "out-hf-llmc", layers, args.alpha, cache_dir)
-        with safe_open(inputs[0], "pt") as fh:
-            params_m = sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()) / 1e6
-        print(f"pair: {params_m:.1f} M parameters per model; merge {layers} at alpha={args.alpha:g}; "
-              f"import baseline {baseline['peak_rss_mb']:.0f} MB")
-        print("hf-llmc: architecture cached (every merge after the first of a model family); "
-              "hf-llmc-first: empty cache (discovers the architecture with transformers)")
-        result = {"sizes": sizes, "params_m": params_m, "layers": layers, "alpha": args.alpha, "repeat": args.repeat,
-                  "baseline_rss_mb": baseline["peak_rss_mb"], "python": sys.version.split()[0], "cpus": os.cpu_count(),
-                  "conditions": {}}
-        equal = True
-        kinds = ("hf-llmc", "hf-llmc-first", "straightforward")
-        metrics = ("wall_s", "work_s", "cpu_s", "peak_rss_mb")
-        for cache in (("cold", "warm") if args.cache == "both" else (args.cache,)):
-            runs: dict[str, list[dict]] = {k: [] for k in kinds}
-            for i in range(args.repeat):
-                for kind in kinds[i % 3:] + kinds[:i % 3]:  # rotate the order
-                    set_cache(inputs, cache)
-                    fresh = work / "hf-llmc-cache-first"
-                    shutil.rmtree(fresh, ignore_errors=True)
-                    runs[kind].append(run_worker(kind, a, b, work / f"out-{kind}", layers, args.alpha,
-                                                 fresh if kind == "hf-llmc-first" else cache_dir))
-            med = {k: {m: statistics.median(r[m] for r in v) for m in metrics} for k, v in runs.items()}
-            best = {k: {m: min(r[m] for r in v) for m in metrics} for k, v in runs.items()}
-            ref = med["straightforward"]
-            cond = {"runs": runs, "median": med, "best": best, "ratios": {}}
-            print(f"\n{cache} page cache ({args.repeat} run(s) each, medians):")
-            print("| method | wall time (s) | work time (s) | CPU time (s) | peak RSS (MB) |")
-            print("|---|---:|---:|---:|---:|")
-            for kind, m in med.items():
-                print(f"| {kind} | {m['wall_s']:.1f} | {m['work_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_mb']:.0f} |")
-            if args.repeat > 1:
-                for kind, m in best.items():
-                    print(f"| {kind} (best of {args.repeat}) | {m['wall_s']:.1f} | {m['work_s']:.1f} | {m['cpu_s']:.1f} | {m['peak_rss_mb']:.0f} |")
-            for kind in kinds[:2]:
-                check = compare(work / f"out-{kind}", work / "out-straightforward")
-                ratios = {m.removesuffix("_s").removesuffix("_mb"): med[kind][m] / ref[m] for m in metrics}
-                cond["ratios"][kind] = {**ratios, "equal": not check["mismatched"],
-                                        "compare": {**check, "mismatched": check["mismatched"][:10]}}
-                equal = equal and not check["mismatched"]
-                if check["mismatched"]:
-                    print("mismatched:", ", ".join(check["mismatched"][:10]))
-                print(f"{kind} / straightforward: peak RSS x{ratios['peak_rss']:.3f}, wall time x{ratios['wall']:.3f} "
-                      f"(work only x{ratios['work']:.3f}, CPU x{ratios['cpu']:.3f}); outputs equal: {not check['mismatched']} "
+        cached, first = work / "cache-cached", work / "cache-first"
+        env = child_env()
+        outs = {}
+
+        def fresh(name: str, cache_state: str, extra=None):
+            def prepare() -> None:
+                shutil.rmtree(outs[name], ignore_errors=True)
+                if extra:
+                    extra()
+                page_cache(inputs, cache_state)  # syncs the last outputs too
+            return prepare
+
+        def hf_argv(out: Path) -> list[str]:
+            return [py, "-m", "hf_llmc", "merge", str(a), str(b), "--layers", layers, "--alpha", repr(args.alpha),
+                    "--out", str(out), "--overwrite"]
+
+        kinds = ["hf-llmc-first", "hf-llmc"]
+        mk_exe = mk_config = None
+        if args.mergekit:
+            mk_exe = ensure_mergekit(Path(args.mergekit_venv).expanduser())
+            mk_config = work / "mergekit.yml"
+            mk_config.write_text(mergekit_config(a, b, layers, args.alpha, sizes["n_layer"]))
+            kinds.append("mergekit")
+        if not args.no_straightforward:
+            kinds.append("straightforward")
+        outs = {k: work / f"out-{k}" for k in kinds}
+        # prime the cached case's architecture cache (untimed)
+        run_child(hf_argv(work / "out-prime"), env={"HF_LLMC_CACHE": str(cached)})
+        shutil.rmtree(work / "out-prime", ignore_errors=True)
+
+        # With the family table, a known family's merge writes nothing to the cache: both cases are the same work.
+        cache_written = cached.is_dir() and any(cached.rglob("*"))
+        bench = Harness("merge_speed", "Merge speed and memory", quick=args.quick or args.runs < 3, note=args.note)
+        params = {"sizes": sizes, "layers": layers, "alpha": args.alpha, "params_m": built["params_m"],
+                  "checkpoint_gb": built["checkpoint_gb"], "methods": kinds, "architecture_cache_written": cache_written}
+        if mk_exe:
+            params["mergekit_version"] = MERGEKIT_VERSION
+            params["mergekit_config"] = mk_config.read_text().replace(str(a), "A").replace(str(b), "B")
+            params["mergekit_command"] = "mergekit-yaml config.yml OUT (default options)"
+        states = ("cold", "warm") if args.cache == "both" else (args.cache,)
+        equal = {}
+        for state in states:
+            methods = []
+            for kind in kinds:
+                out = outs[kind]
+                if kind == "hf-llmc-first":
+                    m = Method(kind, hf_argv(out), env={**env, "HF_LLMC_CACHE": str(first)},
+                               prepare=fresh(kind, state, lambda: shutil.rmtree(first, ignore_errors=True)))
+                elif kind == "hf-llmc":
+                    m = Method(kind, hf_argv(out), env={**env, "HF_LLMC_CACHE": str(cached)}, prepare=fresh(kind, state))
+                elif kind == "mergekit":
+                    m = Method(kind, [str(mk_exe), str(mk_config), str(out)], env=env, prepare=fresh(kind, state))
+                else:
+                    m = Method(kind, [py, __file__, "--worker", kind, "--a", str(a), "--b", str(b), "--out", str(out),
+                                      "--layers", layers, "--alpha", repr(args.alpha)], env=env, prepare=fresh(kind, state))
+                m.timeout = 3600
+                methods.append(m)
+            bench.run(state, methods, runs=args.runs, warmup=1, page_cache=state)
+            for kind in kinds[1:]:
+                check = run_child([py, __file__, "--compare", str(outs["hf-llmc-first"]), str(outs[kind])])
+                equal[f"hf-llmc-first vs {kind} ({state})"] = check
+                print(f"[{state}] outputs hf-llmc-first vs {kind}: {'equal' if check['equal'] else 'DIFFERENT'} "
                       f"({check['tensors']} tensors, max abs diff {check['max_abs_diff']:g})")
-            result["conditions"][cache] = cond
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-        if not equal:
-            raise SystemExit(1)
+            for ref in ("mergekit", "straightforward"):
+                if ref in kinds:
+                    for kind in ("hf-llmc-first", "hf-llmc"):
+                        r = bench.ratio(state, kind, ref, ("wall_s", "cpu_s", "peak_rss_mb"))
+                        print(f"[{state}] {kind} / {ref}: wall x{r['wall_s']['median']:.2f} "
+                              f"({r['wall_s']['min']:.2f}-{r['wall_s']['max']:.2f}), "
+                              f"peak RSS x{r['peak_rss_mb']['median']:.2f}")
+        bench.checks["outputs_equal"] = equal
+        if args.profile:
+            shutil.rmtree(first, ignore_errors=True)
+            shutil.rmtree(work / "out-profile", ignore_errors=True)
+            prof = import_profile(hf_argv(work / "out-profile"), {**env, "HF_LLMC_CACHE": str(first)})
+            bench.checks["import_profile_first_merge"] = prof
+            print(f"imports of a first merge: {prof}")
+        path = results_path(args, "merge_speed")
+        if path:
+            bench.save(params=params, path=path)
+        return 0 if all(v["equal"] for v in equal.values()) else 1
     finally:
-        if not args.keep and not args.workdir:
+        if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,9 +27,14 @@ with their ratios, and how many sequential decisions agree with the full-budget 
 interval excludes the threshold. Exit status 1 when a pair saves less than 3x the tokens or a
 decision disagrees.
 
-    python benchmarks/sequential_speed.py                  # both pairs, default budget (~7 min on 2 cores)
+Each of ``--runs`` runs (default 3) of a pair is a fresh process started by the shared harness
+(``benchmarks/harness.py``) that builds the pair, then runs both scans, their order alternating
+between runs; tokens, CPU time and wall time of each scan are reported with their median and range
+and written to ``benchmarks/results/sequential_speed.json``.
+
+    python benchmarks/sequential_speed.py                  # both pairs, default budget, 3 runs (~20 min on 2 cores)
     python benchmarks/sequential_speed.py --pairs stdlib   # one pair
-    python benchmarks/sequential_speed.py --quick          # 4 blocks, 16k tokens, about a minute
+    python benchmarks/sequential_speed.py --quick          # 4 blocks, 16k tokens, 3 runs (a few minutes)
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import argparse
 import ast
 import json
 import math
+import os
 import random
 import sys
 import sysconfig
@@ -47,6 +53,12 @@ import zlib
 from pathlib import Path
 
 import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from harness import Harness, Method, child_env, common_arguments, report as harness_report, results_path  # noqa: E402
 
 FULL = {"num_layers": 12, "hidden_size": 64, "num_heads": 4, "vocab_size": 512, "max_positions": 256,
         "pretrain_steps": 10, "finetune_steps": 120, "seq_len": 64, "batch_size": 8, "lr": 5e-3,
@@ -226,7 +238,8 @@ def evaluated_tokens(rows: list[dict]) -> int:
     return sum(ends.values()) + sum(r["tokens"] for r in rows if r.get("kind") != "endpoint")
 
 
-def run(kind: str, sizes: dict, threshold: float, rule: str, threads: int | None, root: Path) -> dict:
+def run(kind: str, sizes: dict, threshold: float, rule: str, threads: int | None, root: Path,
+        order: tuple[str, ...] = ("full", "sequential")) -> dict:
     from hf_llmc import DataConfig, ModelPair, ScanConfig, SequentialConfig, run_scan
     from hf_llmc.config.data import DEFAULT_MAX_TOKENS
 
@@ -245,10 +258,11 @@ def run(kind: str, sizes: dict, threshold: float, rule: str, threads: int | None
     pair.evaluator(blocks).run([0])  # warm-up (first-forward costs) outside both timings
 
     seq_cfg = SequentialConfig(decide=threshold, rule=rule)
+    configs = {"full": ScanConfig(), "sequential": ScanConfig(sequential=seq_cfg)}
     wall, cpu, rows = {}, {}, {}
-    for name, cfg in (("full", ScanConfig()), ("sequential", ScanConfig(sequential=seq_cfg))):
+    for name in order:
         t0, c0 = time.perf_counter(), time.process_time()
-        rows[name] = run_scan(pair, blocks, cfg, root / name, progress=False)
+        rows[name] = run_scan(pair, blocks, configs[name], root / name, progress=False)
         wall[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
 
     full = {r["group"]: r for r in rows["full"] if r.get("kind") != "endpoint"}
@@ -280,11 +294,11 @@ def run(kind: str, sizes: dict, threshold: float, rule: str, threads: int | None
         "tokens_evaluated": tokens, "token_ratio": tokens["full"] / tokens["sequential"],
         "wall_ratio": wall["full"] / wall["sequential"], "cpu_ratio": cpu["full"] / cpu["sequential"],
         "decided_full": decided_full, "agree": agree, "undecided_sequential": undecided_seq, "disagree": disagree,
-        "groups": table,
+        "groups": table, "order": list(order),
     }
 
 
-def report(res: dict) -> None:
+def show(res: dict) -> None:
     print(f"\n== {res['pair']} pair: {res['blocks']} blocks x {res['seq_len']} tokens, L_A {res['loss_a']:.3f}, "
           f"L_B {res['loss_b']:.3f}, threshold T = {res['threshold']} nats, rule {res['rule']}, {res['threads']} "
           f"thread(s); pair built in {res['build_s']} s")
@@ -307,25 +321,70 @@ def report(res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="Tiny sizes (about a minute).")
+    common_arguments(parser)
     parser.add_argument("--pairs", default=",".join(PAIRS), help="Comma-separated: synthetic, stdlib.")
     parser.add_argument("--decide", type=float, default=0.05, help="Threshold T of the sequential run (nats).")
     parser.add_argument("--rule", default="robust", choices=["robust", "fast"], help="The sequential rule.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 gives stable numbers on a shared machine).")
-    parser.add_argument("--json-out", help="Write the results as JSON here.")
+    parser.add_argument("--json-out", help="Also write the last run of every pair (every group) as JSON here.")
+    parser.add_argument("--child", nargs=2, metavar=("PAIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.child:  # one run of one pair, in a fresh process started by the harness
+        kind, out = args.child
+        order = ("sequential", "full") if os.environ.get("SEQ_BENCH_ORDER") == "sequential-first" else ("full", "sequential")
+        with tempfile.TemporaryDirectory(prefix=f"hf-llmc-seq-speed-{kind}-") as tmp:
+            res = run(kind, sizes, args.decide, args.rule, args.threads, Path(tmp), order)
+        Path(out).write_text(json.dumps(res, indent=2) + "\n")
+        t = res["tokens_evaluated"]
+        harness_report(tokens_full=t["full"], tokens_sequential=t["sequential"], token_ratio=res["token_ratio"],
+                       cpu_full_s=res["cpu_s"]["full"], cpu_sequential_s=res["cpu_s"]["sequential"],
+                       cpu_ratio=res["cpu_ratio"], wall_full_s=res["wall_s"]["full"],
+                       wall_sequential_s=res["wall_s"]["sequential"], wall_ratio=res["wall_ratio"],
+                       build_s=res["build_s"], decided_full=res["decided_full"], agree=res["agree"],
+                       undecided_sequential=res["undecided_sequential"], disagree=res["disagree"])
+        return 0
     kinds = [k.strip() for k in args.pairs.split(",") if k.strip()]
     if not kinds or set(kinds) - set(PAIRS):
         parser.error(f"--pairs: use {', '.join(PAIRS)}")
-    results = []
-    for kind in kinds:
-        with tempfile.TemporaryDirectory(prefix=f"hf-llmc-seq-speed-{kind}-") as tmp:
-            results.append(run(kind, QUICK if args.quick else FULL, args.decide, args.rule, args.threads, Path(tmp)))
-        report(results[-1])
+    bench = Harness("sequential_speed", "Sequential estimation", quick=args.quick or args.runs < 3, note=args.note)
+    results, ok = [], True
+    with tempfile.TemporaryDirectory(prefix="hf-llmc-seq-speed-runs-") as tmp:
+        for kind in kinds:
+            last = Path(tmp) / f"{kind}.json"
+            argv_child = [sys.executable, __file__, "--child", kind, str(last), "--decide", repr(args.decide),
+                          "--rule", args.rule, "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+            method = Method("both scans", argv_child, env=child_env(OMP_NUM_THREADS=str(args.threads)))
+            rounds = [0]
+
+            def alternate(method=method, rounds=rounds) -> None:  # the two scans' order alternates between runs
+                method.env["SEQ_BENCH_ORDER"] = "full-first" if rounds[0] % 2 == 0 else "sequential-first"
+                rounds[0] += 1
+
+            method.prepare = alternate
+            cond = bench.run(f"{kind} pair, single-block scan", [method], runs=args.runs, warmup=0,
+                             description="in-process warm-up: one forward before both scans")
+            res = json.loads(last.read_text())
+            show(res)
+            sm = cond["methods"]["both scans"]["summary"]
+
+            def spread(key: str, digits: int = 1, sm=sm) -> str:
+                x = sm[key]
+                return f"{x['median']:.{digits}f} ({x['min']:.{digits}f}-{x['max']:.{digits}f})"
+
+            print(f"over {args.runs} runs: tokens ratio {spread('token_ratio')}x, CPU-time ratio {spread('cpu_ratio')}x, "
+                  f"wall-time ratio {spread('wall_ratio')}x; disagreements at most {sm['disagree']['max']:.0f}")
+            ok &= sm["disagree"]["max"] == 0 and (args.quick or sm["token_ratio"]["min"] >= MIN_TOKEN_RATIO)
+            results.append(res)
+    path = results_path(args, "sequential_speed")
+    if path:
+        bench.save(params={"sizes": results[-1]["sizes"], "threshold": args.decide, "rule": args.rule,
+                           "threads": args.threads, "pairs": kinds},
+                   path=path, last_run={r["pair"]: {"blocks": r["blocks"], "seq_len": r["seq_len"], "groups": r["groups"]}
+                                        for r in results})
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
-    ok = all(r["disagree"] == 0 and (args.quick or r["token_ratio"] >= MIN_TOKEN_RATIO) for r in results)
     return 0 if ok else 1
 
 

@@ -105,8 +105,9 @@ def mark_undecided(ax: Axes, summary: dict, cols: list[tuple[str, float]]) -> in
 
 
 def interval_contains_zero(point: dict, z: float = 1.96) -> bool:
-    """Whether a curve point's barrier is not told apart from 0: its sequential interval, else
-    barrier ± 1.96 standard errors (95 %), contains 0.
+    """Whether a curve point's barrier is not told apart from 0.
+
+    Its sequential interval, else barrier ± 1.96 standard errors (95 %), contains 0.
 
     Args:
         point: a curve entry of the summary (``barrier``, ``barrier_se``, maybe ``interval``).
