@@ -230,3 +230,18 @@ def test_run_demo_writes_scan_report_merge_and_card(tmp_path):
     with pytest.raises(OutputExistsError):
         run_demo(out, progress=False, **tiny)
     assert not list(tmp_path.glob(".demo.tmp-*"))  # no temporary folder left behind
+
+
+@pytest.mark.slow
+def test_default_demo_resolves_every_group(tmp_path):
+    """``hf-llmc demo`` as shipped: every group's barrier has a standard error of at most 0.02
+    nats, so the heatmap tells a costly layer from a free one (about 40 s on 2 cores)."""
+    from hf_llmc.cli.demo import run_demo
+
+    parts = run_demo(tmp_path / "demo", progress=False)
+    summary = json.loads((parts["scan"] / "summary.json").read_text())
+    ses = [v["barrier_mid_se"] for g in summary["groups"] for v in g["bases"].values()]
+    assert len(ses) == 2 * len(summary["groups"]) and max(ses) <= 0.02, max(ses)
+    # some groups are clearly costly
+    assert max(v["barrier_mid"] for g in summary["groups"] for v in g["bases"].values()) > 0.1
+    assert (parts["scan"] / "heatmap.png").is_file()

@@ -110,3 +110,24 @@ def test_cumulative_curves(runs):
             row = rows[p["group"]]
             assert row["blocks"] == list(range(first(p["k"]), first(p["k"]) + p["k"]))
             assert p["a"] == row["barrier"]
+
+
+def test_cells_whose_interval_contains_zero_are_framed():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hf_llmc.outputs.report import interval_contains_zero, mark_zero_inside
+
+    assert interval_contains_zero({"barrier": 0.01, "barrier_se": 0.01})
+    assert not interval_contains_zero({"barrier": 0.05, "barrier_se": 0.01})
+    assert interval_contains_zero({"barrier": 0.2, "barrier_se": 0.001, "interval": [-0.01, 0.4]})  # sequential: its own
+    assert not interval_contains_zero({"barrier": None, "barrier_se": None})
+    summary = {"groups": [{"group": g, "bases": {"a": {"curve": [{"alpha": 0.5, "barrier": b, "barrier_se": 0.01}]}}}
+                          for g, b in (("attn.0", 0.3), ("mlp.0", 0.005), ("norm.0", -0.015))]}
+    fig, ax = plt.subplots()
+    assert mark_zero_inside(ax, summary, [("a", 0.5)]) == 2
+    framed = [p for p in ax.patches if p.get_linestyle() == ":"]
+    assert sorted(round(p.get_y() + p.get_height() / 2) for p in framed) == [1, 2]  # the rows of mlp.0, norm.0
+    plt.close(fig)
