@@ -94,14 +94,21 @@ def mark_undecided(ax: Axes, summary: dict, cols: list[tuple[str, float]]) -> in
     from matplotlib.patches import Rectangle
 
     marked = 0
+    for i, j, point in _cells(summary, cols):
+        if point.get("decision") == "undecided":
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="black",
+                                   linewidth=0.0, alpha=0.6))
+            marked += 1
+    return marked
+
+
+def _cells(summary: dict, cols: list[tuple[str, float]]):
+    """``(row, column, curve point)`` of every heatmap cell that has a point."""
     for i, g in enumerate(summary.get("groups", [])):
         for j, (base, alpha) in enumerate(cols):
-            curve = {p["alpha"]: p for p in g["bases"].get(base, {}).get("curve", [])}
-            if curve.get(alpha, {}).get("decision") == "undecided":
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="black",
-                                       linewidth=0.0, alpha=0.6))
-                marked += 1
-    return marked
+            point = {p["alpha"]: p for p in g["bases"].get(base, {}).get("curve", [])}.get(alpha)
+            if point is not None:
+                yield i, j, point
 
 
 def interval_contains_zero(point: dict, z: float = 1.96) -> bool:
@@ -137,13 +144,11 @@ def mark_zero_inside(ax: Axes, summary: dict, cols: list[tuple[str, float]]) -> 
     from matplotlib.patches import Rectangle
 
     marked = 0
-    for i, g in enumerate(summary.get("groups", [])):
-        for j, (base, alpha) in enumerate(cols):
-            point = {p["alpha"]: p for p in g["bases"].get(base, {}).get("curve", [])}.get(alpha)
-            if point is not None and interval_contains_zero(point):
-                ax.add_patch(Rectangle((j - 0.46, i - 0.42), 0.92, 0.84, fill=False, linestyle=":", edgecolor="black",
-                                       linewidth=1.2))
-                marked += 1
+    for i, j, point in _cells(summary, cols):
+        if interval_contains_zero(point):
+            ax.add_patch(Rectangle((j - 0.46, i - 0.42), 0.92, 0.84, fill=False, linestyle=":", edgecolor="black",
+                                   linewidth=1.2))
+            marked += 1
     return marked
 
 
