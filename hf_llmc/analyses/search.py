@@ -305,6 +305,9 @@ class SearchRunner:
         out_dir: the output folder.
         batch_size: blocks per forward (default: automatic).
         progress: print one line per accepted move and per phase on stderr.
+
+    Raises:
+        SearchError: not exactly two sets, bad settings, or a set with fewer than 4 token blocks.
     """
 
     def __init__(self, pair: ModelPair, sets: dict[str, TokenBlocks], cfg: SearchConfig, out_dir: str | os.PathLike, *,
@@ -451,6 +454,9 @@ class SearchRunner:
         Returns:
             ``estimate``, ``se``, ``interval``, ``verdict`` (``better`` / ``worse`` / ``tie``), ``blocks``
             and ``stop_reason``.
+
+        Raises:
+            SearchError: a non-finite loss difference.
         """
         N = s.order.numel()
         if self.cfg.full_budget:
