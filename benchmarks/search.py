@@ -244,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         cond = bench.run("stdlib pair", [method], runs=args.runs, warmup=0,
                          description="in-process warm-up: one forward before both searches")
         res = json.loads(last.read_text())
-    show(res)
     sm = cond["methods"]["both searches"]["summary"]
     ok = args.quick or (sm["token_ratio"]["min"] >= MIN_TOKEN_RATIO and sm["beats_uniform"]["min"] == 1)
     path = results_path(args, "search")
     if path:
         bench.save(params={**sizes, "seq_len": SEQ_LEN, "threads": args.threads}, path=path, last_run=res)
+    show(res)
     return 0 if ok else 1
 
 
