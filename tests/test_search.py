@@ -240,3 +240,16 @@ def test_command_line(setup, tmp_path, capsys):
     assert main(argv[:-2] + ["--pick", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "--pick nope" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert math.isfinite(m["result"]["chosen"]["worst_increase"])
+
+
+def test_recipe_search_step_is_checked(setup, tmp_path, capsys):
+    s = setup["sets"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"pairs: [{{name: p, a: {{model: {setup['demo'].a}}}, b: {{model: {setup['demo'].b}}}}}]\n"
+        f"steps:\n  - search: {{sets: [recipes={s['recipes']}, reports={s['reports']}], pick: recipes, directions: '0.5'}}\n")
+    assert main(["run", str(recipe), "--check", "--out", str(tmp_path / "runs")]) == 0
+    assert "p/search" in capsys.readouterr().out
+    recipe.write_text(recipe.read_text().replace(f", reports={s['reports']}", ""))
+    assert main(["run", str(recipe), "--check", "--out", str(tmp_path / "runs")]) == 2
+    assert "exactly 2 named sets" in capsys.readouterr().err
