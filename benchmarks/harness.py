@@ -742,6 +742,9 @@ def render_search(r: dict) -> str:
                 for k, label in (("a", "A"), ("b", "B"), ("uniform", "uniform average"))]
         body.append(["balanced point (sequential search)"] + [fmt(ch[n]["loss"], 4) for n in names])
         out += [_table(["held-out loss (nats)"] + names, body), ""]
+        amap = ", ".join(f"{g} {a:g}" for g, a in ch["alphas"].items())
+        out.append(f"α map of the balanced point (0 = A, 1 = B): {amap}.")
+        out.append("")
         versus = "; ".join(f"`{n}` {ch[n]['vs_uniform']['mean']:+.4f} [{ch[n]['vs_uniform']['interval'][0]:+.4f}, "
                            f"{ch[n]['vs_uniform']['interval'][1]:+.4f}]" for n in names)
         out.append(f"Balanced point − uniform average on held-out blocks, per set (paired, 95 %): {versus}. Worst-case "
