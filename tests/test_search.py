@@ -220,6 +220,7 @@ def test_full_budget_search_evaluates_every_search_block(setup, tmp_path):
     seq = [json.loads(line) for line in (setup["out"] / "search.jsonl").read_text().splitlines()]
     first = next(r for r in seq if r["kind"] == "comparison")  # the same first move, on more blocks
     assert rows[0]["candidate"] == first["candidate"] and rows[0]["tokens"] >= first["tokens"]
+    assert outcome.manifest["interval_method"] == "student-t-fixed" and outcome.manifest["status"] == "complete"
 
 
 def test_command_line(setup, tmp_path, capsys):
