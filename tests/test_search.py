@@ -197,6 +197,8 @@ def test_resume_gives_the_uninterrupted_result(setup, tmp_path):
     again = search_and_merge(setup["pair"], setup["sets"], SearchConfig(**QUICK), out, data=setup["data"], resume=True)
     assert again.manifest["status"] == "complete"
     assert again.manifest["result"] == full["result"]
+    # recorded comparisons count their tokens once; after the resume the incumbent's blocks are evaluated again
+    assert again.manifest["tokens"]["search"] >= full["tokens"]["search"]
     # 2. killed mid-write: a truncated last line is dropped and the search continues
     out2 = tmp_path / "killed"
     shutil.copytree(setup["out"], out2, ignore=shutil.ignore_patterns("merged"))

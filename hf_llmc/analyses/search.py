@@ -569,6 +569,8 @@ class SearchRunner:
                 key = (row["incumbent"], row["candidate"], tuple(row["sets"]))
                 self.done[key] = row
                 self.tokens["search"] += int(row.get("tokens", 0))
+            elif row.get("kind") in ("front", "heldout"):
+                self.tokens[row["kind"]] += int(row.get("tokens", 0))
 
     # -- phases ---------------------------------------------------------------------------------------
     def uniform(self, alpha: float) -> tuple[float, ...]:
@@ -629,10 +631,12 @@ class SearchRunner:
             row = recorded.get(key)
             if row is None:
                 means = {}
+                before = self.tokens["front"]
                 for s in self.sets:
                     means[s.name] = float(self.losses(s, cand, self.front_blocks(s), None, "front").mean())
                 row = {"kind": "front", "group": "", "candidate": key, "means": means,
-                       "blocks": {s.name: self.front_blocks(s) for s in self.sets}}
+                       "blocks": {s.name: self.front_blocks(s) for s in self.sets},
+                       "tokens": self.tokens["front"] - before}
                 self._write(row)
                 recorded[key] = row
             out[key] = (row["means"][self.names[0]], row["means"][self.names[1]])
@@ -660,7 +664,8 @@ class SearchRunner:
                 stats = check_finite(s.ev.run(s.holdout, state=("heldout", key)), f"set {s.name}, candidate {key}")
                 self.tokens["heldout"] += stats.tokens
                 losses = [float(v) for v in stats.block_loss]
-                self._write({"kind": "heldout", "group": "", "candidate": key, "set": s.name, "losses": losses})
+                self._write({"kind": "heldout", "group": "", "candidate": key, "set": s.name, "losses": losses,
+                             "tokens": stats.tokens})
                 recorded.setdefault(key, {})[s.name] = losses
         return {alpha_key(c): recorded[alpha_key(c)] for c in candidates}
 
