@@ -256,3 +256,20 @@ def test_recipe_search_step_is_checked(setup, tmp_path, capsys):
     recipe.write_text(recipe.read_text().replace(f", reports={s['reports']}", ""))
     assert main(["run", str(recipe), "--check", "--out", str(tmp_path / "runs")]) == 2
     assert "exactly 2 named sets" in capsys.readouterr().err
+
+
+def test_prefix_reuse_gives_the_numbers_of_full_forwards(setup, tmp_path):
+    """Candidates evaluated from the incumbent's cached hidden states (the default) and through the
+    whole model (prefix=False) give the same comparisons."""
+    out = tmp_path / "no-prefix"
+    search_and_merge(setup["pair"], setup["sets"], SearchConfig(**{**QUICK, "directions": "0.5", "prefix": False}), out,
+                     data=setup["data"], write_merge=False)
+    plain = [json.loads(line) for line in (out / "search.jsonl").read_text().splitlines()]
+    plain = [r for r in plain if r["kind"] == "comparison"]
+    reused = [json.loads(line) for line in (setup["out"] / "search.jsonl").read_text().splitlines()]
+    reused = [r for r in reused if r["kind"] == "comparison" and r["direction"] == 0.5]
+    assert [r["candidate"] for r in plain] == [r["candidate"] for r in reused]
+    for p, r in zip(plain, reused):
+        assert p["accepted"] == r["accepted"]
+        for name, v in p["sets"].items():
+            assert v["estimate"] == pytest.approx(r["sets"][name]["estimate"], rel=1e-6, abs=1e-9)

@@ -692,7 +692,8 @@ class SearchRunner:
         try:
             with RowWriter(self.out / ROWS) as self.writer:
                 ends, status = self.search()
-                paths = [self.uniform(a) for a in self.grid]
+                line = sorted(set(self.grid) | {0.0, 0.5, 1.0})  # A and B are path points whatever the grid
+                paths = [self.uniform(a) for a in line]
                 candidates = list(dict.fromkeys(paths + ends))
                 means = self.front(candidates)
                 keys = pareto_front(means)
@@ -708,7 +709,7 @@ class SearchRunner:
             for s in self.sets:
                 s.ev.invalidate()
         self.seconds = time.perf_counter() - t0
-        result = summarize(self.names, [g.label for g in self.groups], self.grid, ends, means, keys, chosen, held,
+        result = summarize(self.names, [g.label for g in self.groups], line, ends, means, keys, chosen, held,
                            self.cfg)
         manifest = self.manifest(status, result)
         write_json_atomic(self.out / MANIFEST, manifest)

@@ -319,6 +319,8 @@ def search_command(source_a: str, source_b: str, sets: dict[str, str], cfg: Sear
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
+    if not cfg.prefix:
+        argv.append("--no-prefix")
     if data is not None:
         if data.seq_len:
             argv += ["--seq-len", str(data.seq_len)]
