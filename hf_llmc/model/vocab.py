@@ -104,6 +104,12 @@ def check_added_tokens_only(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBa
                 else:
                     extra = "; the merges differ" if isinstance(ma, dict) and ma == mb else ""
             raise PairError(f"{head}: {label} differs{extra}; only added tokens may differ")
+    added_a = {t["content"]: t for t in da.get("added_tokens") or []}
+    added_b = {t["content"]: t for t in db.get("added_tokens") or []}
+    for content in sorted(added_a.keys() & added_b.keys()):
+        if added_a[content] != added_b[content]:
+            raise PairError(f"{head}: the added token {content!r} has other settings in A and B "
+                            "(id, special, normalized, lstrip/rstrip or single_word)")
     for role in _ROLES:
         ta, tb = getattr(a, role, None), getattr(b, role, None)
         if ta is not None and tb is not None and str(ta) != str(tb):

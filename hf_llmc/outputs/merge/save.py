@@ -91,9 +91,10 @@ def copy_base_files(folder: Path, dest: Path, dtype: str | None = None) -> list[
 
 
 def write_union_vocabulary(pair: ModelPair, dest: Path) -> list[str]:
-    """The union vocabulary of a pair whose vocabularies differ (:mod:`hf_llmc.model.vocab`): the
-    superset tokenizer (or the built union) replaces the base's tokenizer files, and ``vocab_size``
-    in ``config.json`` becomes the union matrices' rows.
+    """Write the union vocabulary of a pair whose vocabularies differ (:mod:`hf_llmc.model.vocab`).
+
+    The superset tokenizer (or the built union) replaces the base's tokenizer files, and
+    ``vocab_size`` in ``config.json`` becomes the union matrices' rows.
 
     Args:
         pair: the pair (``pair.vocab`` set).
