@@ -284,9 +284,10 @@ def test_cli_barrier_merge_and_layers(vocab_pair, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vocabulary: 297 shared tokens; A adds 1 ('<pad>'), B adds 3" in out
     assert json.loads(report.read_text())["vocabulary"]["shared_tokens"] == BASE
-    assert main(["merge", a, b, "--layers", "block.*,embed,head", "--alpha", "0.5", "--added-rows", "mean-init",
+    assert main(["merge", a, b, "--layers", "block.*,embed,final_norm,head", "--alpha", "0.5", "--added-rows", "mean-init",
                  "--out", str(tmp_path / "merged")]) == 0
-    assert "--added-rows mean-init" in (tmp_path / "merged" / "README.md").read_text()
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "--added-rows mean-init" in card and "- Vocabulary: the union of A's and B's" in card
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.vocab_size == ROWS
     capsys.readouterr()
     assert main(["layers", a, b, "--json"]) == 0

@@ -247,7 +247,7 @@ class VocabMap:
 
     # -- tokens ---------------------------------------------------------------------------------
     def lacking(self, ids: torch.Tensor) -> tuple[int, str] | None:
-        """The first token id in ``ids`` that A or B lacks, and which: ``(id, "A")``; None when all are shared."""
+        """The first token id in ``ids`` that A or B lacks, and which: ``(id, "model A")``; None when all are shared."""
         flat = ids.reshape(-1)
         if flat.numel() == 0:
             return None
@@ -258,8 +258,8 @@ class VocabMap:
             return None
         first = int(flat[bad.nonzero()[0, 0]])
         if not 0 <= first < self.union_size:
-            return first, "A and B"
-        return first, "A" if int(self.index_a[first]) < 0 else "B"
+            return first, "either model"
+        return first, "model A" if int(self.index_a[first]) < 0 else "model B"
 
     def check_ids(self, ids: torch.Tensor) -> None:
         """Refuse evaluation tokens that A or B lacks (both endpoints are evaluated).
@@ -272,7 +272,7 @@ class VocabMap:
             token_id, who = found
             token = self.tokenizer.convert_ids_to_tokens(token_id) if 0 <= token_id < self.union_size else None
             shown = f"token {token!r} (id {token_id})" if token is not None else f"token id {token_id}"
-            raise DataError(f"the evaluation text contains {shown}, which model {who} lacks; "
+            raise DataError(f"the evaluation text contains {shown}, which {who} lacks; "
                             "only tokens of the shared vocabulary can be evaluated on both models")
 
     def describe(self) -> dict:
@@ -330,8 +330,9 @@ def build_vocab_map(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, rows
             index_a[i] = va[t]
         if t in vb:
             index_b[i] = vb[t]
-    index_a[union_size:rows_a] = torch.arange(union_size, rows_a) if rows_a > union_size else index_a[union_size:rows_a]
-    index_b[union_size:rows_b] = torch.arange(union_size, rows_b) if rows_b > union_size else index_b[union_size:rows_b]
+    for index, own_rows in ((index_a, rows_a), (index_b, rows_b)):  # padding rows past the union keep their index
+        if own_rows > union_size:
+            index[union_size:own_rows] = torch.arange(union_size, own_rows)
     added_a = sorted(((t, vu[t]) for t in va.keys() - vb.keys()), key=lambda kv: kv[1])
     added_b = sorted(((t, vu[t]) for t in vb.keys() - va.keys()), key=lambda kv: kv[1])
     return VocabMap(tok, source, union_size, rows, rows_a, rows_b, index_a, index_b, len(va.keys() & vb.keys()),

@@ -90,11 +90,13 @@ def merge_card(
     repo_id: str | None = None,
     hub_id_a: str | None = None,
     hub_id_b: str | None = None,
+    vocabulary: str | None = None,
 ) -> str:
     """Render the card of a merge (``plan``/``spec`` from :mod:`hf_llmc.outputs.merge`) as README.md text.
 
     ``base_model`` holds Hub repo ids only: ``hub_id_a`` / ``hub_id_b`` where given, else a model
     given as a Hub id; a local folder without a Hub id is named in the card's body only.
+    ``vocabulary``: how the two vocabularies differ, when they do (a line of the card).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -142,6 +144,7 @@ def merge_card(
         numel_total=plan.numel_total,
         fraction_changed=plan.fraction_changed,
         revisions=revisions,
+        vocabulary=vocabulary,
         evaluation=evaluation,
         auto=auto.to_dict() if hasattr(auto, "to_dict") else auto,
         command=command,

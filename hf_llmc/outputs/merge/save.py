@@ -260,6 +260,7 @@ def save_merged(
                 evaluation=evaluation, auto=auto, license_folder=pair.ckpt_a.folder,
                 model_name=output_path(out_dir).name, repo_id=push.push_to_hub if push else None,
                 hub_id_a=hub_id_a, hub_id_b=hub_id_b,
+                vocabulary=pair.vocab.summary().removeprefix("vocabulary: ") if getattr(pair, "vocab", None) else None,
             )
             write_text_atomic(tmp / CARD_FILE, text)
             files.append(CARD_FILE)
