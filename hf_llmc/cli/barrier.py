@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, sequential=sequential)
     if not is_main_process():
         return 0  # only process 0 prints and writes
+    if pair.vocab is not None:
+        console.print(pair.vocab.summary())
     table = Table(title=f"barrier of {args.layers or 'the full model'} (base {args.base.upper()}, {args.method})")
     estimates = result.extra.get("barrier_curve")  # sequential: regression estimates per alpha
     for col in ("alpha", "loss", "perplexity", "accuracy", "loss - reference" if estimates is None else "barrier (estimate)"):

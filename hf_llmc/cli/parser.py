@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "layers", "layers", "List the addressable layer groups of a model.")
     p.add_argument("model", help="Local folder or Hub id.")
+    p.add_argument("model_b", nargs="?", metavar="MODEL_B", help="A second model: also compare the two vocabularies (shared size, tokens added on each side, embedding rows).")
     p.add_argument("--select", help="Only the groups this spec resolves to, e.g. attn.0-3.")
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     p.add_argument("--revision", help="Hub revision.")
