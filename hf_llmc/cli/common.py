@@ -88,6 +88,17 @@ def sequential_config(args: argparse.Namespace) -> SequentialConfig | None:
     return cfg
 
 
+def print_chat_data(blocks) -> None:
+    """One line on chat data: conversations kept, truncated and dropped, and the scored tokens."""
+    chat = blocks.chat
+    if not chat:
+        return
+    how = f", assistant turns found by {chat['assistant_tokens_by']}" if chat.get("assistant_tokens_by") else ""
+    console.print(f"chat data: {chat['conversations']:,} conversations; {chat['truncated']:,} truncated to "
+                  f"--seq-len {chat['seq_len']}; {chat['dropped']:,} dropped (no scored token); loss on "
+                  f"{chat['loss_on']} tokens ({chat['scored_tokens']:,}{how})")
+
+
 def fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
