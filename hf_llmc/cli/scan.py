@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analyses.scan import ScanRunner, run_scan
     from ..engine.data import blocks_for
     from ..outputs.report import render
-    from .common import console, load_pair, print_scan_summary
+    from .common import console, load_pair, print_chat_data, print_scan_summary
 
     shard = setup_parallel(args)
     pair = load_pair(args)
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if not is_main_process():
             return 0  # only process 0 reports
     written = render(out)
+    print_chat_data(blocks)
     print_scan_summary(json.loads(written["summary"].read_text()))
     console.print(f"results: {out / RESULTS}; report: {written['html']}")
     return 0

@@ -64,6 +64,12 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
             argv += ["--max-tokens", str(data.max_tokens)]
         if data.text_column != "text":
             argv += ["--text-column", data.text_column]
+        if getattr(data, "chat", False):
+            argv.append("--chat")
+            if data.messages_column != "messages":
+                argv += ["--messages-column", data.messages_column]
+        if getattr(data, "loss_on", None):
+            argv += ["--loss-on", data.loss_on]
     if export.dtype:
         argv += ["--dtype", export.dtype]
     for name in ("hub_id_a", "hub_id_b"):
