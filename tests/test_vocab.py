@@ -292,3 +292,40 @@ def test_cli_barrier_merge_and_layers(vocab_pair, tmp_path, capsys):
     capsys.readouterr()
     assert main(["layers", a, b, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["vocabulary"]["added_b"] == CHAT
+
+
+# -- chat data ------------------------------------------------------------------------------------------
+def test_chat_data_on_the_pair(vocab_pair, tmp_path):
+    """Chat rows are padded with the union's pad token (A's ``<pad>``, which B lacks): the padding
+    takes a shared id, and the numbers are those of each model on its conversations' scored tokens."""
+    from hf_llmc import DataConfig
+    from hf_llmc.testing import CHAT_TEMPLATE, synthetic_conversations
+
+    a = tmp_path / "a-chat"
+    shutil.copytree(vocab_pair["a"], a)
+    tok = AutoTokenizer.from_pretrained(a)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(a)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in synthetic_conversations(6, 0)))
+    pair = ModelPair.from_pretrained(a, vocab_pair["b"], device="cpu")
+    assert pair.tokenizer.pad_token == "<pad>"
+    chat = pair.blocks(DataConfig(data=str(data), chat=True, seq_len=128))
+    assert chat.lengths is not None and int(chat.lengths.min()) < chat.seq_len  # some rows are padded
+    assert pair.vocab.lacking(chat.ids) is None  # padding holds a shared id
+    result = pair.barrier(chat, layers="attn.0-1", alphas=[0, 0.5, 1])
+    for which, loss in (("a", result.loss_a), ("b", result.loss_b)):
+        model = AutoModelForCausalLM.from_pretrained(vocab_pair[which]).eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ids, scored, n in zip(chat.ids, chat.scored, chat.lengths):
+                logits = model(input_ids=ids[None, :n]).logits[0, :-1]
+                ce = torch.nn.functional.cross_entropy(logits, ids[1:n], reduction="none")
+                total += float(ce[scored[1:n]].sum())
+                count += int(scored[1:n].sum())
+        assert loss == pytest.approx(total / count, rel=2e-5), which
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi <|im_start|>"},
+                                            {"role": "assistant", "content": "ok"}]}) + "\n")
+    with pytest.raises(DataError, match=r"'<\|im_start\|>' \(id 298\), which model A lacks"):
+        pair.blocks(DataConfig(data=str(bad), chat=True, seq_len=128))

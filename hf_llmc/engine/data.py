@@ -16,6 +16,7 @@ only the tokens ``loss_on`` names are scored (:mod:`hf_llmc.engine.chat` has the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -369,6 +370,12 @@ def blocks_for(pair: ModelPair, data: DataSource) -> TokenBlocks:
             raise PairError(f"{display_name(pair.source_a)}: no tokenizer; pass token blocks instead")
         blocks = load_blocks(pair.tokenizer, data, pair.model.config)
     vocab = getattr(pair, "vocab", None)
-    if vocab is not None:
-        vocab.check_ids(blocks.ids)  # both endpoints are evaluated: every token must be shared
+    if vocab is not None:  # both endpoints are evaluated: every real token must be shared
+        if blocks.lengths is None:
+            vocab.check_ids(blocks.ids)
+        else:  # chat rows: padding is neither attended nor scored; it gets a shared id either model has
+            real = torch.arange(blocks.seq_len)[None, :] < blocks.lengths[:, None]
+            vocab.check_ids(blocks.ids[real])
+            if vocab.lacking(blocks.ids) is not None:
+                blocks = dataclasses.replace(blocks, ids=torch.where(real, blocks.ids, vocab.shared_id()))
     return blocks

@@ -261,6 +261,14 @@ class VocabMap:
             return first, "either model"
         return first, "model A" if int(self.index_a[first]) < 0 else "model B"
 
+    def shared_id(self) -> int:
+        """A token id both models have (the EOS token's when shared), e.g. for padding positions."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        shared = self.shared_tokens
+        if eos is not None and 0 <= eos < self.union_size and bool(shared[eos]):
+            return int(eos)
+        return int(shared.nonzero()[0, 0])
+
     def check_ids(self, ids: torch.Tensor) -> None:
         """Refuse evaluation tokens that A or B lacks (both endpoints are evaluated).
 
