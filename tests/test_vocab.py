@@ -329,3 +329,16 @@ def test_chat_data_on_the_pair(vocab_pair, tmp_path):
                                             {"role": "assistant", "content": "ok"}]}) + "\n")
     with pytest.raises(DataError, match=r"'<\|im_start\|>' \(id 298\), which model A lacks"):
         pair.blocks(DataConfig(data=str(bad), chat=True, seq_len=128))
+
+
+def test_merge_evaluation_is_that_of_the_written_folder(pair, vocab_pair, blocks, tmp_path):
+    """embed / head unselected: the written model still holds every union row (B's chat rows too), so
+    the card's merged loss is measured on exactly those weights, not on the path point."""
+    result = save_merged(pair, "attn.0-1=0.5", tmp_path / "merged", data=blocks, card=False)
+    written = plain_losses(tmp_path / "merged", AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict(), blocks)
+    assert result.evaluation["merged"]["loss"] == pytest.approx(mean(written), rel=2e-5)
+    assert pair.model.get_input_embeddings().weight.shape[0] == BASE + 1  # the live model is A again
+    live = pair.merge("attn.0-1=0.5")  # the live merge holds the same union rows
+    assert live.config.vocab_size == ROWS and live.get_output_embeddings().weight.shape[0] == ROWS
+    pair.interp.set_base("a")
+    assert pair.model.config.vocab_size == BASE + 1

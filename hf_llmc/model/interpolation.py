@@ -248,6 +248,8 @@ class Interpolator:
             if self.varying is None or name in self.varying:
                 self._load(base, name)
         self.base = base
+        if self.vocab is not None and self.model is not None:  # the model's own rows again
+            self.model.config.vocab_size = self.vocab.rows_a if base == "a" else self.vocab.rows_b
 
     # -- points -------------------------------------------------------------------------------
     @torch.no_grad()

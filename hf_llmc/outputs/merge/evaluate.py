@@ -36,9 +36,9 @@ def evaluate_merge(pair, spec: MergeSpec, data, *, batch_size: int | None = None
         curve[a] = stats[which] if which else check_finite(
             point(pair, ev, group, a, base=spec.base, method=spec.method), f"{group.name} at alpha={a:g}")
     result = barrier_from_stats(curve, stats["a"], stats["b"], layers=spec.describe(), base=spec.base, method=spec.method)
-    if alpha is not None:
+    if alpha is not None and getattr(pair, "vocab", None) is None:
         merged = curve[alpha]
-    else:
+    else:  # several α, or the union rows of vocabularies that differ (also where embed / head stay)
         with merged_state(pair, spec):
             merged = check_finite(ev.run(state=MERGED), "the merged model")
     out = {
