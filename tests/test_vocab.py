@@ -250,10 +250,11 @@ def test_scan_of_sublayers_equals_plain_torch(pair, vocab_pair, blocks, tmp_path
 
 
 # -- merges ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rule", ["own", "mean-init"])
-def test_merge_writes_the_union_vocabulary(vocab_pair, tmp_path, rule):
+@pytest.mark.parametrize("rule,base", [("own", "a"), ("mean-init", "a"), ("own", "b")])
+def test_merge_writes_the_union_vocabulary(vocab_pair, tmp_path, rule, base):
     out = tmp_path / f"merged-{rule}"
-    save_merged(lazy_pair(vocab_pair["a"], vocab_pair["b"], added_rows=rule), "block.*,embed,final_norm=0.5", out, card=False)
+    spec = {"layers": "block.*,embed,final_norm", "alpha": 0.5, "base": base}
+    save_merged(lazy_pair(vocab_pair["a"], vocab_pair["b"], added_rows=rule), spec, out, card=False)
     sd_a, sd_b = (load_file(vocab_pair[w] / "model.safetensors") for w in ("a", "b"))
     got = load_file(out / "model.safetensors")
     emb, head = VOCAB_KEYS
@@ -264,8 +265,8 @@ def test_merge_writes_the_union_vocabulary(vocab_pair, tmp_path, rule):
         assert torch.equal(got[emb][BASE:], want[BASE:])
     else:
         torch.testing.assert_close(got[emb][BASE:], want[BASE:], rtol=0, atol=1e-6)
-    # the unselected head is A's (the base) in the union layout: A's rows, and B's for the rows A lacks
-    torch.testing.assert_close(got[head], union_rows(sd_a[head], sd_b[head], 0.0, rule), rtol=0, atol=0)
+    # the unselected head is the base's in the union layout: its rows, and the other's for the rows it lacks
+    torch.testing.assert_close(got[head], union_rows(sd_a[head], sd_b[head], 0.0 if base == "a" else 1.0, rule), rtol=0, atol=0)
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == ROWS
     tok = AutoTokenizer.from_pretrained(out)
