@@ -161,6 +161,33 @@ def union_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> t
     return tok, "union"
 
 
+def _runs(positions: torch.Tensor, sources: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(start, source start, length)`` of the runs where both ``positions`` and ``sources`` step by one."""
+    if positions.numel() == 0:
+        return []
+    cut = ((positions[1:] - positions[:-1] != 1) | (sources[1:] - sources[:-1] != 1)).nonzero().flatten() + 1
+    starts, ends = [0, *cut.tolist()], [*cut.tolist(), positions.numel()]
+    return [(int(positions[s]), int(sources[s]), e - s) for s, e in zip(starts, ends)]
+
+
+def _copy_rows(out: torch.Tensor, src: torch.Tensor, index: torch.Tensor) -> None:
+    """``out[i] = src[index[i]]`` where ``index[i] >= 0``, cast to ``out``'s dtype, run by run."""
+    positions = (index >= 0).nonzero().flatten()
+    for start, source, length in _runs(positions, index[positions]):
+        out[start:start + length].copy_(src[source:source + length])
+
+
+def _mean_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t``'s rows where ``mask`` (run by run; one run: ``Tensor.mean``)."""
+    positions = mask.nonzero().flatten()
+    runs = _runs(positions, positions)
+    if len(runs) == 1:
+        start, _, length = runs[0]
+        return t[start:start + length].mean(dim=0)
+    total = sum(t[start:start + length].double().sum(dim=0) for start, _, length in runs)
+    return (total / positions.numel()).to(t.dtype)
+
+
 @dataclass
 class VocabMap:
     """How A's and B's vocabulary-indexed rows sit in the union matrices (see the module docstring).
@@ -222,16 +249,16 @@ class VocabMap:
             is the other side's row (so every α gives that row); with ``mean-init`` it is the mean
             of the side's own shared token rows.
         """
-        a32, b32 = a.float().movedim(dim, 0), b.float().movedim(dim, 0)
+        a0, b0 = a.movedim(dim, 0), b.movedim(dim, 0)
         have_a, have_b = self.index_a >= 0, self.index_b >= 0
-        au = torch.empty((self.rows, *a32.shape[1:]), dtype=torch.float32, device=a32.device)
+        au = torch.empty((self.rows, *a0.shape[1:]), dtype=torch.float32, device=a0.device)
         bu = torch.empty_like(au)
-        au[have_a] = a32[self.index_a[have_a]]
-        bu[have_b] = b32[self.index_b[have_b]]
+        _copy_rows(au, a0, self.index_a)  # slice by slice: no full-size temporary
+        _copy_rows(bu, b0, self.index_b)
         if self.added_rows == "mean-init":
             shared = self.shared_tokens
-            au[~have_a] = au[shared].mean(dim=0)
-            bu[~have_b] = bu[shared].mean(dim=0)
+            au[~have_a] = _mean_rows(au, shared)
+            bu[~have_b] = _mean_rows(bu, shared)
         else:
             au[~have_a] = bu[~have_a]
             bu[~have_b] = au[~have_b]

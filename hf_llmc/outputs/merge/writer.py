@@ -155,6 +155,14 @@ def _vocab_tensor(pair, job: TensorJob, plan: MergePlan, keep: float) -> torch.T
     alpha = keep if job.alpha is None else job.alpha
     if alpha == keep:
         value = au if keep == 0.0 else bu
+    elif plan.method == "lerp":  # in place on the owned union tensors (interpolation.lerp bitwise)
+        own = vocab.added_rows == "own"
+        only = vocab.only_a | vocab.only_b
+        kept = au.movedim(dim, 0)[only].clone() if own else None  # own: one-side rows are the same in au and bu
+        value = _lerp_owned(au, bu, alpha)
+        del bu
+        if own:
+            value.movedim(dim, 0)[only] = kept
     else:
         value = vocab.fix_rows(mix(au, bu, alpha, plan.method), au, bu, dim)
     value = value.to(job.dtype)
