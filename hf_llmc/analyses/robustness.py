@@ -70,12 +70,13 @@ class RobustnessRunner(ScanRunner):
         cfg: the robustness settings (validated here).
         out_dir: the output folder.
         progress: show a progress bar on a terminal.
+        prefix_store_bytes: memory for recorded base hidden states (default: automatic).
     """
 
     command = "robustness"
 
     def __init__(self, pair: ModelPair, blocks: TokenBlocks, cfg: RobustnessConfig, out_dir: str | os.PathLike, *,
-                 progress: bool = True) -> None:
+                 progress: bool = True, prefix_store_bytes: int | None = None) -> None:
         cfg.validate()
         self.rcfg = cfg
         groups = pair.groups(cfg.layers) if cfg.layers else build_plan(pair.arch, cfg.scan_config()).groups
@@ -86,7 +87,8 @@ class RobustnessRunner(ScanRunner):
             points.extend(ScanPoint(group, "a", t) for t in scfg.alpha_list())
             for s in range(cfg.samples):
                 points.extend(ScanPoint(group, "a", t, "random", s) for t in scfg.alpha_list())
-        super().__init__(pair, blocks, scfg, out_dir, progress=progress, plan=plan, points=points)
+        super().__init__(pair, blocks, scfg, out_dir, progress=progress, plan=plan, points=points,
+                         prefix_store_bytes=prefix_store_bytes)
         self._direction: tuple[tuple, dict[str, torch.Tensor]] | None = None
 
     def result_settings(self) -> dict:

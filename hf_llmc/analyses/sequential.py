@@ -845,8 +845,7 @@ def replay_many(d: np.ndarray, g: np.ndarray | None, rule: Rule, *, endpoint_blo
 
 
 def _cat(parts: list[BlockStats]) -> BlockStats:
-    return BlockStats(indices=torch.cat([p.indices for p in parts]), loss_sum=torch.cat([p.loss_sum for p in parts]),
-                      correct=torch.cat([p.correct for p in parts]), tokens_per_block=parts[0].tokens_per_block)
+    return BlockStats.cat(parts)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
@@ -907,7 +906,7 @@ class SequentialEstimator:
         stats = _cat(self._ends[which])
         if stats.indices.numel() == n:
             return stats
-        return BlockStats(stats.indices[:n], stats.loss_sum[:n], stats.correct[:n], stats.tokens_per_block)
+        return stats.take(n)
 
     def _extend(self, which: str, n: int) -> None:
         have = self.have(which)

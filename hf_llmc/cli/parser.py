@@ -66,7 +66,10 @@ def add_pair_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (), 
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    add_fields(p, DataConfig, group="evaluation data")
+    g = p.add_argument_group("evaluation data")
+    g.add_argument("--data", action="append", metavar="[NAME=]PATH", help=_help(DataConfig, "data"))
+    g.add_argument("--dataset", action="append", metavar="[SET=]NAME", help=_help(DataConfig, "dataset"))
+    add_fields(g, DataConfig, exclude=("data", "dataset"))
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic, halving on out-of-memory).")
 
 
@@ -136,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, AutoConfig, group="automatic choice")
     add_fields(p, ExportConfig, group="output")
     g = p.add_argument_group("evaluation (perplexities and barrier in the model card)")
-    g.add_argument("--eval-data", "--data", dest="data", metavar="PATH", help=_help(DataConfig, "data"))
-    g.add_argument("--eval-dataset", "--dataset", dest="dataset", metavar="NAME", help=_help(DataConfig, "dataset"))
+    g.add_argument("--eval-data", "--data", dest="data", action="append", metavar="[NAME=]PATH", help=_help(DataConfig, "data"))
+    g.add_argument("--eval-dataset", "--dataset", dest="dataset", action="append", metavar="[SET=]NAME", help=_help(DataConfig, "dataset"))
     add_fields(g, DataConfig, exclude=("data", "dataset"))
     g.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic).")
     add_fields(p, PushConfig, group="publishing")

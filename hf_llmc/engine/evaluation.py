@@ -40,12 +40,15 @@ class BlockStats:
         loss_sum: ``[n]`` float64 summed next-token cross-entropy per block (nats).
         correct: ``[n]`` int64 top-1 hits per block.
         tokens_per_block: predicted positions per block (``seq_len - 1``).
+        byte_sum: ``[n]`` int64 UTF-8 bytes of the text the predicted tokens of each block cover
+            (None when the blocks have no byte counts).
     """
 
     indices: torch.Tensor  # [n] block indices into the token-block tensor
     loss_sum: torch.Tensor  # [n] float64 summed cross-entropy (nats)
     correct: torch.Tensor  # [n] int64 top-1 hits
     tokens_per_block: int
+    byte_sum: torch.Tensor | None = None  # [n] int64 bytes covered by the predicted tokens
 
     @property
     def tokens(self) -> int:
@@ -61,6 +64,45 @@ class BlockStats:
     def accuracy(self) -> float:
         """Top-1 accuracy over all predicted tokens."""
         return float(self.correct.sum()) / self.tokens
+
+    @property
+    def bytes(self) -> int | None:
+        """UTF-8 bytes covered by all predicted tokens (None when unknown)."""
+        return None if self.byte_sum is None else int(self.byte_sum.sum())
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        """Sum of nats / (ln 2 · sum of bytes) over the predicted tokens (None when the bytes are unknown)."""
+        n = self.bytes
+        if not n:
+            return None
+        return float(self.loss_sum.sum()) / (math.log(2) * n)
+
+    def take(self, n: int) -> BlockStats:
+        """The statistics of the first ``n`` blocks.
+
+        Args:
+            n: the block count.
+
+        Returns:
+            The first ``n`` entries of every per-block tensor.
+        """
+        return BlockStats(self.indices[:n], self.loss_sum[:n], self.correct[:n], self.tokens_per_block,
+                          None if self.byte_sum is None else self.byte_sum[:n])
+
+    @staticmethod
+    def cat(parts: Sequence[BlockStats]) -> BlockStats:
+        """Join the statistics of disjoint block lists, in order.
+
+        Args:
+            parts: at least one :class:`BlockStats` of the same blocks' length.
+
+        Returns:
+            One :class:`BlockStats` (byte sums only when every part has them).
+        """
+        nbytes = None if any(p.byte_sum is None for p in parts) else torch.cat([p.byte_sum for p in parts])
+        return BlockStats(torch.cat([p.indices for p in parts]), torch.cat([p.loss_sum for p in parts]),
+                          torch.cat([p.correct for p in parts]), parts[0].tokens_per_block, nbytes)
 
     @property
     def perplexity(self) -> float:
@@ -81,9 +123,13 @@ class BlockStats:
         """The summary numbers as JSON-ready data.
 
         Returns:
-            ``loss``, ``perplexity``, ``accuracy`` and ``tokens``.
+            ``loss``, ``perplexity``, ``accuracy``, ``tokens`` and, when the bytes are known,
+            ``bits_per_byte`` and ``bytes``.
         """
-        return {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+        out = {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+        if self.byte_sum is not None:
+            out.update(bits_per_byte=self.bits_per_byte, bytes=self.bytes)
+        return out
 
 
 class Shard(Protocol):
@@ -139,6 +185,8 @@ class Evaluator:
         cache_device: where cached hidden states are kept (default: the model's device).
         shard: the data-parallel share of this process (None: every block here).
         prefix_store_bytes: memory for hidden states recorded by ``run(record=True)`` (0 = off).
+        byte_counts: ``[N, seq_len]`` UTF-8 bytes each token covers (:attr:`TokenBlocks.bytes`);
+            statistics then carry per-block byte sums.
     """
 
     def __init__(
@@ -151,8 +199,11 @@ class Evaluator:
         cache_device: str | torch.device | None = None,
         shard: Shard | None = None,
         prefix_store_bytes: int = 0,
+        byte_counts: torch.Tensor | None = None,
     ) -> None:
         self.model = model
+        # Bytes covered by the predicted tokens (positions 1..) of every block, summed per block.
+        self.block_bytes = None if byte_counts is None else byte_counts[:, 1:].sum(dim=1)
         # Hidden states entering every block, recorded per base state during a full forward
         # run with ``record=True`` while they fit in ``prefix_store_bytes`` (0 = off).
         self.prefix_store_bytes = prefix_store_bytes
@@ -341,7 +392,10 @@ class Evaluator:
         while True:
             try:
                 stats = self._run(local, k, record and k == 0 and self.prefix_store_bytes > 0)
-                return stats if self.shard is None else self.shard.gather(stats, indices)
+                stats = stats if self.shard is None else self.shard.gather(stats, indices)
+                if self.block_bytes is not None:
+                    stats.byte_sum = self.block_bytes[stats.indices]
+                return stats
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise
@@ -404,7 +458,8 @@ def evaluator_for(pair: ModelPair, blocks: TokenBlocks, batch_size: int | None =
         The evaluator (no prefix store).
     """
     _, block_list = find_block_list(pair.model)
-    return Evaluator(pair.model, blocks.ids, block_list, batch_size=batch_size, shard=pair.shard)
+    return Evaluator(pair.model, blocks.ids, block_list, batch_size=batch_size, shard=pair.shard,
+                     byte_counts=blocks.bytes)
 
 
 def check_finite(stats: BlockStats, what: str) -> BlockStats:
