@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from hf_llmc import DataConfig, ModelPair
+from hf_llmc import DataConfig, ModelPair, cli
 from hf_llmc.analyses.barrier import barrier, barrier_sets
 from hf_llmc.analyses.multiset import MultiSetRunner
 from hf_llmc.analyses.scan import run_scan
-from hf_llmc import cli
 from hf_llmc.config.errors import DataError
 from hf_llmc.config.scan import ScanConfig
 from hf_llmc.engine.data import sets_for

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..config.alphas import DEFAULT_ALPHAS, AlphaGrid, parse_alphas
 from ..config.errors import NonFiniteLossError, UsageError
 from ..config.scan import METHODS, Method, SequentialConfig, Which
-from ..engine.data import DataSource, SetsSource, TokenBlocks, blocks_for, sets_for
+from ..engine.data import DataSource, SetsSource, blocks_for, sets_for
 from ..engine.evaluation import BlockStats, Evaluator, check_finite, endpoint, evaluator_for, point
 from ..engine.stats import paired_standard_error
 from ..model.selection import union
