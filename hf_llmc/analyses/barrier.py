@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.alphas import DEFAULT_ALPHAS, AlphaGrid, parse_alphas
 from ..config.errors import NonFiniteLossError, UsageError
-from ..config.scan import METHODS, Method, SequentialConfig, Which
+from ..config.scan import METHODS, Method, Metric, SequentialConfig, Which
 from ..engine.data import DataSource, SetsSource, blocks_for, sets_for
 from ..engine.evaluation import BlockStats, Evaluator, check_finite, endpoint, evaluator_for, point
 from ..engine.stats import paired_standard_error
@@ -234,6 +234,7 @@ def barrier(
     prefix: bool = True,
     allow_extrapolation: bool = False,
     sequential: SequentialConfig | None = None,
+    metric: Metric = "loss",
 ) -> BarrierResult:
     """The barrier of the layer-wise path of ``layers`` into ``base``.
 
@@ -249,6 +250,8 @@ def barrier(
         allow_extrapolation: allow α outside [0, 1].
         sequential: stop as soon as the α = 0.5 point's error bar allows, on a seeded random
             subset of the blocks (see :mod:`hf_llmc.analyses.sequential`); None = every block.
+        metric: what the sequential rule decides on: ``"loss"`` (nats) or ``"bpb"`` (bits per byte;
+            its interval and ``decide`` threshold are then in bits per byte).
 
     Returns:
         The :class:`BarrierResult` (losses, accuracies, barriers with paired standard errors).
@@ -269,8 +272,13 @@ def barrier(
     ev = evaluator_for(pair, blocks, batch_size)
     group = pair.full_group() if layers is None else union(pair.groups(layers), pair.arch, layers)
     if sequential is not None:
+        scale = 1.0
+        if metric == "bpb":
+            if blocks.bpb_scale is None:
+                raise UsageError("metric='bpb': the evaluation data has no byte counts (token ids, or a tokenizer without offsets)")
+            scale = blocks.bpb_scale
         result = sequential_barrier(pair, ev, group, alphas, sequential, base=base, method=method, prefix=prefix,
-                                    layers=layers)
+                                    layers=layers, scale=scale)
     else:
         # Endpoints first, ending on the base so the path points need no extra switch.
         order = ("b", "a") if base == "a" else ("a", "b")
@@ -289,7 +297,7 @@ def barrier(
 
 def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: list[float], cfg: SequentialConfig, *,
                        base: Which = "a", method: Method = "lerp", prefix: bool = True,
-                       layers: str | None = None) -> BarrierResult:
+                       layers: str | None = None, scale: float = 1.0) -> BarrierResult:
     """:func:`barrier` with sequential estimation, evaluating only as many blocks as the error bar needs.
 
     The α = 0.5 point runs the stopping rule; every other α is then evaluated on the same n blocks.
@@ -304,6 +312,8 @@ def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: lis
         method: ``"lerp"`` or ``"slerp"`` per tensor.
         prefix: reuse the base model's hidden states before the group's first block.
         layers: the layer spec recorded in the result.
+        scale: the rule runs on per-block losses times ``scale`` (bits per byte: the blocks'
+            ``bpb_scale``); barriers are reported in nats, the interval in the rule's unit.
 
     Returns:
         The result. Losses and accuracies are measured on the n blocks; ``barrier_mid`` /
@@ -314,7 +324,7 @@ def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: lis
     Raises:
         NonFiniteLossError: an evaluation gave NaN or inf.
     """
-    est = SequentialEstimator(pair, ev, ev.blocks.shape[0], cfg)
+    est = SequentialEstimator(pair, ev, ev.blocks.shape[0], cfg, scale=scale)
     mid, outcome = est.evaluate(group, 0.5, base, method, prefix)
     if outcome.stop_reason == "nonfinite":
         raise NonFiniteLossError(f"{group.name} at alpha=0.5: non-finite loss; a checkpoint holds NaN/inf weights "
@@ -335,10 +345,10 @@ def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: lis
         else:
             curve[alpha] = check_finite(est.evaluate_fixed(group, alpha, n, base, method, prefix),
                                         f"{group.name} at alpha={alpha}")
-        barriers[alpha] = look.mean if alpha == 0.5 else estimate(
-            est.differences(curve[alpha], alpha), g, look.i, look.j, est.rule).mean
+        barriers[alpha] = (look.mean if alpha == 0.5 else estimate(
+            est.differences(curve[alpha], alpha), g, look.i, look.j, est.rule).mean) / scale
     result = barrier_from_stats(curve, stat_a, stat_b, layers=layers, base=base, method=method)
-    result.barrier_mid, result.barrier_mid_se = look.mean, look.se
+    result.barrier_mid, result.barrier_mid_se = look.mean / scale, look.se / scale
     result.extra.update(se_method="sequential", lag1_correlation=None)  # its own interval (random block order)
     result.barrier_max = max(barriers.values())
     result.set_bpb(curve, stat_a, stat_b)
@@ -348,7 +358,7 @@ def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: lis
         barrier_mid_interval=fields.pop("interval"), **fields, confidence=cfg.confidence, threshold=cfg.decide,
         target_se=cfg.target_se, tokens_evaluated=est.blocks_evaluated * mid.tokens_per_block,
         sequential=cfg.result_settings(), interval_description=est.rule.description(),
-        assumption=est.rule.assumption(),
+        assumption=est.rule.assumption(), **({"metric": "bpb"} if scale != 1.0 else {}),
     )
     return result
 
@@ -365,6 +375,7 @@ def barrier_sets(
     prefix: bool = True,
     allow_extrapolation: bool = False,
     sequential: SequentialConfig | None = None,
+    metric: Metric = "loss",
 ) -> dict[str, BarrierResult]:
     """:func:`barrier` on several named evaluation sets in one run.
 
@@ -383,6 +394,7 @@ def barrier_sets(
         prefix: reuse the base model's hidden states before the group's first block.
         allow_extrapolation: allow α outside [0, 1].
         sequential: sequential estimation per set; None = every block.
+        metric: what each set's sequential rule decides on (see :func:`barrier`).
 
     Returns:
         Set name -> its :class:`BarrierResult` (a single unnamed set is named ``"data"``), in the order given.
@@ -402,7 +414,8 @@ def barrier_sets(
     names = [b.name or "data" for b in sets]
     if sequential is not None:  # each set stops on its own
         return {n: barrier(pair, b, layers, alphas, base, method, batch_size=batch_size, prefix=prefix,
-                           allow_extrapolation=allow_extrapolation, sequential=sequential) for n, b in zip(names, sets)}
+                           allow_extrapolation=allow_extrapolation, sequential=sequential, metric=metric)
+                for n, b in zip(names, sets)}
     evs = [evaluator_for(pair, b, batch_size) for b in sets]
     group = pair.full_group() if layers is None else union(pair.groups(layers), pair.arch, layers)
     ends: list[dict[str, BlockStats]] = [{} for _ in sets]

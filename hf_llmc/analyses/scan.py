@@ -896,7 +896,13 @@ class SequentialScanRunner(ScanRunner):
         super().__init__(pair, blocks, cfg, out_dir, **kwargs)
         if cfg.sequential is None:
             raise ScanError("SequentialScanRunner needs ScanConfig.sequential")
-        self.seq = SequentialEstimator(pair, self.ev, blocks.num_blocks, cfg.sequential, record=cfg.prefix)
+        self.scale = 1.0
+        if cfg.metric == "bpb":
+            if blocks.bpb_scale is None:
+                raise ScanError("metric='bpb': the evaluation data has no byte counts (token ids, or a tokenizer without offsets)")
+            self.scale = blocks.bpb_scale
+        self.seq = SequentialEstimator(pair, self.ev, blocks.num_blocks, cfg.sequential, record=cfg.prefix,
+                                       scale=self.scale)
         self._outcomes: dict[tuple, Outcome] = {}
 
     def manifest(self, status: str, **extra: Any) -> dict:
@@ -973,9 +979,9 @@ class SequentialScanRunner(ScanRunner):
         row = point_row(point, stats, self.seq.endpoint("a", n), self.seq.endpoint("b", n))
         outcome = self._outcomes.pop(point.key, None) or self.seq.exact(n)
         if outcome.look is not None and row["barrier"] is not None:
-            row["barrier"], row["barrier_se"] = outcome.look.mean, outcome.look.se
+            row["barrier"], row["barrier_se"] = outcome.look.mean / self.scale, outcome.look.se / self.scale
             row["se_method"] = "sequential"
-            scale = bpb_scale(stats)
+            scale = self.scale if self.scale != 1.0 else bpb_scale(stats)  # bpb: the rule's own scale
             if scale is not None:
                 row["barrier_bpb"], row["barrier_bpb_se"] = row["barrier"] * scale, row["barrier_se"] * scale
         row.update(outcome.fields(stats.tokens_per_block))

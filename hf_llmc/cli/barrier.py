@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         return run_sets(args, pair, data, alphas, sequential)
     blocks = blocks_for(pair, data)  # kept for the data fingerprint of --json-out
     result = barrier(pair, blocks, layers=args.layers, alphas=alphas, base=args.base, method=args.method,
-                     batch_size=args.batch_size, sequential=sequential)
+                     batch_size=args.batch_size, sequential=sequential, metric=args.metric)
     if not is_main_process():
         return 0  # only process 0 prints and writes
     table = Table(title=f"barrier of {args.layers or 'the full model'} (base {args.base.upper()}, {args.method})")
@@ -95,7 +95,7 @@ def run_sets(args: argparse.Namespace, pair, data, alphas: list[float], sequenti
 
     sets = sets_for(pair, data)
     results = barrier_sets(pair, sets, layers=args.layers, alphas=alphas, base=args.base, method=args.method,
-                           batch_size=args.batch_size, sequential=sequential)
+                           batch_size=args.batch_size, sequential=sequential, metric=args.metric)
     if not is_main_process():
         return 0
     averages = average_barriers(results)

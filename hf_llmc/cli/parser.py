@@ -15,7 +15,7 @@ from ..config.data import DataConfig
 from ..config.fields import choices, without_none
 from ..config.load import LoadConfig
 from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
-from ..config.scan import RobustnessConfig, ScanConfig, SequentialConfig
+from ..config.scan import METRIC_HELP, RobustnessConfig, ScanConfig, SequentialConfig
 from ..config.security import redact
 
 
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", choices=["a", "b"], default="a", help="Which model the unselected tensors come from.")
     p.add_argument("--method", choices=["lerp", "slerp"], default="lerp", help="Interpolation method per tensor.")
     p.add_argument("--allow-extrapolation", action="store_true", help="Allow α outside [0, 1].")
+    p.add_argument("--metric", choices=["loss", "bpb"], default="loss", help=METRIC_HELP + " Both are reported; this chooses what --decide / --target-se use.")
     p.add_argument("--json-out", help="Write the result as JSON to this file.")
     p.add_argument("--parallel", choices=["none", "data"], default="none", help="Under torchrun / accelerate launch: 'data' splits the token blocks across processes (per-block sums gathered).")
     add_fields(p, SequentialConfig, group="sequential estimation (stop once the error bar allows)")

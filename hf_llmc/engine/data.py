@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -75,6 +76,17 @@ class TokenBlocks:
     def num_blocks(self) -> int:
         """Number of blocks N."""
         return int(self.ids.shape[0])
+
+    @property
+    def bpb_scale(self) -> float | None:
+        """Factor from nats per token to bits per byte: tokens / (ln 2 · bytes) of all predicted positions.
+
+        None without byte counts.
+        """
+        if self.bytes is None:
+            return None
+        nbytes = int(self.bytes[:, 1:].sum())
+        return self.num_blocks * (self.seq_len - 1) / (math.log(2) * nbytes) if nbytes else None
 
 
 #: Everything evaluation data may be given as: settings, a local text file, ready blocks or an id tensor.

@@ -530,3 +530,29 @@ def point(pair: ModelPair, ev: Evaluator, group: Group, alpha: float, *, base: W
     start = group.first_block if prefix and group.first_block else None
     with pair.interp.at([group], alpha, method):
         return ev.run(indices, start_block=start, state=base)
+
+
+def point_on_sets(pair: ModelPair, evs: Sequence[Evaluator], group: Group, alpha: float, *, base: Which = "a",
+                  method: Method = "lerp", prefix: bool = True) -> list[BlockStats]:
+    """One path point set in the live model once and evaluated on several evaluation sets.
+
+    Args:
+        pair: the loaded pair.
+        evs: one evaluator per set (each keeps its own prefix cache).
+        group: the tensors moved along the path.
+        alpha: the point.
+        base: the model the other tensors come from.
+        method: ``"lerp"`` or ``"slerp"`` per tensor.
+        prefix: reuse the base model's hidden states before the group's first block.
+
+    Returns:
+        The statistics of every set, in the order of ``evs``.
+
+    Raises:
+        NonFiniteLossError: a set's loss is NaN or infinite.
+    """
+    pair.interp.set_base(base)
+    start = group.first_block if prefix and group.first_block else None
+    with pair.interp.at([group], alpha, method):
+        return [check_finite(ev.run(None, start_block=start, state=base), f"{group.name} at alpha={alpha:g}")
+                for ev in evs]
