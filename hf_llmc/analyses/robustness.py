@@ -179,13 +179,14 @@ class RobustnessRunner(ScanRunner):
         return row
 
 
-def run_robustness(pair: ModelPair, blocks: TokenBlocks, cfg: RobustnessConfig, out_dir: str | os.PathLike,
+def run_robustness(pair: ModelPair, blocks: TokenBlocks | list[TokenBlocks], cfg: RobustnessConfig, out_dir: str | os.PathLike,
                    resume: bool = False, progress: bool = True, *, overwrite: bool = False) -> list[dict]:
     """Compare the interpolation path with random directions of equal norm, per group, into a folder.
 
     Args:
         pair: the loaded pair.
-        blocks: the token blocks to evaluate on.
+        blocks: the token blocks to evaluate on, or several named evaluation sets (each point is then
+            evaluated on every set; rows carry ``dataset``).
         cfg: which groups, how many directions, which t grid.
         out_dir: the output folder (``results.jsonl`` + ``scan.json``); render it with
             :func:`hf_llmc.render_report`.
@@ -202,4 +203,9 @@ def run_robustness(pair: ModelPair, blocks: TokenBlocks, cfg: RobustnessConfig, 
         SpecError: a bad ``cfg.layers``.
         NonFiniteLossError: an endpoint's loss is NaN or infinite.
     """
+    if isinstance(blocks, list):
+        from .multiset import MultiSetRunner
+
+        return MultiSetRunner(pair, blocks, cfg, out_dir, progress=progress, runner=RobustnessRunner).run(
+            resume=resume, overwrite=overwrite)
     return RobustnessRunner(pair, blocks, cfg, out_dir, progress=progress).run(resume=resume, overwrite=overwrite)
