@@ -150,3 +150,82 @@ def test_bad_set_names_on_the_command_line(tmp_path, capsys):
     code = cli.main(["scan", "a", "b", "--data", str(text), "--data", str(text), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "several evaluation sets need names" in capsys.readouterr().err
+
+
+def test_sequential_scan_decides_each_set_on_its_own(setup, tmp_path):
+    from hf_llmc import SequentialConfig
+
+    _, pair, data, _ = setup
+    sets = sets_for(pair, data)
+    seq = SequentialConfig(decide=0.05, rule="fast", min_blocks=2, chunk_blocks=2)
+    cfg = ScanConfig(alphas="0.5", sequential=seq, batch_size=2)
+    rows = MultiSetRunner(pair, sets, cfg, tmp_path / "multi", progress=False).run()
+    for blocks in sets:  # each (point, set) pair: the same stopping, interval and decision as the set alone
+        single = run_scan(pair, blocks, cfg, tmp_path / f"single-{blocks.name}", progress=False)
+        want, got = _by_key(single, None), _by_key(rows, blocks.name)
+        assert want.keys() == got.keys()
+        for key in want:
+            for field in ("barrier", "barrier_se", "decision", "stop_reason", "tokens", "interval"):
+                w, g = want[key].get(field), got[key].get(field)
+                assert g == pytest.approx(w, rel=1e-6, abs=1e-9) if isinstance(w, (int, float, list)) else g == w, (key, field)
+    manifest = json.loads((tmp_path / "multi" / "scan.json").read_text())
+    assert manifest["datasets"] == ["recipes", "reports"] and manifest["status"] == "complete"
+
+
+def test_resume_skips_finished_points_and_endpoints(setup, tmp_path):
+    _, pair, data, _ = setup
+    sets = sets_for(pair, data)
+    cfg = ScanConfig(alphas="0.5", batch_size=16)
+    out = tmp_path / "multi"
+    full = MultiSetRunner(pair, sets, cfg, out, progress=False).run()
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(lines[:7]))  # both endpoints of both sets and 3 points
+    counter = ForwardCounter(pair.model, sets)
+    try:
+        resumed = MultiSetRunner(pair, sets, cfg, out, progress=False).run(resume=True)
+    finally:
+        counter.handle.remove()
+    n_points = pair.arch.num_blocks + 1
+    assert sum(counter.counts.values()) == 2 * n_points - 3  # no endpoint, no finished point again
+    assert resumed[:7] == full[:7]
+    want = {(r["dataset"], *_key(r)): r for r in full}
+    for r in resumed:
+        assert r["barrier"] == pytest.approx(want[(r["dataset"], *_key(r))]["barrier"], rel=1e-9, abs=1e-12)
+    assert len(resumed) == len(full)
+
+
+def _key(r):
+    return r["group"], r["base"], r["alpha"]
+
+
+def test_scan_in_bits_per_byte_and_robustness_on_two_sets(setup, tmp_path, capsys):
+    demo, pair, data, root = setup
+    out = tmp_path / "bpb"
+    assert cli.main(["scan", str(demo.a), str(demo.b), "--data", f"recipes={root / 'recipes.txt'}",
+                     "--data", f"reports={root / 'reports.txt'}", "--seq-len", str(SEQ), "--max-tokens", str(SEQ * 4),
+                     "--alphas", "0.5", "--metric", "bpb", "--out", str(out)]) == 0
+    assert "barriers in bits per byte" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_rows(out / "results.jsonl")
+    assert summary["metric"] == "bpb"
+    for name in ("recipes", "reports"):
+        by = _by_key(rows, name)
+        for g in summary["datasets"][name]["groups"]:
+            assert g["bases"]["a"]["barrier_mid"] == by[(g["group"], "a", 0.5)]["barrier_bpb"]
+    rec, rep = _by_key(rows, "recipes"), _by_key(rows, "reports")
+    g = summary["groups"][0]
+    key = (g["group"], "a", 0.5)
+    br, bp = rec[key]["bytes"], rep[key]["bytes"]
+    assert g["bases"]["a"]["barrier_mid"] == pytest.approx(
+        (br * rec[key]["barrier_bpb"] + bp * rep[key]["barrier_bpb"]) / (br + bp), rel=1e-9)
+
+    rob = tmp_path / "rob"
+    assert cli.main(["robustness", str(demo.a), str(demo.b), "--data", f"recipes={root / 'recipes.txt'}",
+                     "--data", f"reports={root / 'reports.txt'}", "--seq-len", str(SEQ), "--max-tokens", str(SEQ * 2),
+                     "--layers", "block.0", "--samples", "1", "--alphas", "0,0.5", "--out", str(rob)]) == 0
+    rows = read_rows(rob / "results.jsonl")
+    assert {r["dataset"] for r in rows} == {"recipes", "reports"}
+    assert {(r["dataset"], r.get("direction")) for r in rows if r["kind"] != "endpoint"} == {
+        (n, d) for n in ("recipes", "reports") for d in ("interp", "random")}
+    summary = json.loads((rob / "summary.json").read_text())
+    assert set(summary["datasets"]) == {"recipes", "reports", "mean", "macro"}
