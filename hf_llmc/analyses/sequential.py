@@ -547,7 +547,7 @@ class Outcome:
         """Per-point result fields (results.jsonl rows, barrier JSON).
 
         Args:
-            tokens_per_block: predicted tokens per block.
+            tokens_per_block: predicted tokens per block (chat data: their mean over every conversation).
 
         Returns:
             ``interval``, ``decision``, ``stop_reason``, ``looks``, ``blocks_used``, ``endpoint_blocks``,
@@ -563,7 +563,7 @@ class Outcome:
             "blocks_used": look.n if look is not None else None,
             "endpoint_blocks": look.m if look is not None else None,
             "control_beta": look.beta if look is not None else None,
-            "tokens_ceiling": self.blocks_available * tokens_per_block,
+            "tokens_ceiling": round(self.blocks_available * tokens_per_block),
             "interval_method": self.interval_method,
         }
 

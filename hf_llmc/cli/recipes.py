@@ -753,7 +753,7 @@ def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrit
         else:
             pair = lazy_pair(entry.a.model, entry.b.model, revision_a=entry.a.revision, revision_b=entry.b.revision,
                              trust_remote_code=load.trust_remote_code, allow_pickle=load.allow_pickle,
-                             base_model=load.base_model)
+                             base_model=load.base_model, added_rows=load.added_rows)
         blocks = None
         if live and recipe.data is not None:  # several named sets: a list of named token blocks
             blocks = sets_for(pair, recipe.data) if recipe.data.multiple else pair.blocks(recipe.data)

@@ -34,11 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from ..analyses.scan import ScanRunner, run_scan
     from ..engine.data import blocks_for
     from ..outputs.report import render
-    from .common import console, load_pair, print_scan_summary
+    from .common import console, load_pair, print_chat_data, print_scan_summary
 
     shard = setup_parallel(args)
     pair = load_pair(args)
     pair.shard = shard
+    if pair.vocab is not None and is_main_process():
+        console.print(pair.vocab.summary())
     if data.multiple:
         from ..analyses.multiset import run_scan_sets
         from ..engine.data import sets_for
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         if not is_main_process():
             return 0  # only process 0 reports
     written = render(out)
+    if blocks is not None:
+        print_chat_data(blocks)
     print_scan_summary(json.loads(written["summary"].read_text()))
     console.print(f"results: {out / RESULTS}; report: {written['html']}")
     return 0

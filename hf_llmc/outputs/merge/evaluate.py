@@ -95,6 +95,7 @@ def _evaluate_one(pair, spec: MergeSpec, blocks, dataset: str | None, *, batch_s
         "dataset": dataset,
         "fingerprint": blocks.fingerprint,
         "tokens": merged.tokens,
+        **({"chat": blocks.chat} if blocks.chat else {}),
         "a": stats["a"].to_dict(),
         "b": stats["b"].to_dict(),
         "merged": merged.to_dict(),
