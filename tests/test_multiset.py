@@ -229,3 +229,12 @@ def test_scan_in_bits_per_byte_and_robustness_on_two_sets(setup, tmp_path, capsy
         (n, d) for n in ("recipes", "reports") for d in ("interp", "random")}
     summary = json.loads((rob / "summary.json").read_text())
     assert set(summary["datasets"]) == {"recipes", "reports", "mean", "macro"}
+
+
+def test_named_sets_from_files_and_hub_datasets():
+    cfg = DataConfig(data=["docs=eval_docs.txt"], dataset=["wiki=Salesforce/wikitext:wikitext-2-raw-v1"], seq_len=64)
+    named = cfg.named()
+    assert [n for n, _ in named] == ["docs", "wiki"] and cfg.multiple
+    assert (named[0][1].data, named[0][1].dataset, named[0][1].seq_len) == ("eval_docs.txt", None, 64)
+    assert (named[1][1].data, named[1][1].dataset) == (None, "Salesforce/wikitext:wikitext-2-raw-v1")
+    assert not DataConfig(data="eval.txt").multiple and DataConfig(data="docs=eval.txt").multiple
