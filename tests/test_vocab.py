@@ -343,3 +343,39 @@ def test_merge_evaluation_is_that_of_the_written_folder(pair, vocab_pair, blocks
     assert live.config.vocab_size == ROWS and live.get_output_embeddings().weight.shape[0] == ROWS
     pair.interp.set_base("a")
     assert pair.model.config.vocab_size == BASE + 1
+
+
+def test_tied_embeddings(merge_pair_dirs, tmp_path):
+    """GPT-2 ties its head to the embedding: one tensor, in the union layout on both paths."""
+    b = tmp_path / "b-chat"
+    tok = AutoTokenizer.from_pretrained(merge_pair_dirs["b"])
+    model = AutoModelForCausalLM.from_pretrained(merge_pair_dirs["b"])
+    size = len(tok)
+    tok.add_tokens(CHAT[:2], special_tokens=True)
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=8)
+    model.save_pretrained(b)
+    tok.save_pretrained(b)
+    rows = model.get_input_embeddings().weight.shape[0]
+    pair = ModelPair.from_pretrained(merge_pair_dirs["a"], b, device="cpu")
+    assert pair.vocab.source == "b" and pair.vocab.rows == rows and list(pair.vocab.params) == ["transformer.wte.weight"]
+    ids = AutoTokenizer.from_pretrained(merge_pair_dirs["a"])(merge_pair_dirs["eval"].read_text())["input_ids"][:4 * SEQ]
+    ids = torch.tensor(ids).view(4, SEQ)
+    sd_a, sd_b = (AutoModelForCausalLM.from_pretrained(f).state_dict() for f in (merge_pair_dirs["a"], b))
+    result = pair.barrier(ids, layers="embed", alphas=[0.5])
+    wte = torch.cat([0.5 * sd_a["transformer.wte.weight"] + 0.5 * sd_b["transformer.wte.weight"][:size],
+                     sd_b["transformer.wte.weight"][size:]])  # B's added and padding rows, as they are
+    wpe = 0.5 * sd_a["transformer.wpe.weight"] + 0.5 * sd_b["transformer.wpe.weight"]  # embed: token and position embeddings
+    state = {k: v for k, v in sd_a.items() if k != "lm_head.weight"} | {"transformer.wte.weight": wte, "transformer.wpe.weight": wpe}
+    config = AutoConfig.from_pretrained(merge_pair_dirs["a"])
+    config.vocab_size = rows
+    plain = AutoModelForCausalLM.from_config(config).eval()
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected and plain.lm_head.weight is plain.transformer.wte.weight
+    with torch.no_grad():
+        want = mean([float(torch.nn.functional.cross_entropy(plain(input_ids=x[None]).logits[0, :-1], x[1:])) for x in ids])
+    assert result.loss[result.alphas.index(0.5)] == pytest.approx(want, rel=2e-5)
+    save_merged(pair, "embed=0.5", tmp_path / "merged", card=False)
+    got = load_file(tmp_path / "merged" / "model.safetensors")
+    assert "lm_head.weight" not in got and torch.equal(got["transformer.wte.weight"], wte)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.lm_head.weight.shape[0] == rows and len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == size + 2
