@@ -251,3 +251,36 @@ def test_sequential_decide_on_chat_data(chat, tmp_path, capsys):
     assert s["decision"] == "above" and s["barrier_mid_interval"][0] > 0 < f["barrier_mid"]
     if s["blocks_used"] == 24:
         assert math.isclose(s["barrier_mid"], f["barrier_mid"], rel_tol=1e-6)
+
+
+def test_chat_sources_dataset_parquet_and_cache(chat, tmp_path, hf_llmc_cache):
+    import datasets
+
+    tok = AutoTokenizer.from_pretrained(chat["a"])
+    cfg = DataConfig(data=str(chat["data"]), chat=True, seq_len=SEQ_LEN)
+    ref = load_blocks(tok, cfg, use_cache=False)
+    # --dataset NAME --chat (a local dataset folder: the validation split is preferred)
+    root = tmp_path / "ds"
+    root.mkdir()
+    shutil.copy(chat["data"], root / "validation.jsonl")
+    write_jsonl(root / "train.jsonl", synthetic_conversations(3, 9))
+    hub = load_blocks(tok, DataConfig(dataset=str(root), chat=True, seq_len=SEQ_LEN), use_cache=False)
+    assert torch.equal(hub.ids, ref.ids) and torch.equal(hub.scored, ref.scored)
+    # a parquet table with another column name
+    path = tmp_path / "chat.parquet"
+    datasets.Dataset.from_list([{"conv": c} for c in chat["conversations"]]).to_parquet(str(path))
+    table = load_blocks(tok, DataConfig(data=str(path), chat=True, seq_len=SEQ_LEN, messages_column="conv"), use_cache=False)
+    assert torch.equal(table.ids, ref.ids) and torch.equal(table.scored, ref.scored)
+    # plain text is not chat data
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    with pytest.raises(DataError, match="chat data must be a table"):
+        load_blocks(tok, DataConfig(data=str(text), chat=True), use_cache=False)
+    # the cache: a second load reads it; loss_on is part of the key
+    first = load_blocks(tok, cfg)
+    again = load_blocks(tok, cfg)
+    assert again.fingerprint == first.fingerprint and torch.equal(again.scored, ref.scored)
+    assert again.chat == first.chat
+    every = load_blocks(tok, DataConfig(data=str(chat["data"]), chat=True, seq_len=SEQ_LEN, loss_on="all"))
+    assert every.fingerprint != first.fingerprint and every.tokens > first.tokens
+    assert (hf_llmc_cache / "tokens" / f"{first.fingerprint}.pt").is_file()

@@ -207,8 +207,9 @@ def cache_dir() -> Path:
 
 def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_config: PretrainedConfig | None = None, *,
                 use_cache: bool = True) -> TokenBlocks:
-    """Tokenize the configured data into ``[N, seq_len]`` blocks (see the module docstring for the protocol),
-    or chat data into one row per conversation.
+    """Tokenize the configured data into ``[N, seq_len]`` blocks, or chat data into one row per conversation.
+
+    The protocols are in the module docstring and in :mod:`hf_llmc.engine.chat`.
 
     Args:
         tokenizer: the tokenizer (model A's).

@@ -60,8 +60,9 @@ class BlockStats:
 
     @property
     def weights(self) -> torch.Tensor | None:
-        """Per-block weights of the ratio estimator, ``block_tokens / tokens_per_block`` (float64); None
-        when every block scores the same tokens."""
+        """Per-block weights of the ratio estimator (float64), or None when the blocks are equal.
+
+        ``block_tokens / tokens_per_block`` (chat data); None when every block scores the same tokens."""
         return None if self.block_tokens is None else self.block_tokens.double() / self.tokens_per_block
 
     @property
@@ -81,8 +82,10 @@ class BlockStats:
 
     @property
     def block_loss(self) -> torch.Tensor:
-        """Mean loss of each block (float64); with chat data a conversation's summed loss over the mean
-        scored tokens per conversation, so that the mean over all conversations is the token-weighted loss."""
+        """Mean loss of each block (float64).
+
+        With chat data, a conversation's summed loss over the mean scored tokens per conversation, so
+        that the mean over all conversations is the token-weighted loss."""
         return self.loss_sum / self.tokens_per_block
 
     @property
