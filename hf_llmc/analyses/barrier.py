@@ -234,6 +234,8 @@ def barrier(
     rounded = [pair.interp.rounding[a] for a in result.alphas if a in pair.interp.rounding]
     if rounded and group.name == "full":  # a low-precision full path: how far its points are off the path
         result.extra["rounded_points"] = rounded
+    if getattr(pair, "vocab", None) is not None:  # vocabularies that differ by added tokens
+        result.extra["vocabulary"] = pair.vocab.describe()
     return result
 
 

@@ -562,6 +562,8 @@ class ScanRunner:
             "model_b": [display_name(pair.source_b), pair.ckpt_b.revision, fingerprint(pair.ckpt_b)],
             "data": [self.blocks.fingerprint, self.blocks.num_blocks, self.blocks.seq_len],
             "dtype": str(dtype).removeprefix("torch."),
+            # vocabularies that differ: the rule for one-side rows changes embed / head points
+            **({"added_rows": pair.vocab.added_rows} if getattr(pair, "vocab", None) is not None else {}),
         }
 
     def result_settings(self) -> dict:
@@ -604,6 +606,7 @@ class ScanRunner:
                      "seq_len": self.blocks.seq_len,
                      "tokens": self.blocks.tokens, **({"chat": self.blocks.chat} if self.blocks.chat else {})},
             "plan": self.plan.to_dict(),
+            **({"vocabulary": pair.vocab.describe()} if getattr(pair, "vocab", None) is not None else {}),
             "num_points": len(self.points),
             "device": str(self.ev.device),
             "libraries": library_versions(),

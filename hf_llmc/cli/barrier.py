@@ -8,8 +8,7 @@ from pathlib import Path
 from ..config.alphas import parse_alphas
 from ..config.files import write_json_atomic
 from ..config.spec import parse_spec
-from ..engine.io import check_location, check_writable
-from .common import cli_sources, data_config, sequential_config
+from .common import check_json_out, data_config, sequential_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,10 +18,7 @@ def run(args: argparse.Namespace) -> int:
         parse_spec(args.layers)
     data = data_config(args)
     sequential = sequential_config(args)
-    if args.json_out:
-        where = f"json_out={args.json_out!r}"
-        check_location(args.json_out, cli_sources(args), shown=where)  # never into a model folder or the Hub cache
-        check_writable(Path(args.json_out).expanduser().parent, where)  # before any work
+    check_json_out(args)
 
     from rich.table import Table
 
@@ -44,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, sequential=sequential)
     if not is_main_process():
         return 0  # only process 0 prints and writes
+    if pair.vocab is not None:
+        console.print(pair.vocab.summary())
     print_chat_data(blocks)
     table = Table(title=f"barrier of {args.layers or 'the full model'} (base {args.base.upper()}, {args.method})")
     estimates = result.extra.get("barrier_curve")  # sequential: regression estimates per alpha

@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     pair = load_pair(args)
     pair.shard = shard
     blocks = blocks_for(pair, data)
+    if pair.vocab is not None and is_main_process():
+        console.print(pair.vocab.summary())
     if parallel == "none":
         run_scan(pair, blocks, cfg, out, resume=args.resume, overwrite=args.overwrite, progress=True)
     else:

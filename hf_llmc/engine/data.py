@@ -343,7 +343,9 @@ def blocks_for(pair: ModelPair, data: DataSource) -> TokenBlocks:
     """Token blocks for evaluating ``pair``, from any form the API accepts for data.
 
     Args:
-        pair: the loaded pair; text is tokenized with A's tokenizer, blocks fit A's maximum positions.
+        pair: the loaded pair; text is tokenized with A's tokenizer (with the union tokenizer when
+            the vocabularies differ by added tokens, :mod:`hf_llmc.model.vocab`), blocks fit A's
+            maximum positions.
         data: a :class:`DataConfig`, a local text file path, ready :class:`TokenBlocks` (returned as
             is) or an ``[N, seq_len]`` id tensor (used as is, source ``"tensor"``).
 
@@ -351,17 +353,23 @@ def blocks_for(pair: ModelPair, data: DataSource) -> TokenBlocks:
         The token blocks.
 
     Raises:
-        DataError: the data cannot be read or cut into blocks.
+        DataError: the data cannot be read or cut into blocks, or (vocabularies that differ) holds
+            a token that A or B lacks.
         PairError: text was given but the pair has no tokenizer.
     """
     if isinstance(data, TokenBlocks):
-        return data
-    if isinstance(data, DataConfig) and data.chat and pair.tokenizer is None:
-        raise DataError("chat=True: model A has no tokenizer, so no chat template")
-    if isinstance(data, torch.Tensor):
-        return TokenBlocks(data, "tensor", "tensor")
-    if isinstance(data, (str, os.PathLike)):
-        data = DataConfig(data=str(data))
-    if pair.tokenizer is None:
-        raise PairError(f"{display_name(pair.source_a)}: no tokenizer; pass token blocks instead")
-    return load_blocks(pair.tokenizer, data, pair.model.config)
+        blocks = data
+    elif isinstance(data, torch.Tensor):
+        blocks = TokenBlocks(data, "tensor", "tensor")
+    else:
+        if isinstance(data, (str, os.PathLike)):
+            data = DataConfig(data=str(data))
+        if data.chat and pair.tokenizer is None:
+            raise DataError("chat=True: model A has no tokenizer, so no chat template")
+        if pair.tokenizer is None:
+            raise PairError(f"{display_name(pair.source_a)}: no tokenizer; pass token blocks instead")
+        blocks = load_blocks(pair.tokenizer, data, pair.model.config)
+    vocab = getattr(pair, "vocab", None)
+    if vocab is not None:
+        vocab.check_ids(blocks.ids)  # both endpoints are evaluated: every token must be shared
+    return blocks

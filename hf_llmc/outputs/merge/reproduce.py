@@ -51,6 +51,8 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
             argv.append("--trust-remote-code")
         if getattr(load, "allow_pickle", False):
             argv.append("--allow-pickle")
+        if getattr(load, "added_rows", "own") != "own":
+            argv += ["--added-rows", load.added_rows]
     if data is not None:
         if data.data:
             argv += ["--eval-data", public_name(data.data)]
@@ -115,6 +117,8 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
     if load is not None:
         loading = {k: getattr(load, k) for k in ("dtype", "trust_remote_code", "allow_pickle", "base_model")
                    if getattr(load, k, None)}
+        if getattr(load, "added_rows", "own") != "own":
+            loading["added_rows"] = load.added_rows
         if "base_model" in loading:
             loading["base_model"] = public_name(loading["base_model"])
         if loading:
