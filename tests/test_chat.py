@@ -284,3 +284,24 @@ def test_chat_sources_dataset_parquet_and_cache(chat, tmp_path, hf_llmc_cache):
     every = load_blocks(tok, DataConfig(data=str(chat["data"]), chat=True, seq_len=SEQ_LEN, loss_on="all"))
     assert every.fingerprint != first.fingerprint and every.tokens > first.tokens
     assert (hf_llmc_cache / "tokens" / f"{first.fingerprint}.pt").is_file()
+
+
+def test_sequential_scan_on_chat_data(chat, tmp_path, capsys):
+    """scan --decide on conversations (prefix reuse with recorded endpoint states): every point decides
+    or runs out of conversations, and a point that used every conversation has the full-budget barrier."""
+    common = ["scan", str(chat["a"]), str(chat["b"]), "--data", str(chat["data"]), "--chat", "--seq-len", str(SEQ_LEN),
+              "--alphas", "0.5"]
+    assert main(common + ["--out", str(tmp_path / "full")]) == 0
+    assert main(common + ["--decide", "0.02", "--sequential-rule", "fast", "--batch-size", "4",
+                          "--out", str(tmp_path / "seq")]) == 0
+    capsys.readouterr()
+    full = {r["group"]: r for r in map(json.loads, open(tmp_path / "full/results.jsonl")) if r["kind"] != "endpoint"}
+    seq = {r["group"]: r for r in map(json.loads, open(tmp_path / "seq/results.jsonl")) if r["kind"] != "endpoint"}
+    assert full.keys() == seq.keys() and len(seq) == 4  # full + 3 blocks
+    total = json.loads((tmp_path / "full/scan.json").read_text())["data"]["tokens"]
+    for group, row in seq.items():
+        assert row["tokens_ceiling"] == total and row["decision"] in ("above", "below", "undecided")
+        if row["blocks_used"] == 24:
+            assert math.isclose(row["barrier"], full[group]["barrier"], rel_tol=1e-6, abs_tol=1e-9)
+        elif row["decision"] != "undecided":  # a decision agrees with the full-budget interval's side
+            assert (row["decision"] == "above") == (full[group]["barrier"] > 0.02)
