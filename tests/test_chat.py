@@ -305,3 +305,17 @@ def test_sequential_scan_on_chat_data(chat, tmp_path, capsys):
             assert math.isclose(row["barrier"], full[group]["barrier"], rel_tol=1e-6, abs_tol=1e-9)
         elif row["decision"] != "undecided":  # a decision agrees with the full-budget interval's side
             assert (row["decision"] == "above") == (full[group]["barrier"] > 0.02)
+
+
+def test_merge_cli_evaluates_on_chat_data(chat, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(chat["a"]), str(chat["b"]), "--layers", "block.1", "--alpha", "0.5", "--eval-data",
+                 str(chat["data"]), "--chat", "--seq-len", str(SEQ_LEN), "--out", str(out)]) == 0
+    capsys.readouterr()
+    rows = reference_rows(chat["a"], chat["conversations"])
+    merged = reference_losses(out, None, rows)  # the written merge, loaded by transformers
+    card = (out / "README.md").read_text()
+    tokens = sum(n for _, n in merged)
+    assert f"Mean next-token loss on {tokens:,} assistant tokens of 24 conversations" in card
+    assert f"| **this merge** | {ratio(merged):.4f} |" in card
+    assert "--chat" in card  # the command that reproduces it
