@@ -33,10 +33,13 @@ _EXPORTS = {
     # data and evaluation
     "TokenBlocks": "engine.data",
     "load_blocks": "engine.data",
+    "sets_for": "engine.data",
     # analyses
     "BarrierResult": "analyses.barrier",
     "barrier": "analyses.barrier",
+    "barrier_sets": "analyses.barrier",
     "run_scan": "analyses.scan",
+    "run_scan_sets": "analyses.multiset",
     "sequential_decision": "analyses.sequential",
     "run_robustness": "analyses.robustness",
     "distances": "analyses.distances",
@@ -66,8 +69,9 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analyses.autoselect import auto_select
-    from .analyses.barrier import BarrierResult, barrier
+    from .analyses.barrier import BarrierResult, barrier, barrier_sets
     from .analyses.distances import distances
+    from .analyses.multiset import run_scan_sets
     from .analyses.robustness import run_robustness
     from .analyses.scan import run_scan
     from .analyses.sequential import sequential_decision
@@ -90,7 +94,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
     from .config.scan import RobustnessConfig, ScanConfig, SequentialConfig
     from .config.spec import parse_spec
-    from .engine.data import TokenBlocks, load_blocks
+    from .engine.data import TokenBlocks, load_blocks, sets_for
     from .model.pair import lazy_pair
     from .model.selection import Group, resolve
     from .outputs.hub import push_folder

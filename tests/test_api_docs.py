@@ -41,6 +41,7 @@ MODULES = [
     "hf_llmc.engine.io",
     "hf_llmc.analyses.barrier",
     "hf_llmc.analyses.scan",
+    "hf_llmc.analyses.multiset",
     "hf_llmc.analyses.sequential",
     "hf_llmc.analyses.robustness",
     "hf_llmc.analyses.distances",

@@ -44,7 +44,7 @@ from ..engine.stats import paired_standard_error
 from ..model.architecture import Architecture
 from ..model.checkpoint.lazy import fingerprint
 from ..model.selection import Group, all_groups, block_group, make_group, union
-from .barrier import is_endpoint
+from .barrier import bpb_scale, is_endpoint
 from .sequential import Outcome, SequentialEstimator
 
 if TYPE_CHECKING:
@@ -291,8 +291,9 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
         The row: group, kind, blocks, first_block, numel, base, alpha, loss, perplexity, accuracy,
         barrier, barrier_se (``se_method``: "iid", or "batch-means" where neighbouring blocks
         correlate, see :func:`~hf_llmc.engine.stats.paired_standard_error`), error_barrier, tokens
-        (plus direction / sample off the interpolation path); non-finite values are None and the
-        row gets ``nonfinite``.
+        (plus direction / sample off the interpolation path); with byte counts also
+        ``bits_per_byte``, ``barrier_bpb`` and ``barrier_bpb_se`` (the barrier in bits per byte);
+        non-finite values are None and the row gets ``nonfinite``.
     """
     alpha = float(point.alpha)
     g = point.group
@@ -318,6 +319,12 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
         "error_barrier": (1 - stats.accuracy) - err_ref,
         "tokens": stats.tokens,
     }
+    scale = bpb_scale(stats)
+    if scale is not None:
+        row["bits_per_byte"] = _finite_or_none(stats.bits_per_byte)
+        row["barrier_bpb"] = None if row["barrier"] is None else row["barrier"] * scale
+        row["barrier_bpb_se"] = None if row["barrier_se"] is None else row["barrier_se"] * scale
+        row["bytes"] = stats.bytes
     if point.direction != "interp" or point.sample is not None:
         row["direction"] = point.direction
         row["sample"] = point.sample
@@ -355,6 +362,8 @@ def endpoint_row(which: str, stats: BlockStats) -> dict:
         "block_correct": stats.correct.tolist(),
         "tokens_per_block": stats.tokens_per_block,
         **({} if stats.block_tokens is None else {"block_tokens": stats.block_tokens.tolist()}),
+        **({} if stats.byte_sum is None else {"bits_per_byte": stats.bits_per_byte, "barrier_bpb": 0.0,
+                                              "bytes": stats.bytes, "block_bytes": stats.byte_sum.tolist()}),
     }
 
 
@@ -373,6 +382,7 @@ def stats_from_endpoint_row(row: dict) -> BlockStats:
         correct=torch.tensor(row["block_correct"], dtype=torch.long),
         tokens_per_block=int(row["tokens_per_block"]) if "block_tokens" not in row else float(row["tokens_per_block"]),
         block_tokens=torch.tensor(row["block_tokens"], dtype=torch.long) if "block_tokens" in row else None,
+        byte_sum=torch.tensor(row["block_bytes"], dtype=torch.long) if "block_bytes" in row else None,
     )
 
 
@@ -436,6 +446,8 @@ def prepare_out_dir(out: Path, hashed: dict, *, resume: bool, overwrite: bool, s
         return True
     for name in OUTPUT_FILES:  # overwrite: check_run_dir found the folder's marker
         (out / name).unlink(missing_ok=True)
+    for extra in out.glob("heatmap-*.png"):  # the per-set heatmaps of a run on several evaluation sets
+        extra.unlink(missing_ok=True)
     prepare_run_dir(out, kind)
     return False
 
@@ -889,7 +901,13 @@ class SequentialScanRunner(ScanRunner):
         super().__init__(pair, blocks, cfg, out_dir, **kwargs)
         if cfg.sequential is None:
             raise ScanError("SequentialScanRunner needs ScanConfig.sequential")
-        self.seq = SequentialEstimator(pair, self.ev, blocks.num_blocks, cfg.sequential, record=cfg.prefix)
+        self.scale = 1.0
+        if cfg.metric == "bpb":
+            if blocks.bpb_scale is None:
+                raise ScanError("metric='bpb': the evaluation data has no byte counts (token ids, or a tokenizer without offsets)")
+            self.scale = blocks.bpb_scale
+        self.seq = SequentialEstimator(pair, self.ev, blocks.num_blocks, cfg.sequential, record=cfg.prefix,
+                                       scale=self.scale)
         self._outcomes: dict[tuple, Outcome] = {}
 
     def manifest(self, status: str, **extra: Any) -> dict:
@@ -966,8 +984,11 @@ class SequentialScanRunner(ScanRunner):
         row = point_row(point, stats, self.seq.endpoint("a", n), self.seq.endpoint("b", n))
         outcome = self._outcomes.pop(point.key, None) or self.seq.exact(n)
         if outcome.look is not None and row["barrier"] is not None:
-            row["barrier"], row["barrier_se"] = outcome.look.mean, outcome.look.se
+            row["barrier"], row["barrier_se"] = outcome.look.mean / self.scale, outcome.look.se / self.scale
             row["se_method"] = "sequential"
+            scale = self.scale if self.scale != 1.0 else bpb_scale(stats)  # bpb: the rule's own scale
+            if scale is not None:
+                row["barrier_bpb"], row["barrier_bpb_se"] = row["barrier"] * scale, row["barrier_se"] * scale
         row.update(outcome.fields(stats.tokens_per_block))
         return row
 

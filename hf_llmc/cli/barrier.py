@@ -35,9 +35,11 @@ def run(args: argparse.Namespace) -> int:
     pair.shard = shard
     if args.layers:
         pair.groups(args.layers)  # validate the spec against the model before any data work
+    if data.multiple:
+        return run_sets(args, pair, data, alphas, sequential)
     blocks = blocks_for(pair, data)  # kept for the data fingerprint of --json-out
     result = barrier(pair, blocks, layers=args.layers, alphas=alphas, base=args.base, method=args.method,
-                     batch_size=args.batch_size, sequential=sequential)
+                     batch_size=args.batch_size, sequential=sequential, metric=args.metric)
     if not is_main_process():
         return 0  # only process 0 prints and writes
     if pair.vocab is not None:
@@ -74,6 +76,53 @@ def run(args: argparse.Namespace) -> int:
         payload["data"] = {"source": display_name(blocks.source), "fingerprint": blocks.fingerprint,
                            "num_blocks": blocks.num_blocks, "seq_len": blocks.seq_len,
                            **({"chat": blocks.chat} if blocks.chat else {})}
+        payload["environment"] = environment(pair.model)
+        write_json_atomic(Path(args.json_out).expanduser(), payload)
+    return 0
+
+
+def run_sets(args: argparse.Namespace, pair, data, alphas: list[float], sequential) -> int:
+    """``barrier`` on several named evaluation sets: one table per set, then the averages."""
+    from rich.table import Table
+
+    from ..analyses.barrier import average_barriers, barrier_sets
+    from ..analyses.distributed import is_main_process
+    from ..config.security import display_name
+    from ..engine.data import sets_for
+    from ..engine.provenance import environment
+    from ..model.placement import loading_info
+    from .common import console, fmt
+
+    sets = sets_for(pair, data)
+    results = barrier_sets(pair, sets, layers=args.layers, alphas=alphas, base=args.base, method=args.method,
+                           batch_size=args.batch_size, sequential=sequential, metric=args.metric)
+    if not is_main_process():
+        return 0
+    averages = average_barriers(results)
+    for name, result in results.items():
+        table = Table(title=f"{name}: barrier of {args.layers or 'the full model'} (base {args.base.upper()}, {args.method})")
+        for col in ("alpha", "loss", "perplexity", "accuracy", "bits/byte", "loss - reference"):
+            table.add_column(col, justify="right")
+        for k, (a, loss, ppl, acc) in enumerate(zip(result.alphas, result.loss, result.perplexity, result.accuracy)):
+            ref = (1 - a) * result.loss_a + a * result.loss_b
+            bpb = result.bits_per_byte[k] if result.bits_per_byte else None
+            table.add_row(f"{a:g}", fmt(loss), f"{ppl:.3f}", fmt(acc), "-" if bpb is None else fmt(bpb), f"{loss - ref:+.4f}")
+        console.print(table)
+    for name, result in results.items():
+        bpb = "" if result.bpb_barrier_mid is None else f" ({result.bpb_barrier_mid:+.4f} bits/byte)"
+        verdict = f"; decision {result.extra['decision']}" if result.extra.get("decision") else ""
+        console.print(f"{name}: barrier_mid = {result.barrier_mid:+.4f} ± {result.barrier_mid_se:.4f} nats{bpb}; "
+                      f"barrier_max = {result.barrier_max:+.4f}; tokens = {result.tokens:,}{verdict}")
+    for how, label in (("mean", "token-weighted mean"), ("macro", "macro average")):
+        a = averages[how]
+        console.print(f"{label}: barrier_mid = {a['barrier_mid']:+.4f} ± {a['barrier_mid_se']:.4f} nats")
+    if args.json_out:
+        payload = {"model_a": display_name(args.model_a), "model_b": display_name(args.model_b),
+                   "revision_a": args.revision_a, "revision_b": args.revision_b,
+                   "datasets": {n: r.to_dict() for n, r in results.items()}, "averages": averages}
+        payload.update(loading_info(pair))
+        payload["data"] = {b.name: {"source": display_name(b.source), "fingerprint": b.fingerprint,
+                                    "num_blocks": b.num_blocks, "seq_len": b.seq_len} for b in sets}
         payload["environment"] = environment(pair.model)
         write_json_atomic(Path(args.json_out).expanduser(), payload)
     return 0

@@ -69,11 +69,18 @@ def quant_overrides(args: argparse.Namespace) -> dict:
 
 
 def data_config(args: argparse.Namespace) -> DataConfig:
-    """The evaluation data options, checked (and the local file found) before any model loads."""
+    """The evaluation data options, checked (and the local files found) before any model loads.
+    One unnamed ``--data``/``--dataset`` gives the single-set settings as before; ``NAME=PATH``
+    entries keep their lists (see :meth:`DataConfig.named`)."""
     cfg = from_args(DataConfig, args)
+    for key in ("data", "dataset"):
+        value = getattr(cfg, key)
+        if isinstance(value, list) and len(value) == 1:
+            setattr(cfg, key, value[0])
     cfg.validate()
-    if cfg.data is not None and not Path(cfg.data).expanduser().is_file():
-        raise DataError(f"data={cfg.data!r}: no such file")
+    for _, single in cfg.named():
+        if single.data is not None and not Path(single.data).expanduser().is_file():
+            raise DataError(f"data={single.data!r}: no such file")
     return cfg
 
 
@@ -105,10 +112,18 @@ def fmt(x: float, digits: int = 4) -> str:
 
 def print_scan_summary(summary: dict) -> None:
     """The compact table of a scan's (or robustness run's) summary.json, with the endpoints."""
-    from ..outputs.report import compact_table, robustness_table
+    from ..outputs.report import AVERAGE_TITLES, compact_table, robustness_table
 
+    if summary.get("datasets"):  # several evaluation sets: one table per set and per average
+        for name, part in summary["datasets"].items():
+            view = {**summary, **part}
+            view.pop("datasets")
+            title = AVERAGE_TITLES.get(name, f"evaluation set {name}")
+            print_scan_summary({**view, "title": f"{summary.get('command', 'scan')} ({title})"})
+        return
     header, body = robustness_table(summary) if summary.get("command") == "robustness" else compact_table(summary)
-    table = Table(title=f"{summary.get('command', 'scan')}: {len(summary.get('groups', []))} groups (barriers in nats)")
+    unit = "bits per byte" if summary.get("metric") == "bpb" else "nats"
+    table = Table(title=f"{summary.get('title') or summary.get('command', 'scan')}: {len(summary.get('groups', []))} groups (barriers in {unit})")
     for i, col in enumerate(header):
         table.add_column(col, justify="left" if i == 0 else "right")
     for row in body:

@@ -24,6 +24,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--out DIR is required")
     data = data_config(args) if (args.data or args.dataset) else None
     alpha = check_merge_options(spec, auto, export, evaluates=data is not None)
+    if auto.auto and data is not None and data.multiple and auto.auto_objective not in ("max", "mean"):
+        names = [n for n, _ in data.named()]
+        if auto.auto_objective not in names:
+            raise UsageError(f"auto_objective={auto.auto_objective!r}: not an evaluation set ({', '.join(names)}); "
+                             "use max, mean or a set's name")
     if push.push_to_hub is None and (push.private or push.revision or push.commit_message):
         raise UsageError("--private, --revision and --commit-message need --push-to-hub")
     check_output_dir(export.out, export.overwrite, sources=cli_sources(args))
@@ -44,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
     choice = None
     if auto.auto:
         choice = auto_select(pair, data, auto, alpha=alpha, base=spec.base, method=spec.method, batch_size=args.batch_size)
-        table = Table(title=f"automatic choice at alpha={alpha:g} (max barrier {auto.max_barrier:g} nats; {choice.source})")
+        unit = "bits/byte" if auto.metric == "bpb" else "nats"
+        objective = f"; cap on {'every set' if choice.objective == 'max' else 'the token-weighted mean' if choice.objective == 'mean' else 'set ' + choice.objective}" if choice.objective else ""
+        table = Table(title=f"automatic choice at alpha={alpha:g} (max barrier {auto.max_barrier:g} {unit}{objective}; {choice.source})")
         for col in ("step", "group", "single barrier", "set barrier", "kept"):
             table.add_column(col, justify="left" if col in ("group", "kept") else "right")
         for i, step in enumerate(choice.steps, 1):
@@ -75,7 +82,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(
             f"perplexity: A {ev['a']['perplexity']:.3f}, B {ev['b']['perplexity']:.3f}, merged {ev['merged']['perplexity']:.3f}; "
             f"barrier of the merged groups: mid {ev['barrier_mid']:+.4f}, max {ev['barrier_max']:+.4f} nats"
+            + (" (token-weighted mean over the evaluation sets)" if ev.get("sets") else "")
         )
+        for name, part in (ev.get("sets") or {}).items():
+            console.print(f"  {name}: perplexity A {part['a']['perplexity']:.3f}, B {part['b']['perplexity']:.3f}, "
+                          f"merged {part['merged']['perplexity']:.3f}; barrier mid {part['barrier_mid']:+.4f}, "
+                          f"max {part['barrier_max']:+.4f} nats")
     if result.url:
         print(f"pushed to {push.push_to_hub}: {result.url}")
     return 0

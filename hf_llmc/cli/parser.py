@@ -15,7 +15,7 @@ from ..config.data import DataConfig
 from ..config.fields import choices, without_none
 from ..config.load import LoadConfig
 from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
-from ..config.scan import RobustnessConfig, ScanConfig, SequentialConfig
+from ..config.scan import METRIC_HELP, RobustnessConfig, ScanConfig, SequentialConfig
 from ..config.security import redact
 
 
@@ -66,7 +66,10 @@ def add_pair_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (), 
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    add_fields(p, DataConfig, group="evaluation data")
+    g = p.add_argument_group("evaluation data")
+    g.add_argument("--data", action="append", metavar="[NAME=]PATH", help=_help(DataConfig, "data"))
+    g.add_argument("--dataset", action="append", metavar="[SET=]NAME", help=_help(DataConfig, "dataset"))
+    add_fields(g, DataConfig, exclude=("data", "dataset"))
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic, halving on out-of-memory).")
 
 
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", choices=["a", "b"], default="a", help="Which model the unselected tensors come from.")
     p.add_argument("--method", choices=["lerp", "slerp"], default="lerp", help="Interpolation method per tensor.")
     p.add_argument("--allow-extrapolation", action="store_true", help="Allow α outside [0, 1].")
+    p.add_argument("--metric", choices=["loss", "bpb"], default="loss", help=METRIC_HELP + " Both are reported; this chooses what --decide / --target-se use.")
     p.add_argument("--json-out", help="Write the result as JSON to this file.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing --json-out file.")
     p.add_argument("--parallel", choices=["none", "data"], default="none", help="Under torchrun / accelerate launch: 'data' splits the token blocks across processes (per-block sums gathered).")
@@ -138,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, AutoConfig, group="automatic choice")
     add_fields(p, ExportConfig, group="output")
     g = p.add_argument_group("evaluation (perplexities and barrier in the model card)")
-    g.add_argument("--eval-data", "--data", dest="data", metavar="PATH", help=_help(DataConfig, "data"))
-    g.add_argument("--eval-dataset", "--dataset", dest="dataset", metavar="NAME", help=_help(DataConfig, "dataset"))
+    g.add_argument("--eval-data", "--data", dest="data", action="append", metavar="[NAME=]PATH", help=_help(DataConfig, "data"))
+    g.add_argument("--eval-dataset", "--dataset", dest="dataset", action="append", metavar="[SET=]NAME", help=_help(DataConfig, "dataset"))
     add_fields(g, DataConfig, exclude=("data", "dataset"))
     g.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic).")
     add_fields(p, PushConfig, group="publishing")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from .alphas import format_alpha, parse_alpha
+from .data import SET_NAME
 from .errors import MergeSpecError
 from .fields import check_choice, setting
 from .load import DType
@@ -184,6 +185,8 @@ class AutoConfig:
     scan_dir: str | None = setting(None, "Folder of a single-group `hf-llmc scan` (same data, method and base) to rank the groups; default: measure them now.")
     max_barrier: float = setting(DEFAULT_MAX_BARRIER, "Largest barrier (nats, loss - reference line at α) the chosen set may have.")
     auto_layers: str | None = setting(None, f"Candidate groups (layer spec); default: {DEFAULT_CANDIDATES} when measuring, every group of the scan with --scan-dir.")
+    auto_objective: str = setting("max", "With several evaluation sets: the barrier cap holds on every set (max), on the token-weighted mean (mean), or on one named set (SET).")
+    metric: Literal["loss", "bpb"] = setting("loss", "What --auto ranks and caps: loss (nats per token; --max-barrier in nats) or bpb (bits per UTF-8 byte; --max-barrier in bits per byte).")
 
 
 def check_merge_options(spec: MergeSpec, auto: AutoConfig, export: ExportConfig, *, evaluates: bool) -> float | None:
@@ -203,9 +206,10 @@ def check_merge_options(spec: MergeSpec, auto: AutoConfig, export: ExportConfig,
         SpecError: a malformed layer spec.
     """
     export.validate()
+    check_choice(AutoConfig, auto, "metric", MergeSpecError)
     if not auto.auto:
-        if auto.scan_dir or auto.auto_layers:
-            raise MergeSpecError("scan_dir and auto_layers need auto=True")
+        if auto.scan_dir or auto.auto_layers or auto.auto_objective != "max" or auto.metric != "loss":
+            raise MergeSpecError("scan_dir, auto_layers, auto_objective and metric need auto=True")
         spec.validate()
         return None
     if spec.layers or spec.sets:
@@ -215,4 +219,6 @@ def check_merge_options(spec: MergeSpec, auto: AutoConfig, export: ExportConfig,
         raise MergeSpecError("auto=True merges at one alpha; a gradient START:END is not supported")
     if not evaluates:
         raise MergeSpecError("auto=True measures barriers: give evaluation data (data=PATH or dataset=NAME)")
+    if auto.auto_objective not in ("max", "mean") and not SET_NAME.fullmatch(str(auto.auto_objective)):
+        raise MergeSpecError(f"auto_objective={auto.auto_objective!r}: use max, mean or the name of an evaluation set")
     return alpha

@@ -10,6 +10,16 @@ document instead. The first token of a block is never predicted, so every block 
 settings (BOS included: it is part of the data fingerprint) and a digest of the tokenizer's whole
 definition; a cached entry is used only if its shape and token ids fit.
 
+Bytes per token (for bits per byte): every token is attributed the UTF-8 bytes of the text it
+covers, from the character offsets of a fast tokenizer. A token covers the text from the end of
+the previous token to the end of its own span (gaps, such as spaces a tokenizer trims from its
+offsets, go to the next token); tokens that share one span (a character split into several
+byte-level or byte-fallback tokens, or a prepended word marker and a
+character) share its bytes evenly, later tokens taking the remainder;
+the last token of a document also covers any text after it; inserted special tokens (BOS, the EOS
+between documents) cover 0 bytes. The tokens of a document therefore sum to its UTF-8 byte count.
+A tokenizer without offsets (a slow tokenizer) gives no byte counts (``bits_per_byte`` is None).
+
 Chat data (``chat=True``) are not cut into blocks: each conversation is one right-padded row, and
 only the tokens ``loss_on`` names are scored (:mod:`hf_llmc.engine.chat` has the protocol).
 """
@@ -18,8 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +60,9 @@ class TokenBlocks:
         ids: ``[N, seq_len]`` token ids (int64).
         source: where they came from: the ``data`` path or ``dataset`` name, or ``"tensor"``.
         fingerprint: a key of the data, tokenizer and settings (results record it; ``resume`` compares it).
+        bytes: ``[N, seq_len]`` UTF-8 bytes of the text each token covers (int64; see the module
+            docstring), or None when unknown (id tensors, tokenizers without offsets).
+        name: the evaluation set's name (None: the single, unnamed set).
         scored: ``[N, seq_len]`` bool, the tokens the loss is taken over (chat data); None: every
             token after the first of a block.
         lengths: ``[N]`` real tokens per row, the rest is right padding (chat data); None: full rows.
@@ -57,6 +72,8 @@ class TokenBlocks:
     ids: torch.Tensor
     source: str
     fingerprint: str
+    bytes: torch.Tensor | None = None
+    name: str | None = None
     scored: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     chat: dict | None = None
@@ -70,6 +87,17 @@ class TokenBlocks:
     def num_blocks(self) -> int:
         """Number of blocks N."""
         return int(self.ids.shape[0])
+
+    @property
+    def bpb_scale(self) -> float | None:
+        """Factor from nats per token to bits per byte: tokens / (ln 2 · bytes) of all predicted positions.
+
+        None without byte counts.
+        """
+        if self.bytes is None:
+            return None
+        nbytes = int(self.bytes[:, 1:].sum())
+        return self.num_blocks * (self.seq_len - 1) / (math.log(2) * nbytes) if nbytes else None
 
     @property
     def row_tokens(self) -> torch.Tensor | None:
@@ -228,6 +256,10 @@ def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_confi
             a chat template and malformed conversations.
     """
     cfg.validate()
+    sets = cfg.named()
+    if sets[0][0] is not None:
+        raise DataError("data: several named evaluation sets; load them with sets_for (or each of DataConfig.named())")
+    cfg = sets[0][1]
     limit = max_positions(model_config) if model_config is not None else None
     seq_len = cfg.seq_len or (default_seq_len(model_config) if model_config is not None else 1024)
     if limit and seq_len > limit:
@@ -244,28 +276,31 @@ def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_confi
     source = cfg.data or cfg.dataset
     cached = cache_dir() / f"{key}.pt"
     if use_cache and cached.is_file():
-        blocks = _read_cached(cached, seq_len, len(tokenizer))
-        if blocks is not None:
-            return TokenBlocks(blocks, source, key)
+        entry = _read_cached(cached, seq_len, len(tokenizer))
+        if entry is not None:
+            return TokenBlocks(entry[0], source, key, entry[1])
     width = seq_len - 1 if bos else seq_len  # a BOS block: BOS + seq_len - 1 tokens of text
-    ids = tokenize_stream(tokenizer, docs, cfg.max_tokens, add_special_tokens=not bos)
+    ids, nbytes = tokenize_with_bytes(tokenizer, docs, cfg.max_tokens, add_special_tokens=not bos)
     if not ids:
         raise DataError(f"{source}: no tokens in the evaluation data")
     n = len(ids) // width
     if n == 0:
         raise DataError(f"{source}: {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
     blocks = torch.tensor(ids[: n * width], dtype=torch.long).view(n, width)
+    counts = torch.tensor(nbytes[: n * width], dtype=torch.long).view(n, width) if nbytes is not None else None
     if bos:
         blocks = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), blocks], dim=1)
+        if counts is not None:
+            counts = torch.cat([torch.zeros((n, 1), dtype=torch.long), counts], dim=1)
     if use_cache:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(f".tmp{os.getpid()}")
-            torch.save(blocks, tmp)
+            torch.save({"ids": blocks, "bytes": counts}, tmp)
             os.replace(tmp, cached)
         except OSError:
             pass  # caching is an optimisation only
-    return TokenBlocks(blocks, source, key)
+    return TokenBlocks(blocks, source, key, counts)
 
 
 def _chat_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, seq_len: int, conversations: list,
@@ -301,16 +336,22 @@ def _chat_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, seq_len: i
                        chat={**entry["summary"], "seq_len": seq_len})
 
 
-def _read_cached(path: Path, seq_len: int, vocab_size: int) -> torch.Tensor | None:
-    """Cached blocks, or None when the entry is damaged or does not fit (shape, dtype, id range)."""
+def _read_cached(path: Path, seq_len: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Cached blocks and byte counts, or None when the entry is damaged, of an older format or does
+    not fit (shape, dtype, id range)."""
     try:
-        blocks = torch.load(path, weights_only=True)
+        entry = torch.load(path, weights_only=True)
     except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
         return None
+    if not isinstance(entry, dict):
+        return None
+    blocks, counts = entry.get("ids"), entry.get("bytes")
     ok = (isinstance(blocks, torch.Tensor) and blocks.dtype == torch.long and blocks.dim() == 2
           and blocks.shape[0] > 0 and blocks.shape[1] == seq_len
           and int(blocks.min()) >= 0 and int(blocks.max()) < vocab_size)
-    return blocks if ok else None
+    ok = ok and (counts is None or (isinstance(counts, torch.Tensor) and counts.dtype == torch.long
+                                    and counts.shape == blocks.shape and int(counts.min()) >= 0))
+    return (blocks, counts) if ok else None
 
 
 def tokenize_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], max_tokens: int, *,
@@ -339,6 +380,74 @@ def tokenize_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str], max_tok
         if len(out) >= max_tokens:
             break
     return out[:max_tokens]
+
+
+def tokenize_with_bytes(tokenizer: PreTrainedTokenizerBase, docs: list[str], max_tokens: int, *,
+                        add_special_tokens: bool = True) -> tuple[list[int], list[int] | None]:
+    """:func:`tokenize_stream` plus the UTF-8 bytes of the text each token covers.
+
+    Args:
+        tokenizer: the tokenizer.
+        docs: the documents; empty ones are skipped.
+        max_tokens: the cap on the stream's length.
+        add_special_tokens: keep the tokenizer's default special tokens per document.
+
+    Returns:
+        ``(ids, bytes)``: the ids of :func:`tokenize_stream` and, per id, its byte count (see the module
+        docstring; the EOS between documents covers 0 bytes); bytes is None for a tokenizer without
+        character offsets.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenize_stream(tokenizer, docs, max_tokens, add_special_tokens=add_special_tokens), None
+    eos = tokenizer.eos_token_id
+    out: list[int] = []
+    nbytes: list[int] = []
+    for doc in docs:
+        if not doc:
+            continue
+        if out and eos is not None:
+            out.append(eos)
+            nbytes.append(0)
+        enc = tokenizer(doc, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        out.extend(enc["input_ids"])
+        nbytes.extend(token_bytes(doc, enc["offset_mapping"]))
+        if len(out) >= max_tokens:
+            break
+    return out[:max_tokens], nbytes[:max_tokens]
+
+
+def token_bytes(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    """The UTF-8 bytes of ``text`` each token covers, from the tokens' character offsets.
+
+    Args:
+        text: one document.
+        offsets: ``(start, end)`` character offsets of its tokens (a fast tokenizer's ``offset_mapping``).
+
+    Returns:
+        One count per token; they sum to ``len(text.encode())`` when a token covers any text (the
+        attribution rule is in the module docstring).
+    """
+    edge = [0]
+    for ch in text:
+        edge.append(edge[-1] + len(ch.encode("utf-8", "surrogatepass")))
+    out = [0] * len(offsets)
+    covered, last, i = 0, None, 0
+    while i < len(offsets):
+        start, end = offsets[i]
+        if end <= start:  # a special token: no text
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(offsets) and tuple(offsets[j + 1]) == (start, end):
+            j += 1
+        stop = edge[min(end, len(text))]
+        share, rest = divmod(max(0, stop - covered), j - i + 1)
+        for t in range(i, j + 1):
+            out[t] = share + (1 if j - t < rest else 0)
+        covered, last, i = max(covered, stop), j, j + 1
+    if last is not None:
+        out[last] += edge[-1] - covered
+    return out
 
 
 def blocks_for(pair: ModelPair, data: DataSource) -> TokenBlocks:
@@ -377,3 +486,40 @@ def blocks_for(pair: ModelPair, data: DataSource) -> TokenBlocks:
     if vocab is not None:
         vocab.check_ids(blocks.ids)  # both endpoints are evaluated: every token must be shared
     return blocks
+
+
+#: Several named evaluation sets: a mapping name -> data, named :class:`TokenBlocks`, or a
+#: :class:`DataConfig` with ``NAME=PATH`` entries.
+SetsSource = DataSource | Mapping[str, DataSource] | Sequence[TokenBlocks]
+
+
+def sets_for(pair: ModelPair, data: SetsSource) -> list[TokenBlocks]:
+    """The evaluation sets of a run: one unnamed set, or several named ones.
+
+    Args:
+        pair: the loaded pair (see :func:`blocks_for`).
+        data: any form of :data:`DataSource` (one set; named when it is a :class:`DataConfig` with
+            ``NAME=PATH`` entries or :class:`TokenBlocks` with a ``name``), a mapping name -> data,
+            or a sequence of named :class:`TokenBlocks`.
+
+    Returns:
+        The token blocks of every set, in the order given; a single unnamed set has ``name`` None.
+
+    Raises:
+        DataError: the data cannot be read, a set has no name or a name repeats.
+        PairError: text was given but the pair has no tokenizer.
+    """
+    if isinstance(data, Mapping):
+        sets = [replace(blocks_for(pair, d), name=str(n)) for n, d in data.items()]
+    elif isinstance(data, DataConfig) and data.multiple:
+        sets = [replace(blocks_for(pair, cfg), name=name) for name, cfg in data.named()]
+    elif isinstance(data, (list, tuple)):
+        sets = list(data)
+        if not all(isinstance(b, TokenBlocks) and b.name for b in sets):
+            raise DataError("several evaluation sets: give named TokenBlocks or a mapping name -> data")
+    else:
+        return [blocks_for(pair, data)]
+    names = [b.name for b in sets]
+    if not sets or len(set(names)) != len(names):
+        raise DataError(f"evaluation sets: names must be unique and at least one set given ({', '.join(map(str, names))})")
+    return sets

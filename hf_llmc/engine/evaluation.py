@@ -43,6 +43,8 @@ class BlockStats:
             scored tokens per conversation over the whole token set (the scale of :attr:`block_loss`).
         block_tokens: ``[n]`` int64 scored tokens per block when they differ (chat data: one block
             is one conversation); None: ``tokens_per_block`` each.
+        byte_sum: ``[n]`` int64 UTF-8 bytes of the text the predicted tokens of each block cover
+            (None when the blocks have no byte counts).
     """
 
     indices: torch.Tensor  # [n] block indices into the token-block tensor
@@ -50,6 +52,7 @@ class BlockStats:
     correct: torch.Tensor  # [n] int64 top-1 hits
     tokens_per_block: int | float
     block_tokens: torch.Tensor | None = None  # [n] int64 scored tokens (chat data)
+    byte_sum: torch.Tensor | None = None  # [n] int64 bytes covered by the predicted tokens
 
     @property
     def tokens(self) -> int:
@@ -60,9 +63,10 @@ class BlockStats:
 
     @property
     def weights(self) -> torch.Tensor | None:
-        """Per-block weights of the ratio estimator (float64), or None when the blocks are equal.
+        """Per-block weights of the ratio estimator, ``block_tokens / tokens_per_block`` (float64).
 
-        ``block_tokens / tokens_per_block`` (chat data); None when every block scores the same tokens."""
+        None when every block scores the same tokens.
+        """
         return None if self.block_tokens is None else self.block_tokens.double() / self.tokens_per_block
 
     @property
@@ -76,6 +80,47 @@ class BlockStats:
         return float(self.correct.sum()) / self.tokens
 
     @property
+    def bytes(self) -> int | None:
+        """UTF-8 bytes covered by all predicted tokens (None when unknown)."""
+        return None if self.byte_sum is None else int(self.byte_sum.sum())
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        """Sum of nats / (ln 2 · sum of bytes) over the predicted tokens (None when the bytes are unknown)."""
+        n = self.bytes
+        if not n:
+            return None
+        return float(self.loss_sum.sum()) / (math.log(2) * n)
+
+    def take(self, n: int) -> BlockStats:
+        """The statistics of the first ``n`` blocks.
+
+        Args:
+            n: the block count.
+
+        Returns:
+            The first ``n`` entries of every per-block tensor.
+        """
+        return BlockStats(self.indices[:n], self.loss_sum[:n], self.correct[:n], self.tokens_per_block,
+                          None if self.block_tokens is None else self.block_tokens[:n],
+                          None if self.byte_sum is None else self.byte_sum[:n])
+
+    @staticmethod
+    def cat(parts: Sequence[BlockStats]) -> BlockStats:
+        """Join the statistics of disjoint block lists, in order.
+
+        Args:
+            parts: at least one :class:`BlockStats` of the same blocks' length.
+
+        Returns:
+            One :class:`BlockStats` (byte sums only when every part has them).
+        """
+        nbytes = None if any(p.byte_sum is None for p in parts) else torch.cat([p.byte_sum for p in parts])
+        ntokens = None if any(p.block_tokens is None for p in parts) else torch.cat([p.block_tokens for p in parts])
+        return BlockStats(torch.cat([p.indices for p in parts]), torch.cat([p.loss_sum for p in parts]),
+                          torch.cat([p.correct for p in parts]), parts[0].tokens_per_block, ntokens, nbytes)
+
+    @property
     def perplexity(self) -> float:
         """``exp(loss)`` (inf when the loss is not finite or above 700)."""
         return math.exp(self.loss) if math.isfinite(self.loss) and self.loss < 700 else float("inf")
@@ -84,8 +129,9 @@ class BlockStats:
     def block_loss(self) -> torch.Tensor:
         """Mean loss of each block (float64).
 
-        With chat data, a conversation's summed loss over the mean scored tokens per conversation, so
-        that the mean over all conversations is the token-weighted loss."""
+        With chat data a conversation's summed loss over the mean scored tokens per conversation, so
+        that the mean over all conversations is the token-weighted loss.
+        """
         return self.loss_sum / self.tokens_per_block
 
     @property
@@ -97,9 +143,13 @@ class BlockStats:
         """The summary numbers as JSON-ready data.
 
         Returns:
-            ``loss``, ``perplexity``, ``accuracy`` and ``tokens``.
+            ``loss``, ``perplexity``, ``accuracy``, ``tokens`` and, when the bytes are known,
+            ``bits_per_byte`` and ``bytes``.
         """
-        return {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+        out = {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+        if self.byte_sum is not None:
+            out.update(bits_per_byte=self.bits_per_byte, bytes=self.bytes)
+        return out
 
 
 class Shard(Protocol):
@@ -159,6 +209,8 @@ class Evaluator:
             after the first.
         lengths: ``[N]`` real tokens per row, right-padded after (chat data); each batch is cut to its
             longest row and gets an attention mask. None: full rows.
+        byte_counts: ``[N, seq_len]`` UTF-8 bytes each token covers (:attr:`TokenBlocks.bytes`);
+            statistics then carry per-block byte sums (of the scored tokens).
     """
 
     def __init__(
@@ -173,6 +225,7 @@ class Evaluator:
         prefix_store_bytes: int = 0,
         scored: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
+        byte_counts: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         # Chat data: the scored tokens, the real length of each right-padded row, and the tokens
@@ -181,6 +234,11 @@ class Evaluator:
         self.row_tokens = None if scored is None else scored.sum(dim=1)
         self.tokens_per_block = (blocks.shape[1] - 1 if scored is None
                                  else float(self.row_tokens.sum()) / max(1, blocks.shape[0]))
+        # Bytes covered by the predicted (scored) tokens of every block, summed per block.
+        self.block_bytes = None
+        if byte_counts is not None:
+            counted = byte_counts if scored is None else byte_counts * scored.to(byte_counts.dtype)
+            self.block_bytes = counted[:, 1:].sum(dim=1)
         # Hidden states entering every block, recorded per base state during a full forward
         # run with ``record=True`` while they fit in ``prefix_store_bytes`` (0 = off).
         self.prefix_store_bytes = prefix_store_bytes
@@ -380,6 +438,8 @@ class Evaluator:
                 stats = stats if self.shard is None else self.shard.gather(stats, indices)
                 if self.row_tokens is not None:
                     stats.tokens_per_block, stats.block_tokens = self.tokens_per_block, self.row_tokens[stats.indices]
+                if self.block_bytes is not None:
+                    stats.byte_sum = self.block_bytes[stats.indices]
                 return stats
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
@@ -450,7 +510,7 @@ def evaluator_for(pair: ModelPair, blocks: TokenBlocks, batch_size: int | None =
     """
     _, block_list = find_block_list(pair.model)
     return Evaluator(pair.model, blocks.ids, block_list, batch_size=batch_size, shard=pair.shard,
-                     scored=blocks.scored, lengths=blocks.lengths)
+                     scored=blocks.scored, lengths=blocks.lengths, byte_counts=blocks.bytes)
 
 
 def check_finite(stats: BlockStats, what: str) -> BlockStats:
@@ -521,3 +581,29 @@ def point(pair: ModelPair, ev: Evaluator, group: Group, alpha: float, *, base: W
     start = group.first_block if prefix and group.first_block else None
     with pair.interp.at([group], alpha, method):
         return ev.run(indices, start_block=start, state=base)
+
+
+def point_on_sets(pair: ModelPair, evs: Sequence[Evaluator], group: Group, alpha: float, *, base: Which = "a",
+                  method: Method = "lerp", prefix: bool = True) -> list[BlockStats]:
+    """One path point set in the live model once and evaluated on several evaluation sets.
+
+    Args:
+        pair: the loaded pair.
+        evs: one evaluator per set (each keeps its own prefix cache).
+        group: the tensors moved along the path.
+        alpha: the point.
+        base: the model the other tensors come from.
+        method: ``"lerp"`` or ``"slerp"`` per tensor.
+        prefix: reuse the base model's hidden states before the group's first block.
+
+    Returns:
+        The statistics of every set, in the order of ``evs``.
+
+    Raises:
+        NonFiniteLossError: a set's loss is NaN or infinite.
+    """
+    pair.interp.set_base(base)
+    start = group.first_block if prefix and group.first_block else None
+    with pair.interp.at([group], alpha, method):
+        return [check_finite(ev.run(None, start_block=start, state=base), f"{group.name} at alpha={alpha:g}")
+                for ev in evs]

@@ -61,6 +61,8 @@ def eval_results(evaluation: dict) -> list:
     """``model-index`` entries: the merged model's perplexity, accuracy and its groups' barrier."""
     from huggingface_hub import EvalResult
 
+    if evaluation.get("sets"):  # several evaluation sets: the entries of each
+        return [r for part in evaluation["sets"].values() for r in eval_results(part)]
     common = {"task_type": "text-generation", "task_name": "Causal language modeling", **_dataset_fields(evaluation)}
     merged = evaluation["merged"]
     out = [

@@ -16,6 +16,19 @@ from ...config.version import __version__
 from ...engine.provenance import environment, model_device_dtype
 
 
+def _public_entries(value, local: bool = True) -> list[str]:
+    """``data`` / ``dataset`` entries safe to publish: ``NAME=PATH`` keeps its name, a local path only
+    its last component."""
+    from ...config.data import split_set_name
+
+    out = []
+    for entry in ([] if value is None else [value] if isinstance(value, str) else list(value)):
+        name, rest = split_set_name(str(entry))
+        rest = public_name(rest) if local else rest
+        out.append(rest if name is None else f"{name}={rest}")
+    return out
+
+
 def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportConfig, *, load=None, data=None,
                   push: PushConfig | None = None, auto=None) -> str:
     """The ``hf-llmc merge`` command that reproduces this merge (local paths by their name only)."""
@@ -28,6 +41,10 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
             argv += ["--auto-layers", auto.auto_layers]
         if auto.scan_dir:
             argv += ["--scan-dir", Path(auto.scan_dir).name]
+        if getattr(auto, "objective", None) and auto.objective != "max":
+            argv += ["--auto-objective", auto.objective]
+        if getattr(auto, "metric", "loss") != "loss":
+            argv += ["--metric", auto.metric]
     else:
         if spec.layers:
             argv += ["--layers", spec.layers]
@@ -54,10 +71,10 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
         if getattr(load, "added_rows", "own") != "own":
             argv += ["--added-rows", load.added_rows]
     if data is not None:
-        if data.data:
-            argv += ["--eval-data", public_name(data.data)]
-        if data.dataset:
-            argv += ["--eval-dataset", data.dataset]
+        for entry in _public_entries(data.data):
+            argv += ["--eval-data", entry]
+        for entry in _public_entries(data.dataset, local=False):
+            argv += ["--eval-dataset", entry]
         if data.seq_len:
             argv += ["--seq-len", str(data.seq_len)]
         if data.max_tokens != DEFAULT_MAX_TOKENS:
@@ -126,7 +143,8 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
     if data is not None:
         d = {f.name: getattr(data, f.name) for f in fields(DataConfig) if getattr(data, f.name) != f.default}
         if "data" in d:
-            d["data"] = public_name(d["data"])
+            entries = _public_entries(d["data"])
+            d["data"] = entries if isinstance(d["data"], list) else entries[0]
         recipe["data"] = d
         step["eval"] = True
     recipe["steps"] = [{"merge": step}]
