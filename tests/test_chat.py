@@ -319,3 +319,12 @@ def test_merge_cli_evaluates_on_chat_data(chat, tmp_path, capsys):
     assert f"Mean next-token loss on {tokens:,} assistant tokens of 24 conversations" in card
     assert f"| **this merge** | {ratio(merged):.4f} |" in card
     assert "--chat" in card  # the command that reproduces it
+
+
+def test_named_chat_sets(chat, tmp_path, capsys):
+    """--chat applies to every named evaluation set; each set reports its own conversations."""
+    small = write_jsonl(tmp_path / "small.jsonl", synthetic_conversations(5, 4))
+    assert main(["barrier", str(chat["a"]), str(chat["b"]), "--data", f"long={chat['data']}", "--data", f"small={small}",
+                 "--chat", "--seq-len", str(SEQ_LEN), "--alphas", "0,0.5,1", "--layers", "block.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "long: chat data: 24 conversations" in printed and "small: chat data: 5 conversations" in printed
