@@ -251,3 +251,80 @@ def test_sequential_decide_on_chat_data(chat, tmp_path, capsys):
     assert s["decision"] == "above" and s["barrier_mid_interval"][0] > 0 < f["barrier_mid"]
     if s["blocks_used"] == 24:
         assert math.isclose(s["barrier_mid"], f["barrier_mid"], rel_tol=1e-6)
+
+
+def test_chat_sources_dataset_parquet_and_cache(chat, tmp_path, hf_llmc_cache):
+    import datasets
+
+    tok = AutoTokenizer.from_pretrained(chat["a"])
+    cfg = DataConfig(data=str(chat["data"]), chat=True, seq_len=SEQ_LEN)
+    ref = load_blocks(tok, cfg, use_cache=False)
+    # --dataset NAME --chat (a local dataset folder: the validation split is preferred)
+    root = tmp_path / "ds"
+    root.mkdir()
+    shutil.copy(chat["data"], root / "validation.jsonl")
+    write_jsonl(root / "train.jsonl", synthetic_conversations(3, 9))
+    hub = load_blocks(tok, DataConfig(dataset=str(root), chat=True, seq_len=SEQ_LEN), use_cache=False)
+    assert torch.equal(hub.ids, ref.ids) and torch.equal(hub.scored, ref.scored)
+    # a parquet table with another column name
+    path = tmp_path / "chat.parquet"
+    datasets.Dataset.from_list([{"conv": c} for c in chat["conversations"]]).to_parquet(str(path))
+    table = load_blocks(tok, DataConfig(data=str(path), chat=True, seq_len=SEQ_LEN, messages_column="conv"), use_cache=False)
+    assert torch.equal(table.ids, ref.ids) and torch.equal(table.scored, ref.scored)
+    # plain text is not chat data
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    with pytest.raises(DataError, match="chat data must be a table"):
+        load_blocks(tok, DataConfig(data=str(text), chat=True), use_cache=False)
+    # the cache: a second load reads it; loss_on is part of the key
+    first = load_blocks(tok, cfg)
+    again = load_blocks(tok, cfg)
+    assert again.fingerprint == first.fingerprint and torch.equal(again.scored, ref.scored)
+    assert again.chat == first.chat
+    every = load_blocks(tok, DataConfig(data=str(chat["data"]), chat=True, seq_len=SEQ_LEN, loss_on="all"))
+    assert every.fingerprint != first.fingerprint and every.tokens > first.tokens
+    assert (hf_llmc_cache / "tokens" / f"{first.fingerprint}.pt").is_file()
+
+
+def test_sequential_scan_on_chat_data(chat, tmp_path, capsys):
+    """scan --decide on conversations (prefix reuse with recorded endpoint states): every point decides
+    or runs out of conversations, and a point that used every conversation has the full-budget barrier."""
+    common = ["scan", str(chat["a"]), str(chat["b"]), "--data", str(chat["data"]), "--chat", "--seq-len", str(SEQ_LEN),
+              "--alphas", "0.5"]
+    assert main(common + ["--out", str(tmp_path / "full")]) == 0
+    assert main(common + ["--decide", "0.02", "--sequential-rule", "fast", "--batch-size", "4",
+                          "--out", str(tmp_path / "seq")]) == 0
+    capsys.readouterr()
+    full = {r["group"]: r for r in map(json.loads, open(tmp_path / "full/results.jsonl")) if r["kind"] != "endpoint"}
+    seq = {r["group"]: r for r in map(json.loads, open(tmp_path / "seq/results.jsonl")) if r["kind"] != "endpoint"}
+    assert full.keys() == seq.keys() and len(seq) == 4  # full + 3 blocks
+    total = json.loads((tmp_path / "full/scan.json").read_text())["data"]["tokens"]
+    for group, row in seq.items():
+        assert row["tokens_ceiling"] == total and row["decision"] in ("above", "below", "undecided")
+        if row["blocks_used"] == 24:
+            assert math.isclose(row["barrier"], full[group]["barrier"], rel_tol=1e-6, abs_tol=1e-9)
+        elif row["decision"] != "undecided":  # a decision agrees with the full-budget interval's side
+            assert (row["decision"] == "above") == (full[group]["barrier"] > 0.02)
+
+
+def test_merge_cli_evaluates_on_chat_data(chat, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(chat["a"]), str(chat["b"]), "--layers", "block.1", "--alpha", "0.5", "--eval-data",
+                 str(chat["data"]), "--chat", "--seq-len", str(SEQ_LEN), "--out", str(out)]) == 0
+    capsys.readouterr()
+    rows = reference_rows(chat["a"], chat["conversations"])
+    merged = reference_losses(out, None, rows)  # the written merge, loaded by transformers
+    card = (out / "README.md").read_text()
+    tokens = sum(n for _, n in merged)
+    assert f"Mean next-token loss on {tokens:,} assistant tokens of 24 conversations" in card
+    assert f"| **this merge** | {ratio(merged):.4f} |" in card
+    assert "--chat" in card  # the command that reproduces it
+
+
+def test_named_chat_sets(chat, tmp_path, capsys):
+    """--chat applies to every named evaluation set; each set reports its own conversations."""
+    small = write_jsonl(tmp_path / "small.jsonl", synthetic_conversations(5, 4))
+    assert main(["barrier", str(chat["a"]), str(chat["b"]), "--data", f"long={chat['data']}", "--data", f"small={small}",
+                 "--chat", "--seq-len", str(SEQ_LEN), "--alphas", "0,0.5,1", "--layers", "block.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "long: chat data: 24 conversations" in printed and "small: chat data: 5 conversations" in printed

@@ -91,7 +91,7 @@ def run_sets(args: argparse.Namespace, pair, data, alphas: list[float], sequenti
     from ..engine.data import sets_for
     from ..engine.provenance import environment
     from ..model.placement import loading_info
-    from .common import console, fmt
+    from .common import console, fmt, print_chat_data
 
     sets = sets_for(pair, data)
     results = barrier_sets(pair, sets, layers=args.layers, alphas=alphas, base=args.base, method=args.method,
@@ -99,6 +99,7 @@ def run_sets(args: argparse.Namespace, pair, data, alphas: list[float], sequenti
     if not is_main_process():
         return 0
     averages = average_barriers(results)
+    print_chat_data(sets)
     for name, result in results.items():
         table = Table(title=f"{name}: barrier of {args.layers or 'the full model'} (base {args.base.upper()}, {args.method})")
         for col in ("alpha", "loss", "perplexity", "accuracy", "bits/byte", "loss - reference"):

@@ -96,12 +96,17 @@ def sequential_config(args: argparse.Namespace) -> SequentialConfig | None:
 
 
 def print_chat_data(blocks) -> None:
-    """One line on chat data: conversations kept, truncated and dropped, and the scored tokens."""
+    """One line per chat evaluation set: conversations kept, truncated and dropped, and the scored tokens."""
+    if isinstance(blocks, (list, tuple)):
+        for one in blocks:
+            print_chat_data(one)
+        return
     chat = blocks.chat
     if not chat:
         return
     how = f", assistant turns found by {chat['assistant_tokens_by']}" if chat.get("assistant_tokens_by") else ""
-    console.print(f"chat data: {chat['conversations']:,} conversations; {chat['truncated']:,} truncated to "
+    name = f"{blocks.name}: " if getattr(blocks, "name", None) else ""
+    console.print(f"{name}chat data: {chat['conversations']:,} conversations; {chat['truncated']:,} truncated to "
                   f"--seq-len {chat['seq_len']}; {chat['dropped']:,} dropped (no scored token); loss on "
                   f"{chat['loss_on']} tokens ({chat['scored_tokens']:,}{how})")
 

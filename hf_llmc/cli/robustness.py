@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analyses.robustness import run_robustness
     from ..engine.data import blocks_for, sets_for
     from ..outputs.report import render
-    from .common import console, load_pair, print_scan_summary
+    from .common import console, load_pair, print_chat_data, print_scan_summary
 
     pair = load_pair(args)
     if cfg.layers:
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     blocks = sets_for(pair, data) if data.multiple else blocks_for(pair, data)
     run_robustness(pair, blocks, cfg, out, resume=args.resume, overwrite=args.overwrite, progress=True)
     written = render(out)
+    print_chat_data(blocks)
     print_scan_summary(json.loads(written["summary"].read_text()))
     console.print(f"results: {out / RESULTS}; report: {written['html']}")
     return 0

@@ -45,19 +45,19 @@ def run(args: argparse.Namespace) -> int:
         from ..analyses.multiset import run_scan_sets
         from ..engine.data import sets_for
 
-        run_scan_sets(pair, sets_for(pair, data), cfg, out, resume=args.resume, overwrite=args.overwrite, progress=True)
+        sets = sets_for(pair, data)
+        run_scan_sets(pair, sets, cfg, out, resume=args.resume, overwrite=args.overwrite, progress=True)
         parallel = "sets"
-    blocks = None if data.multiple else blocks_for(pair, data)
+    blocks = sets if data.multiple else blocks_for(pair, data)
     if parallel == "none":
         run_scan(pair, blocks, cfg, out, resume=args.resume, overwrite=args.overwrite, progress=True)
-    elif parallel != "sets":
+    elif parallel != "sets":  # one set
         runner = ScanRunner(pair, blocks, cfg, out, progress=False)
         run_scan_parallel(runner, parallel, resume=args.resume, overwrite=args.overwrite)
         if not is_main_process():
             return 0  # only process 0 reports
     written = render(out)
-    if blocks is not None:
-        print_chat_data(blocks)
+    print_chat_data(blocks)
     print_scan_summary(json.loads(written["summary"].read_text()))
     console.print(f"results: {out / RESULTS}; report: {written['html']}")
     return 0

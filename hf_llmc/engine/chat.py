@@ -59,11 +59,12 @@ class ChatRows:
     summary: dict = field(default_factory=dict)
 
 
-def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
+def chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> str:
     """Model A's chat template, or a one-line error when it has none.
 
     Args:
-        tokenizer: model A's tokenizer.
+        tokenizer: the tokenizer the text is tokenized with (model A's, or the union tokenizer).
+        template: the template to use instead of the tokenizer's own (None: the tokenizer's).
 
     Returns:
         The template (the ``default`` one when the tokenizer holds several).
@@ -71,7 +72,7 @@ def chat_template(tokenizer: PreTrainedTokenizerBase) -> str:
     Raises:
         DataError: no chat template, or a slow tokenizer (no character offsets).
     """
-    template = getattr(tokenizer, "chat_template", None)
+    template = template or getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
     if not template:
@@ -90,16 +91,18 @@ def _check_messages(messages: object, row: int, column: str) -> list[dict]:
     return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], template: str | None, **kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template, **kwargs)
 
 
-def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+                    template: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns, by rendering prefixes.
 
     Args:
         tokenizer: the tokenizer with the chat template.
         messages: the conversation.
+        template: the chat template (None: the tokenizer's).
 
     Returns:
         ``(text, spans)``: the whole rendering and one ``(start, end)`` per assistant message.
@@ -107,13 +110,13 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
     Raises:
         DataError: the rendering of a prefix of the conversation is not a prefix of the whole rendering.
     """
-    text = _render(tokenizer, messages)
+    text = _render(tokenizer, messages, template)
     spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        head = _render(tokenizer, messages[:k], add_generation_prompt=True) if k else ""
-        upto = _render(tokenizer, messages[: k + 1])
+        head = _render(tokenizer, messages[:k], template, add_generation_prompt=True) if k else ""
+        upto = _render(tokenizer, messages[: k + 1], template)
         if not (text.startswith(upto) and upto.startswith(head)):
             raise DataError("chat=True: the chat template does not render a conversation prefix by prefix, so its "
                             "assistant turns cannot be located; add {% generation %} markers to it")
@@ -122,7 +125,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
 
 
 def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict], loss_on: str,
-                        markers: bool) -> tuple[list[int], list[bool]]:
+                        markers: bool, template: str | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of one conversation and which of them the loss is taken over.
 
     Args:
@@ -130,18 +133,20 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
         messages: the conversation.
         loss_on: ``"assistant"`` or ``"all"``.
         markers: the template has ``{% generation %}`` markers.
+        template: the chat template (None: the tokenizer's).
 
     Returns:
         ``(ids, scored)`` of equal length (position 0 is never scored).
     """
     if loss_on == "all":
-        ids = tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(_render(tokenizer, messages, template), add_special_tokens=False)["input_ids"]
         scored = [True] * len(ids)
     elif markers:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                            chat_template=template)
         ids, scored = list(out["input_ids"]), [bool(x) for x in out["assistant_masks"]]
     else:
-        text, spans = assistant_spans(tokenizer, messages)
+        text, spans = assistant_spans(tokenizer, messages, template)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         scored = [any(end > s and start < e for s, e in spans) for start, end in enc["offset_mapping"]]
@@ -151,7 +156,7 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
 
 
 def render_rows(tokenizer: PreTrainedTokenizerBase, conversations: list, *, seq_len: int, max_tokens: int,
-                loss_on: str, column: str = "messages") -> ChatRows:
+                loss_on: str, column: str = "messages", template: str | None = None) -> ChatRows:
     """Render, tokenize, truncate and pad conversations (see the module docstring for the protocol).
 
     Args:
@@ -161,6 +166,7 @@ def render_rows(tokenizer: PreTrainedTokenizerBase, conversations: list, *, seq_
         max_tokens: the cap on the tokens of all rows.
         loss_on: ``"assistant"`` or ``"all"``.
         column: the column the conversations came from (for messages).
+        template: the chat template (None: the tokenizer's).
 
     Returns:
         The rows.
@@ -169,13 +175,13 @@ def render_rows(tokenizer: PreTrainedTokenizerBase, conversations: list, *, seq_
         DataError: no chat template, a malformed conversation, a template whose assistant turns cannot be
             located, or no conversation with a scored token.
     """
-    template = chat_template(tokenizer)
+    template = chat_template(tokenizer, template)
     markers = loss_on == "assistant" and GENERATION_TAG.search(template) is not None
     rows: list[tuple[list[int], list[bool]]] = []
     truncated = dropped = total = 0
     for i, raw in enumerate(conversations):
         messages = _check_messages(raw, i, column)
-        ids, scored = encode_conversation(tokenizer, messages, loss_on, markers)
+        ids, scored = encode_conversation(tokenizer, messages, loss_on, markers, template)
         if len(ids) > seq_len:
             truncated += 1
             ids, scored = ids[:seq_len], scored[:seq_len]

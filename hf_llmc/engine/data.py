@@ -43,7 +43,7 @@ from ..config.errors import DataError, PairError
 from ..config.files import cache_root
 from ..config.security import display_name
 from ..model.tokenizer import adds_bos, tokenizer_digest
-from .chat import chat_template, fits, render_rows
+from .chat import chat_template as find_template, fits, render_rows
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -235,10 +235,10 @@ def cache_dir() -> Path:
 
 
 def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_config: PretrainedConfig | None = None, *,
-                use_cache: bool = True) -> TokenBlocks:
+                use_cache: bool = True, chat_template: str | None = None) -> TokenBlocks:
     """Tokenize the configured data into ``[N, seq_len]`` blocks, or chat data into one row per conversation.
 
-    The protocol is in the module docstring.
+    The protocols are in the module docstring and in :mod:`hf_llmc.engine.chat`.
 
     Args:
         tokenizer: the tokenizer (model A's).
@@ -246,6 +246,7 @@ def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_confi
         model_config: the model's config; gives the default ``seq_len`` and its upper limit
             (without it the default is 1024 and not checked).
         use_cache: read and write the on-disk cache (:func:`cache_dir`).
+        chat_template: the chat template of chat data (None: the tokenizer's).
 
     Returns:
         The blocks; the last partial block is dropped.
@@ -265,10 +266,10 @@ def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_confi
     if limit and seq_len > limit:
         raise DataError(f"seq_len={seq_len}: above the model's maximum positions ({limit})")
     if cfg.chat:
-        chat_template(tokenizer)  # a pair without one is refused before the data are read
+        chat_template = find_template(tokenizer, chat_template)  # none: refused before the data are read
     docs, digest = _read_documents(cfg)
     if cfg.chat:
-        return _chat_blocks(tokenizer, cfg, seq_len, docs, digest, use_cache)
+        return _chat_blocks(tokenizer, cfg, seq_len, docs, digest, use_cache, chat_template)
     bos = not cfg.no_bos and adds_bos(tokenizer)
     key = hashlib.sha256(json.dumps(
         [digest, tokenizer_digest(tokenizer), cfg.text_column, seq_len, cfg.max_tokens, "bos" if bos else "plain"]
@@ -304,10 +305,11 @@ def load_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, model_confi
 
 
 def _chat_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, seq_len: int, conversations: list,
-                 digest: str, use_cache: bool) -> TokenBlocks:
+                 digest: str, use_cache: bool, template: str) -> TokenBlocks:
     """One right-padded row per conversation (:func:`~hf_llmc.engine.chat.render_rows`), cached like blocks."""
     key = hashlib.sha256(json.dumps(
-        [digest, tokenizer_digest(tokenizer), "chat", cfg.messages_column, seq_len, cfg.max_tokens, cfg.resolved_loss_on]
+        [digest, tokenizer_digest(tokenizer), "chat", template, cfg.messages_column, seq_len, cfg.max_tokens,
+         cfg.resolved_loss_on]
     ).encode()).hexdigest()[:24]
     source = cfg.data or cfg.dataset
     cached = cache_dir() / f"{key}.pt"
@@ -321,7 +323,7 @@ def _chat_blocks(tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, seq_len: i
             entry = None
     if entry is None:
         rows = render_rows(tokenizer, conversations, seq_len=seq_len, max_tokens=cfg.max_tokens, loss_on=cfg.resolved_loss_on,
-                           column=cfg.messages_column)
+                           column=cfg.messages_column, template=template)
         entry = {"ids": rows.ids, "scored": rows.scored, "lengths": rows.lengths, "summary": rows.summary}
         if use_cache:
             try:
@@ -455,7 +457,8 @@ def blocks_for(pair: ModelPair, data: DataSource) -> TokenBlocks:
     Args:
         pair: the loaded pair; text is tokenized with A's tokenizer (with the union tokenizer when
             the vocabularies differ by added tokens, :mod:`hf_llmc.model.vocab`), blocks fit A's
-            maximum positions.
+            maximum positions; chat data are rendered with A's chat template (the union tokenizer's,
+            i.e. B's, when A has none).
         data: a :class:`DataConfig`, a local text file path, ready :class:`TokenBlocks` (returned as
             is) or an ``[N, seq_len]`` id tensor (used as is, source ``"tensor"``).
 
@@ -478,7 +481,8 @@ def blocks_for(pair: ModelPair, data: DataSource) -> TokenBlocks:
             raise DataError("chat=True: model A has no tokenizer, so no chat template")
         if pair.tokenizer is None:
             raise PairError(f"{display_name(pair.source_a)}: no tokenizer; pass token blocks instead")
-        blocks = load_blocks(pair.tokenizer, data, pair.model.config)
+        own = getattr(getattr(pair, "tokenizer_a", None), "chat_template", None) if data.chat else None
+        blocks = load_blocks(pair.tokenizer, data, pair.model.config, chat_template=own)
     vocab = getattr(pair, "vocab", None)
     if vocab is not None:  # both endpoints are evaluated: every real token must be shared
         if blocks.lengths is None:
