@@ -132,3 +132,14 @@ def test_bits_per_byte_equals_plain_computation(bpb_pair):
     assert math.isclose(result.bpb_barrier_mid, want_mid - (want_a + want_b) / 2, rel_tol=1e-4, abs_tol=1e-6)
     out = result.to_dict()
     assert out["bits_per_byte_a"] == result.bits_per_byte_a and "bpb_barrier_max" in out
+
+
+def test_barrier_cli_in_bits_per_byte(bpb_pair, capsys):
+    from hf_llmc import cli
+
+    demo, pair, data = bpb_pair
+    result = pair.barrier(data, layers="block.0", alphas=[0, 0.5, 1])
+    assert cli.main(["barrier", str(demo.a), str(demo.b), "--data", data.data, "--seq-len", "32", "--max-tokens",
+                     str(32 * 12), "--layers", "block.0", "--alphas", "0,0.5,1", "--metric", "bpb"]) == 0
+    printed = capsys.readouterr().out
+    assert f"barrier_mid = {result.bpb_barrier_mid:+.4f}" in printed and "bits/byte" in printed

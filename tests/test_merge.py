@@ -428,6 +428,6 @@ def test_cli_auto_objective_and_sets(dirs, two_sets, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "cap on set two" in printed and "  one: perplexity" in printed
     card = (out / "README.md").read_text()
-    assert "--auto-objective two" in card and "| `two` (" in card
+    assert "--auto-objective two" in card and "| `two` (" in card and "the cap held on the set `two`" in card
     assert main(args[:-4] + ["--auto-objective", "three"] + args[-4:] + ["--overwrite"]) == 2  # before loading
     assert "not an evaluation set" in capsys.readouterr().err

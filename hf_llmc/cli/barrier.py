@@ -58,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         f"(perplexity x{result.barrier_mid_ratio:.4f}); barrier_max = {result.barrier_max:+.4f}; "
         f"tokens = {result.tokens:,}"
     )
+    if args.metric == "bpb" and result.bpb_barrier_mid is not None:
+        console.print(f"bits per byte: A {result.bits_per_byte_a:.4f}, B {result.bits_per_byte_b:.4f}; "
+                      f"barrier_mid = {result.bpb_barrier_mid:+.4f} ± {result.bpb_barrier_mid_se:.4f}, "
+                      f"barrier_max = {result.bpb_barrier_max:+.4f} bits/byte")
     if sequential is not None:
         x = result.extra
         low, high = x["barrier_mid_interval"] or (float("nan"), float("nan"))
