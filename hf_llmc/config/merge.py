@@ -29,6 +29,7 @@ class MergeSpec:
     sets: list[str] = setting(help="LAYERS=ALPHA items (repeatable --set), e.g. attn.0-3=0.5 or attn.*=0,0.5,1; a later item wins where items overlap.", cli=False, default_factory=list)
     method: Method = setting("lerp", "Interpolation per tensor: lerp ((1-α)·A + α·B) or slerp.")
     base: Literal["a", "b"] = setting("a", "Checkpoint the tensors outside the spec (and config, tokenizer) come from.")
+    lerp_ops: Literal["plain", "mergekit"] = setting("plain", "float32 operations of lerp in written tensors: plain ((1-α)·A + α·B, each product rounded) or mergekit (A·(1-α) then B·α accumulated with addcmul, as mergekit's linear merge: bit-identical to mergekit; it differs from plain by float32 rounding of the products).")
     allow_extrapolation: bool = setting(False, "Allow α outside [0, 1].")
 
     def __post_init__(self) -> None:
@@ -42,7 +43,7 @@ class MergeSpec:
 
         Args:
             text: ``;``-separated ``LAYERS=ALPHA`` items, e.g. ``"attn.0-3=0.5; mlp.*=0.25"``.
-            **kwargs: the other fields (``method``, ``base``, ``allow_extrapolation``).
+            **kwargs: the other fields (``method``, ``base``, ``lerp_ops``, ``allow_extrapolation``).
 
         Returns:
             The spec with one ``sets`` item per non-empty item of ``text`` (not validated yet).
@@ -62,6 +63,7 @@ class MergeSpec:
         """
         check_choice(MergeSpec, self, "method", MergeSpecError)
         check_choice(MergeSpec, self, "base", MergeSpecError)
+        check_choice(MergeSpec, self, "lerp_ops", MergeSpecError)
         out: list[tuple[str, ItemAlpha]] = []
         if self.layers:
             parse_spec(self.layers)

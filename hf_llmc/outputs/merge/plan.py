@@ -40,6 +40,7 @@ class MergePlan:
     numel_total: int
     numel_changed: int
     groups: list[Group]
+    lerp_ops: str = "plain"
 
     @property
     def fraction_changed(self) -> float:
@@ -86,4 +87,4 @@ def plan_merge(arch, spec: MergeSpec) -> MergePlan:
     keep = 0.0 if spec.base == "a" else 1.0
     total = sum(arch.numel.values())
     changed = sum(arch.numel[n] for n, a in alphas.items() if a != keep)
-    return MergePlan(alphas, rows, spec.base, spec.method, total, changed, groups)
+    return MergePlan(alphas, rows, spec.base, spec.method, total, changed, groups, spec.lerp_ops)

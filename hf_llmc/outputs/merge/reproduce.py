@@ -39,6 +39,8 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
         argv += ["--method", spec.method]
     if spec.base != "a":
         argv += ["--base", spec.base]
+    if spec.lerp_ops != "plain":
+        argv += ["--lerp-ops", spec.lerp_ops]
     if spec.allow_extrapolation:
         argv.append("--allow-extrapolation")
     if load is not None:
@@ -87,6 +89,8 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
     recipe cannot switch them on, so the description names the flags to pass to ``hf-llmc run``."""
     step: dict = {"sets": [f"{layers}={alpha}" for layers, alpha in spec.entries()],
                   "method": spec.method, "base": spec.base}
+    if spec.lerp_ops != "plain":
+        step["lerp_ops"] = spec.lerp_ops
     if spec.allow_extrapolation:
         step["allow_extrapolation"] = True
     step["out"] = Path(export.out or "merged").name
