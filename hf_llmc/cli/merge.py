@@ -26,6 +26,7 @@ def _from_mergekit(args: argparse.Namespace, spec: MergeSpec, auto: AutoConfig, 
     if export.dtype and cfg.output_dtype and export.dtype != cfg.output_dtype:
         raise UsageError(f"--dtype {export.dtype}: the mergekit config writes {cfg.output_dtype}")
     export.dtype = export.dtype or cfg.output_dtype
+    export.validate()
     return cfg
 
 

@@ -30,7 +30,13 @@ Setting = Any
 
 @dataclass
 class Source:
-    """One model's part of a slice: its layer range and per-model parameters."""
+    """One model's part of a slice: its layer range and per-model parameters.
+
+    Attributes:
+        model: the model reference.
+        layer_range: ``(start, end)`` of its layers; None in a ``models`` config (every layer).
+        parameters: the per-model parameters (``weight``).
+    """
 
     model: str
     layer_range: tuple[int, int] | None
@@ -39,7 +45,12 @@ class Source:
 
 @dataclass
 class Slice:
-    """An output slice: the same layers of one or both models, and slice-level parameters."""
+    """An output slice: the same layers of one or both models, and slice-level parameters.
+
+    Attributes:
+        sources: the models' parts.
+        parameters: the slice-level parameters.
+    """
 
     sources: list[Source]
     parameters: dict[str, Setting] = field(default_factory=dict)
@@ -47,8 +58,9 @@ class Slice:
 
 @dataclass
 class MergekitConfig:
-    """A mergekit config hf-llmc can run, normalised to slices (``models`` becomes one slice
-    whose layer range is filled in once the model is known).
+    """A mergekit config hf-llmc can run, normalised to slices.
+
+    A ``models`` config becomes one slice whose layer range is filled in once the model is known.
 
     Attributes:
         method: ``linear`` or ``slerp``.

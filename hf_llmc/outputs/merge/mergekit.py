@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ...config.alphas import ItemAlpha, anchor_value, format_number
 from ...config.errors import MergeSpecError
-from ...config.merge import MergeSpec
+from ...config.merge import MergeSpec, as_spec
 from ...config.mergekit import MergekitConfig, Slice, Source, dump_mergekit, parse_mergekit
 from ...config.spec import BLOCK_KINDS, GLOBAL_KINDS
 from ...model.checkpoint.adapters import AdapterCheckpoint
 from ...model.pair import same_tokenizer_files
 from ...model.selection import block_group, global_group, resolve
 from .plan import MergePlan, plan_merge
+
+if TYPE_CHECKING:
+    from ...model.architecture import Architecture
+    from ...model.pair import ModelPair
 
 
 def _f32(x: float) -> float:
@@ -73,7 +79,7 @@ def _parameter(cfg: MergekitConfig, sl: Slice, name: str, tensor: str, t: float,
     return None
 
 
-def normalized_slices(cfg: MergekitConfig, arch) -> list[Slice]:
+def normalized_slices(cfg: MergekitConfig, arch: Architecture) -> list[Slice]:
     """The config's slices with layer ranges filled in, checked to cover the layers in order.
 
     Args:
@@ -107,7 +113,7 @@ def normalized_slices(cfg: MergekitConfig, arch) -> list[Slice]:
     return slices
 
 
-def mergekit_weights(cfg: MergekitConfig, arch) -> dict[str, dict]:
+def mergekit_weights(cfg: MergekitConfig, arch: Architecture) -> dict[str, dict]:
     """What mergekit would compute for every tensor of the architecture.
 
     Args:
@@ -233,7 +239,8 @@ def _run_items(kind: str, run: list[tuple[int, float]], bounds: set[int], keep: 
     return items
 
 
-def spec_items(alphas: dict[str, float], arch, keep: float, *, bounds: set[int] = frozenset(), candidates=()) -> list[str]:
+def spec_items(alphas: dict[str, float], arch: Architecture, keep: float, *, bounds: set[int] | frozenset[int] = frozenset(),
+               candidates: Sequence[tuple[float, ...]] = ()) -> list[str]:
     """``LAYERS=ALPHA`` items that give every tensor its α (groups where they can, ``re:`` otherwise).
 
     Args:
@@ -278,7 +285,7 @@ def spec_items(alphas: dict[str, float], arch, keep: float, *, bounds: set[int] 
     return items
 
 
-def spec_from_mergekit(cfg: MergekitConfig, arch) -> MergeSpec:
+def spec_from_mergekit(cfg: MergekitConfig, arch: Architecture) -> MergeSpec:
     """The hf-llmc merge spec that gives every tensor the α mergekit would (A = ``cfg.models[0]``).
 
     Args:
@@ -311,13 +318,17 @@ def spec_from_mergekit(cfg: MergekitConfig, arch) -> MergeSpec:
     return spec
 
 
-def check_tokenizer_source(cfg: MergekitConfig, pair) -> None:
-    """Refuse ``tokenizer_source: union`` unless A and B hold the same tokenizer files (then the
-    union is the base's tokenizer, which hf-llmc copies).
+def check_tokenizer_source(cfg: MergekitConfig, pair: ModelPair) -> None:
+    """Refuse ``tokenizer_source: union`` unless A and B hold the same tokenizer files.
+
+    Then the union is the base's tokenizer, which hf-llmc copies.
 
     Args:
         cfg: the config.
         pair: the (lazy) pair.
+
+    Returns:
+        None.
 
     Raises:
         MergeSpecError: ``union`` over two different tokenizers.
@@ -369,13 +380,14 @@ def _block_filters(rels: list[str], chosen: list[str]) -> list[str]:
     return [f".{r}" for r in chosen]
 
 
-def mergekit_config(pair, spec: MergeSpec, model_a: str, model_b: str, *, out_dtype: str | None = None) -> dict:
-    """The mergekit config that produces the same merge as ``spec`` on ``pair``, checked by
-    evaluating it as mergekit would.
+def mergekit_config(pair: ModelPair, spec: MergeSpec | str | dict, model_a: str, model_b: str, *, out_dtype: str | None = None) -> dict:
+    """The mergekit config that produces the same merge as ``spec`` on ``pair``.
+
+    The config is checked by evaluating it as mergekit would (:func:`mergekit_weights`).
 
     Args:
         pair: the (lazy) pair.
-        spec: the merge.
+        spec: the merge (a :class:`MergeSpec`, its text form or a dict of its fields).
         model_a: how the config names A (a path or Hub id, ``@revision`` allowed).
         model_b: how it names B.
         out_dtype: the output dtype (default: as the base stores its tensors).
@@ -386,6 +398,8 @@ def mergekit_config(pair, spec: MergeSpec, model_a: str, model_b: str, *, out_dt
     Raises:
         MergeSpecError: a part of the merge mergekit cannot express exactly (named in the message).
     """
+    spec = as_spec(spec)
+    spec.validate()
     arch = pair.arch
     if isinstance(pair.ckpt_a, AdapterCheckpoint) or isinstance(pair.ckpt_b, AdapterCheckpoint):
         raise MergeSpecError("mergekit cannot express a merge with a PEFT adapter as A or B; merge the adapter into its model first")
@@ -512,12 +526,12 @@ def _check_same(config: dict, arch, alpha: dict[str, float], method: str) -> Non
                                  f"the nearest config gives {format_number(have['alpha'])}")
 
 
-def emit_mergekit(pair, spec: MergeSpec, model_a: str, model_b: str, *, out_dtype: str | None = None, header: str = "") -> str:
+def emit_mergekit(pair: ModelPair, spec: MergeSpec | str | dict, model_a: str, model_b: str, *, out_dtype: str | None = None, header: str = "") -> str:
     """The mergekit config of :func:`mergekit_config` as YAML text.
 
     Args:
         pair: the (lazy) pair.
-        spec: the merge.
+        spec: the merge (a :class:`MergeSpec`, its text form or a dict of its fields).
         model_a: how the config names A.
         model_b: how it names B.
         out_dtype: the output dtype (default: as the base stores its tensors).
