@@ -128,8 +128,8 @@ def barrier_from_stats(
         d = mid.block_loss - 0.5 * (stat_a.block_loss + stat_b.block_loss)
         de = mid.block_error - 0.5 * (stat_a.block_error + stat_b.block_error)
         b_mid = mid.loss - 0.5 * (la + lb)
-        b_mid_se, se_method, lag1 = paired_standard_error(d, mid.indices)
-        e_mid, (e_mid_se, _, _) = (1.0 - mid.accuracy) - 0.5 * (ea + eb), paired_standard_error(de, mid.indices)
+        b_mid_se, se_method, lag1 = paired_standard_error(d, mid.indices, mid.weights)
+        e_mid, (e_mid_se, _, _) = (1.0 - mid.accuracy) - 0.5 * (ea + eb), paired_standard_error(de, mid.indices, mid.weights)
         meta = {**meta, "extra": {**meta.get("extra", {}), "se_method": se_method, "lag1_correlation": lag1}}
     else:
         b_mid = b_mid_se = e_mid = e_mid_se = float("nan")
@@ -234,6 +234,8 @@ def barrier(
     rounded = [pair.interp.rounding[a] for a in result.alphas if a in pair.interp.rounding]
     if rounded and group.name == "full":  # a low-precision full path: how far its points are off the path
         result.extra["rounded_points"] = rounded
+    if getattr(pair, "vocab", None) is not None:  # vocabularies that differ by added tokens
+        result.extra["vocabulary"] = pair.vocab.describe()
     return result
 
 
@@ -295,7 +297,7 @@ def sequential_barrier(pair: ModelPair, ev: Evaluator, group: Group, alphas: lis
     result.extra.update(
         barrier_curve=[barriers[a] for a in result.alphas],
         barrier_mid_interval=fields.pop("interval"), **fields, confidence=cfg.confidence, threshold=cfg.decide,
-        target_se=cfg.target_se, tokens_evaluated=est.blocks_evaluated * mid.tokens_per_block,
+        target_se=cfg.target_se, tokens_evaluated=round(est.blocks_evaluated * mid.tokens_per_block),
         sequential=cfg.result_settings(), interval_description=est.rule.description(),
         assumption=est.rule.assumption(),
     )

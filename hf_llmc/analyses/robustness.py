@@ -52,7 +52,7 @@ def random_direction(interp: Interpolator, group: Group, seed: int, sample: int)
     target = 0.0
     direction: dict[str, torch.Tensor] = {}
     for name in names:
-        a, b = interp.stored("a", name), interp.stored("b", name)
+        a, b = interp.endpoint_tensors(name)  # vocabularies that differ: the union layout
         target += tensor_moments(a, b).sq_diff
         gen = torch.Generator().manual_seed(_tensor_seed(seed, sample, name))
         direction[name] = torch.randn(tuple(a.shape), generator=gen, dtype=torch.float32)
@@ -149,7 +149,7 @@ class RobustnessRunner(ScanRunner):
         try:
             for name in names:  # through the interpolator's writer (offloaded / quantized weights)
                 device = interp._device(name)
-                interp._write(name, interp.stored("a", name).to(device).float() + point.alpha * direction[name].to(device))
+                interp._write(name, interp.endpoint_tensors(name)[0].to(device).float() + point.alpha * direction[name].to(device))
             start = point.group.first_block if self.rcfg.prefix and point.group.first_block else None
             return self.ev.run(None, start_block=start, state="a")
         finally:

@@ -300,7 +300,7 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
     err_ref = (1 - alpha) * (1 - stat_a.accuracy) + alpha * (1 - stat_b.accuracy)
     d = stats.block_loss - ((1 - alpha) * stat_a.block_loss + alpha * stat_b.block_loss)
     finite = math.isfinite(stats.loss)
-    se, method, _ = paired_standard_error(d, stats.indices)
+    se, method, _ = paired_standard_error(d, stats.indices, stats.weights)
     row = {
         "group": g.name,
         "kind": g.kind,
@@ -335,7 +335,7 @@ def endpoint_row(which: str, stats: BlockStats) -> dict:
 
     Returns:
         The row (group ``A`` / ``B``, kind ``endpoint``), with ``block_indices``, ``block_loss_sum``,
-        ``block_correct`` and ``tokens_per_block``.
+        ``block_correct`` and ``tokens_per_block`` (chat data: and ``block_tokens``).
     """
     return {
         "group": which.upper(),
@@ -354,6 +354,7 @@ def endpoint_row(which: str, stats: BlockStats) -> dict:
         "block_loss_sum": stats.loss_sum.tolist(),
         "block_correct": stats.correct.tolist(),
         "tokens_per_block": stats.tokens_per_block,
+        **({} if stats.block_tokens is None else {"block_tokens": stats.block_tokens.tolist()}),
     }
 
 
@@ -370,7 +371,8 @@ def stats_from_endpoint_row(row: dict) -> BlockStats:
         indices=torch.tensor(row["block_indices"], dtype=torch.long),
         loss_sum=torch.tensor(row["block_loss_sum"], dtype=torch.float64),
         correct=torch.tensor(row["block_correct"], dtype=torch.long),
-        tokens_per_block=int(row["tokens_per_block"]),
+        tokens_per_block=int(row["tokens_per_block"]) if "block_tokens" not in row else float(row["tokens_per_block"]),
+        block_tokens=torch.tensor(row["block_tokens"], dtype=torch.long) if "block_tokens" in row else None,
     )
 
 
@@ -560,6 +562,8 @@ class ScanRunner:
             "model_b": [display_name(pair.source_b), pair.ckpt_b.revision, fingerprint(pair.ckpt_b)],
             "data": [self.blocks.fingerprint, self.blocks.num_blocks, self.blocks.seq_len],
             "dtype": str(dtype).removeprefix("torch."),
+            # vocabularies that differ: the rule for one-side rows changes embed / head points
+            **({"added_rows": pair.vocab.added_rows} if getattr(pair, "vocab", None) is not None else {}),
         }
 
     def result_settings(self) -> dict:
@@ -600,8 +604,9 @@ class ScanRunner:
             "data": {"source": display_name(source) if source not in ("tensor", None) else source,
                      "fingerprint": self.blocks.fingerprint, "num_blocks": self.blocks.num_blocks,
                      "seq_len": self.blocks.seq_len,
-                     "tokens": self.blocks.num_blocks * (self.blocks.seq_len - 1)},
+                     "tokens": self.blocks.tokens, **({"chat": self.blocks.chat} if self.blocks.chat else {})},
             "plan": self.plan.to_dict(),
+            **({"vocabulary": pair.vocab.describe()} if getattr(pair, "vocab", None) is not None else {}),
             "num_points": len(self.points),
             "device": str(self.ev.device),
             "libraries": library_versions(),
@@ -900,7 +905,7 @@ class SequentialScanRunner(ScanRunner):
         out = super().manifest(status, **extra)
         out["sequential"] = {**self.cfg.sequential.result_settings(), "interval_description": self.seq.rule.description(),
                              "assumption": self.seq.rule.assumption(), "schedule": self.seq.schedule,
-                             "tokens_evaluated": self.seq.blocks_evaluated * (self.blocks.seq_len - 1)}
+                             "tokens_evaluated": round(self.seq.blocks_evaluated * self.blocks.tokens_per_block)}
         return out
 
     def endpoint(self, which: str) -> BlockStats:

@@ -547,7 +547,7 @@ class Outcome:
         """Per-point result fields (results.jsonl rows, barrier JSON).
 
         Args:
-            tokens_per_block: predicted tokens per block.
+            tokens_per_block: predicted tokens per block (chat data: their mean over every conversation).
 
         Returns:
             ``interval``, ``decision``, ``stop_reason``, ``looks``, ``blocks_used``, ``endpoint_blocks``,
@@ -563,7 +563,7 @@ class Outcome:
             "blocks_used": look.n if look is not None else None,
             "endpoint_blocks": look.m if look is not None else None,
             "control_beta": look.beta if look is not None else None,
-            "tokens_ceiling": self.blocks_available * tokens_per_block,
+            "tokens_ceiling": round(self.blocks_available * tokens_per_block),
             "interval_method": self.interval_method,
         }
 
@@ -845,8 +845,10 @@ def replay_many(d: np.ndarray, g: np.ndarray | None, rule: Rule, *, endpoint_blo
 
 
 def _cat(parts: list[BlockStats]) -> BlockStats:
+    weighted = parts[0].block_tokens is not None
     return BlockStats(indices=torch.cat([p.indices for p in parts]), loss_sum=torch.cat([p.loss_sum for p in parts]),
-                      correct=torch.cat([p.correct for p in parts]), tokens_per_block=parts[0].tokens_per_block)
+                      correct=torch.cat([p.correct for p in parts]), tokens_per_block=parts[0].tokens_per_block,
+                      block_tokens=torch.cat([p.block_tokens for p in parts]) if weighted else None)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
@@ -907,7 +909,8 @@ class SequentialEstimator:
         stats = _cat(self._ends[which])
         if stats.indices.numel() == n:
             return stats
-        return BlockStats(stats.indices[:n], stats.loss_sum[:n], stats.correct[:n], stats.tokens_per_block)
+        return BlockStats(stats.indices[:n], stats.loss_sum[:n], stats.correct[:n], stats.tokens_per_block,
+                          None if stats.block_tokens is None else stats.block_tokens[:n])
 
     def _extend(self, which: str, n: int) -> None:
         have = self.have(which)

@@ -8,8 +8,7 @@ from pathlib import Path
 from ..config.alphas import parse_alphas
 from ..config.files import write_json_atomic
 from ..config.spec import parse_spec
-from ..engine.io import check_location, check_writable
-from .common import cli_sources, data_config, sequential_config
+from .common import check_json_out, data_config, sequential_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,10 +18,7 @@ def run(args: argparse.Namespace) -> int:
         parse_spec(args.layers)
     data = data_config(args)
     sequential = sequential_config(args)
-    if args.json_out:
-        where = f"json_out={args.json_out!r}"
-        check_location(args.json_out, cli_sources(args), shown=where)  # never into a model folder or the Hub cache
-        check_writable(Path(args.json_out).expanduser().parent, where)  # before any work
+    check_json_out(args)
 
     from rich.table import Table
 
@@ -32,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.data import blocks_for
     from ..engine.provenance import environment
     from ..model.placement import loading_info
-    from .common import console, fmt, load_pair, quant_overrides
+    from .common import console, fmt, load_pair, print_chat_data, quant_overrides
 
     shard = setup_parallel(args)
     pair = load_pair(args, **quant_overrides(args))
@@ -44,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, sequential=sequential)
     if not is_main_process():
         return 0  # only process 0 prints and writes
+    if pair.vocab is not None:
+        console.print(pair.vocab.summary())
+    print_chat_data(blocks)
     table = Table(title=f"barrier of {args.layers or 'the full model'} (base {args.base.upper()}, {args.method})")
     estimates = result.extra.get("barrier_curve")  # sequential: regression estimates per alpha
     for col in ("alpha", "loss", "perplexity", "accuracy", "loss - reference" if estimates is None else "barrier (estimate)"):
@@ -73,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         if shard is not None:
             payload["parallel"] = {"mode": "data", "processes": shard.num_processes}
         payload["data"] = {"source": display_name(blocks.source), "fingerprint": blocks.fingerprint,
-                           "num_blocks": blocks.num_blocks, "seq_len": blocks.seq_len}
+                           "num_blocks": blocks.num_blocks, "seq_len": blocks.seq_len,
+                           **({"chat": blocks.chat} if blocks.chat else {})}
         payload["environment"] = environment(pair.model)
         write_json_atomic(Path(args.json_out).expanduser(), payload)
     return 0

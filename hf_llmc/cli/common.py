@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config.data import DataConfig
-from ..config.errors import DataError, UsageError
+from ..config.errors import DataError, OutputExistsError, UsageError
 from ..config.load import LoadConfig
 from ..config.scan import SequentialConfig
 from .parser import from_args
@@ -39,6 +39,21 @@ def cli_sources(args: argparse.Namespace) -> list:
 
     return source_folders([("model A", getattr(args, "model_a", None)), ("model B", getattr(args, "model_b", None)),
                            ("the base model", getattr(args, "base_model", None))])
+
+
+def check_json_out(args: argparse.Namespace) -> None:
+    """Before any work: ``--json-out`` is not in a model folder or the Hub cache, its folder is
+    writable, and an existing file is replaced only with ``--overwrite``."""
+    if not args.json_out:
+        return
+    from ..engine.io import check_location, check_writable
+
+    where = f"json_out={args.json_out!r}"
+    check_location(args.json_out, cli_sources(args), shown=where)
+    path = Path(args.json_out).expanduser()
+    if path.exists() and not args.overwrite:
+        raise OutputExistsError(f"{where}: exists; pass --overwrite to replace it")
+    check_writable(path.parent, where)
 
 
 def quant_overrides(args: argparse.Namespace) -> dict:
@@ -71,6 +86,17 @@ def sequential_config(args: argparse.Namespace) -> SequentialConfig | None:
     if getattr(args, "parallel", "none") != "none":
         raise UsageError("--target-se/--decide (sequential estimation) cannot be combined with --parallel yet")
     return cfg
+
+
+def print_chat_data(blocks) -> None:
+    """One line on chat data: conversations kept, truncated and dropped, and the scored tokens."""
+    chat = blocks.chat
+    if not chat:
+        return
+    how = f", assistant turns found by {chat['assistant_tokens_by']}" if chat.get("assistant_tokens_by") else ""
+    console.print(f"chat data: {chat['conversations']:,} conversations; {chat['truncated']:,} truncated to "
+                  f"--seq-len {chat['seq_len']}; {chat['dropped']:,} dropped (no scored token); loss on "
+                  f"{chat['loss_on']} tokens ({chat['scored_tokens']:,}{how})")
 
 
 def fmt(x: float, digits: int = 4) -> str:

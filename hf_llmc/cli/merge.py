@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # writing needs no model: both checkpoints are read tensor by tensor
         pair = lazy_pair(args.model_a, args.model_b, revision_a=args.revision_a, revision_b=args.revision_b,
                          trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                         base_model=args.base_model)
+                         base_model=args.base_model, added_rows=args.added_rows)
     choice = None
     if auto.auto:
         choice = auto_select(pair, data, auto, alpha=alpha, base=spec.base, method=spec.method, batch_size=args.batch_size)

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "layers", "layers", "List the addressable layer groups of a model.")
     p.add_argument("model", help="Local folder or Hub id.")
+    p.add_argument("model_b", nargs="?", metavar="MODEL_B", help="A second model: also compare the two vocabularies (shared size, tokens added on each side, embedding rows).")
     p.add_argument("--select", help="Only the groups this spec resolves to, e.g. attn.0-3.")
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     p.add_argument("--revision", help="Hub revision.")
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["lerp", "slerp"], default="lerp", help="Interpolation method per tensor.")
     p.add_argument("--allow-extrapolation", action="store_true", help="Allow α outside [0, 1].")
     p.add_argument("--json-out", help="Write the result as JSON to this file.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --json-out file.")
     p.add_argument("--parallel", choices=["none", "data"], default="none", help="Under torchrun / accelerate launch: 'data' splits the token blocks across processes (per-block sums gathered).")
     add_fields(p, SequentialConfig, group="sequential estimation (stop once the error bar allows)")
 
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=["block", "sublayer", "module"], default="block", help="Groups: block, sublayer or module.")
     p.add_argument("--layers", help="Layer spec instead of --granularity, e.g. attn.0-3,mlp.7.")
     p.add_argument("--json-out", help="Write the rows as JSON to this file.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --json-out file.")
 
     p = _command(sub, "robustness", "robustness", "Loss along random directions of the same norm as B − A, per group (paper, Section 5).")
     add_pair_args(p)

@@ -748,7 +748,7 @@ def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrit
         else:
             pair = lazy_pair(entry.a.model, entry.b.model, revision_a=entry.a.revision, revision_b=entry.b.revision,
                              trust_remote_code=load.trust_remote_code, allow_pickle=load.allow_pickle,
-                             base_model=load.base_model)
+                             base_model=load.base_model, added_rows=load.added_rows)
         blocks = pair.blocks(recipe.data) if live and recipe.data is not None else None
         for step in recipe.steps:
             summary = {"pair": name, "step": step.name, "kind": step.kind}

@@ -30,12 +30,14 @@ def run(args: argparse.Namespace) -> int:
     from ..analyses.scan import ScanRunner, run_scan
     from ..engine.data import blocks_for
     from ..outputs.report import render
-    from .common import console, load_pair, print_scan_summary
+    from .common import console, load_pair, print_chat_data, print_scan_summary
 
     shard = setup_parallel(args)
     pair = load_pair(args)
     pair.shard = shard
     blocks = blocks_for(pair, data)
+    if pair.vocab is not None and is_main_process():
+        console.print(pair.vocab.summary())
     if parallel == "none":
         run_scan(pair, blocks, cfg, out, resume=args.resume, overwrite=args.overwrite, progress=True)
     else:
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         if not is_main_process():
             return 0  # only process 0 reports
     written = render(out)
+    print_chat_data(blocks)
     print_scan_summary(json.loads(written["summary"].read_text()))
     console.print(f"results: {out / RESULTS}; report: {written['html']}")
     return 0

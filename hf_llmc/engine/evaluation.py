@@ -39,18 +39,30 @@ class BlockStats:
         indices: ``[n]`` block indices into the token-block tensor.
         loss_sum: ``[n]`` float64 summed next-token cross-entropy per block (nats).
         correct: ``[n]`` int64 top-1 hits per block.
-        tokens_per_block: predicted positions per block (``seq_len - 1``).
+        tokens_per_block: predicted positions per block (``seq_len - 1``); with chat data the mean
+            scored tokens per conversation over the whole token set (the scale of :attr:`block_loss`).
+        block_tokens: ``[n]`` int64 scored tokens per block when they differ (chat data: one block
+            is one conversation); None: ``tokens_per_block`` each.
     """
 
     indices: torch.Tensor  # [n] block indices into the token-block tensor
     loss_sum: torch.Tensor  # [n] float64 summed cross-entropy (nats)
     correct: torch.Tensor  # [n] int64 top-1 hits
-    tokens_per_block: int
+    tokens_per_block: int | float
+    block_tokens: torch.Tensor | None = None  # [n] int64 scored tokens (chat data)
 
     @property
     def tokens(self) -> int:
         """Predicted tokens in all blocks."""
+        if self.block_tokens is not None:
+            return int(self.block_tokens.sum())
         return int(self.indices.numel()) * self.tokens_per_block
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """Per-block weights of the ratio estimator, ``block_tokens / tokens_per_block`` (float64); None
+        when every block scores the same tokens."""
+        return None if self.block_tokens is None else self.block_tokens.double() / self.tokens_per_block
 
     @property
     def loss(self) -> float:
@@ -69,12 +81,13 @@ class BlockStats:
 
     @property
     def block_loss(self) -> torch.Tensor:
-        """Mean loss of each block (float64)."""
+        """Mean loss of each block (float64); with chat data a conversation's summed loss over the mean
+        scored tokens per conversation, so that the mean over all conversations is the token-weighted loss."""
         return self.loss_sum / self.tokens_per_block
 
     @property
     def block_error(self) -> torch.Tensor:
-        """Top-1 error rate of each block (float64)."""
+        """Top-1 error rate of each block (float64), scaled like :attr:`block_loss`."""
         return 1.0 - self.correct.double() / self.tokens_per_block
 
     def to_dict(self) -> dict:
@@ -139,6 +152,10 @@ class Evaluator:
         cache_device: where cached hidden states are kept (default: the model's device).
         shard: the data-parallel share of this process (None: every block here).
         prefix_store_bytes: memory for hidden states recorded by ``run(record=True)`` (0 = off).
+        scored: ``[N, seq_len]`` bool, the tokens the loss is taken over (chat data); None: every token
+            after the first.
+        lengths: ``[N]`` real tokens per row, right-padded after (chat data); each batch is cut to its
+            longest row and gets an attention mask. None: full rows.
     """
 
     def __init__(
@@ -151,8 +168,16 @@ class Evaluator:
         cache_device: str | torch.device | None = None,
         shard: Shard | None = None,
         prefix_store_bytes: int = 0,
+        scored: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> None:
         self.model = model
+        # Chat data: the scored tokens, the real length of each right-padded row, and the tokens
+        # each row scores (their mean over all rows scales block_loss, a constant for every subset).
+        self.scored, self.lengths = scored, lengths
+        self.row_tokens = None if scored is None else scored.sum(dim=1)
+        self.tokens_per_block = (blocks.shape[1] - 1 if scored is None
+                                 else float(self.row_tokens.sum()) / max(1, blocks.shape[0]))
         # Hidden states entering every block, recorded per base state during a full forward
         # run with ``record=True`` while they fit in ``prefix_store_bytes`` (0 = off).
         self.prefix_store_bytes = prefix_store_bytes
@@ -239,16 +264,25 @@ class Evaluator:
             handle.remove()
 
     # -- forward ------------------------------------------------------------------------------
-    def _logits(self, ids: torch.Tensor, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+    def _inputs(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model inputs of a batch: its ids (right-padded rows cut to the longest, with an attention mask)."""
+        if self.lengths is None:
+            return {"input_ids": self.blocks[idx].to(self.device)}
+        lengths = self.lengths[idx]
+        width = int(lengths.max())
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+        return {"input_ids": self.blocks[idx, :width].to(self.device), "attention_mask": mask.long().to(self.device)}
+
+    def _logits(self, inputs: dict[str, torch.Tensor], start: int, hidden: torch.Tensor | None) -> torch.Tensor:
         with self._skipping(start, hidden):
             self.forward_calls += 1
-            return self.model(input_ids=ids, use_cache=False).logits
+            return self.model(**inputs, use_cache=False).logits
 
-    def _hidden(self, ids: torch.Tensor, stop: int, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+    def _hidden(self, inputs: dict[str, torch.Tensor], stop: int, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
         sink: list = []
         with self._skipping(start, hidden), self._capturing(stop, sink):
             try:
-                self.model(input_ids=ids, use_cache=False)
+                self.model(**inputs, use_cache=False)
             except _Stop:
                 pass
         return sink[0]
@@ -303,8 +337,7 @@ class Evaluator:
             return prev.to(self.device)
         if prev_k > k:
             prev_k, prev = 0, None
-        ids = self.blocks[idx].to(self.device)
-        hidden = self._hidden(ids, k, prev_k, prev.to(self.device) if prev is not None else None)
+        hidden = self._hidden(self._inputs(idx), k, prev_k, prev.to(self.device) if prev is not None else None)
         self._cache[key] = (k, hidden.to(self.cache_device or self.device))
         return hidden
 
@@ -341,7 +374,10 @@ class Evaluator:
         while True:
             try:
                 stats = self._run(local, k, record and k == 0 and self.prefix_store_bytes > 0)
-                return stats if self.shard is None else self.shard.gather(stats, indices)
+                stats = stats if self.shard is None else self.shard.gather(stats, indices)
+                if self.row_tokens is not None:
+                    stats.tokens_per_block, stats.block_tokens = self.tokens_per_block, self.row_tokens[stats.indices]
+                return stats
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise
@@ -353,22 +389,23 @@ class Evaluator:
     def _run(self, indices: torch.Tensor, k: int, record: bool = False) -> BlockStats:
         loss_sums, corrects = [], []
         for idx in self._batches(indices):
-            ids = self.blocks[idx].to(self.device)
+            inputs = self._inputs(idx)
+            ids = inputs["input_ids"]
             hidden = self._prefix(k, idx) if k > 0 else None
             with self._recording(idx) if record else contextlib.nullcontext():
-                logits = self._logits(ids, k, hidden)
-            ls, cs = token_stats(logits, ids)
+                logits = self._logits(inputs, k, hidden)
+            ls, cs = token_stats(logits, ids, None if self.scored is None else self.scored[idx, : ids.shape[1]])
             loss_sums.append(ls.cpu())
             corrects.append(cs.cpu())
         return BlockStats(
             indices=indices,
             loss_sum=torch.cat(loss_sums) if loss_sums else torch.zeros(0, dtype=torch.float64),
             correct=torch.cat(corrects) if corrects else torch.zeros(0, dtype=torch.long),
-            tokens_per_block=self.blocks.shape[1] - 1,
+            tokens_per_block=self.tokens_per_block,
         )
 
 
-def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_stats(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence summed next-token cross-entropy and top-1 hits of one batch.
 
     Computed one sequence at a time so the float32 temporaries stay one sequence large.
@@ -376,6 +413,7 @@ def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     Args:
         logits: ``[B, T, vocab]`` model outputs.
         ids: ``[B, T]`` the token ids the logits were computed from.
+        scored: ``[B, T]`` bool, the target tokens that count (position 0 is never predicted); None: all.
 
     Returns:
         ``(loss_sum, correct)``: ``[B]`` float64 summed cross-entropy and ``[B]`` int64 hits, on the CPU.
@@ -383,11 +421,15 @@ def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     target = ids[:, 1:].to(logits.device)
     loss_sum = torch.empty(ids.shape[0], dtype=torch.float64)
     correct = torch.empty(ids.shape[0], dtype=torch.long)
+    keep = None if scored is None else scored[:, 1:].to(logits.device)
     for row in range(ids.shape[0]):
-        row_logits = logits[row, :-1].float()
-        ce = F.cross_entropy(row_logits, target[row], reduction="none")
+        row_logits, row_target = logits[row, :-1], target[row]
+        if keep is not None:
+            row_logits, row_target = row_logits[keep[row]], row_target[keep[row]]
+        row_logits = row_logits.float()
+        ce = F.cross_entropy(row_logits, row_target, reduction="none")
         loss_sum[row] = ce.double().sum().cpu()
-        correct[row] = (row_logits.argmax(dim=-1) == target[row]).sum().cpu()
+        correct[row] = (row_logits.argmax(dim=-1) == row_target).sum().cpu()
     return loss_sum, correct
 
 
@@ -404,7 +446,8 @@ def evaluator_for(pair: ModelPair, blocks: TokenBlocks, batch_size: int | None =
         The evaluator (no prefix store).
     """
     _, block_list = find_block_list(pair.model)
-    return Evaluator(pair.model, blocks.ids, block_list, batch_size=batch_size, shard=pair.shard)
+    return Evaluator(pair.model, blocks.ids, block_list, batch_size=batch_size, shard=pair.shard,
+                     scored=blocks.scored, lengths=blocks.lengths)
 
 
 def check_finite(stats: BlockStats, what: str) -> BlockStats:

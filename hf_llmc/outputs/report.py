@@ -623,14 +623,23 @@ def _html_table(header: list[str], body: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+def _data_line(data: dict) -> str:
+    chat = data.get("chat")
+    if chat:
+        return (f"{data.get('source')} — chat, {chat.get('conversations')} conversations of at most {chat.get('seq_len')} "
+                f"tokens ({chat.get('truncated')} truncated, {chat.get('dropped')} without scored tokens dropped), "
+                f"loss on {chat.get('loss_on')} tokens ({data.get('tokens')}), fingerprint {data.get('fingerprint')}")
+    return (f"{data.get('source')} — {data.get('num_blocks')} blocks × {data.get('seq_len')} tokens "
+            f"({data.get('tokens')} predicted tokens), fingerprint {data.get('fingerprint')}")
+
+
 def _intro(summary: dict) -> list[tuple[str, str]]:
     models, data, ends = summary.get("models") or {}, summary.get("data") or {}, summary.get("endpoints", {})
     settings = summary.get("settings") or {}
     items = [
         ("Model A", f"{models.get('a', {}).get('name')}" + (f" @ {models['a']['revision']}" if models.get("a", {}).get("revision") else "")),
         ("Model B", f"{models.get('b', {}).get('name')}" + (f" @ {models['b']['revision']}" if models.get("b", {}).get("revision") else "")),
-        ("Data", f"{data.get('source')} — {data.get('num_blocks')} blocks × {data.get('seq_len')} tokens "
-                 f"({data.get('tokens')} predicted tokens), fingerprint {data.get('fingerprint')}"),
+        ("Data", _data_line(data)),
         ("Settings", ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)),
         ("Status", f"{summary.get('status')} (settings hash {summary.get('settings_hash')})"),
     ]

@@ -46,6 +46,7 @@ def evaluate_merge(pair, spec: MergeSpec, data, *, batch_size: int | None = None
         "dataset": getattr(data, "dataset", None),
         "fingerprint": blocks.fingerprint,
         "tokens": merged.tokens,
+        **({"chat": blocks.chat} if blocks.chat else {}),
         "a": stats["a"].to_dict(),
         "b": stats["b"].to_dict(),
         "merged": merged.to_dict(),

@@ -53,6 +53,8 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
             argv.append("--trust-remote-code")
         if getattr(load, "allow_pickle", False):
             argv.append("--allow-pickle")
+        if getattr(load, "added_rows", "own") != "own":
+            argv += ["--added-rows", load.added_rows]
     if data is not None:
         if data.data:
             argv += ["--eval-data", public_name(data.data)]
@@ -64,6 +66,12 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
             argv += ["--max-tokens", str(data.max_tokens)]
         if data.text_column != "text":
             argv += ["--text-column", data.text_column]
+        if getattr(data, "chat", False):
+            argv.append("--chat")
+            if data.messages_column != "messages":
+                argv += ["--messages-column", data.messages_column]
+        if getattr(data, "loss_on", None):
+            argv += ["--loss-on", data.loss_on]
     if export.dtype:
         argv += ["--dtype", export.dtype]
     for name in ("hub_id_a", "hub_id_b"):
@@ -113,6 +121,8 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
     if load is not None:
         loading = {k: getattr(load, k) for k in ("dtype", "trust_remote_code", "allow_pickle", "base_model")
                    if getattr(load, k, None)}
+        if getattr(load, "added_rows", "own") != "own":
+            loading["added_rows"] = load.added_rows
         if "base_model" in loading:
             loading["base_model"] = public_name(loading["base_model"])
         if loading:

@@ -85,7 +85,12 @@ def plan_tensors(pair, plan: MergePlan, dtype: torch.dtype | None = None) -> lis
             param, alpha = key, piece_alpha[key]
         stored = base.dtype(key)
         out = dtype if dtype is not None and stored.is_floating_point else stored
-        jobs.append(TensorJob(key, param, alpha, tuple(base.shape(key)), out))
+        shape = tuple(base.shape(key))
+        vocab = getattr(pair, "vocab", None)
+        if vocab is not None and param in vocab.params:  # the union vocabulary: every row
+            dim = vocab.params[param]
+            shape = shape[:dim] + (vocab.rows,) + shape[dim + 1:]
+        jobs.append(TensorJob(key, param, alpha, shape, out))
     return jobs
 
 
@@ -125,6 +130,9 @@ def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor | ByteRange:
     base = plan.base
     ckpts = {"a": pair.ckpt_a, "b": pair.ckpt_b}
     keep = 0.0 if plan.base == "a" else 1.0
+    vocab = getattr(pair, "vocab", None)
+    if vocab is not None and job.param in vocab.params:
+        return _vocab_tensor(pair, job, plan, keep)
     if job.param is None or job.alpha is None or job.alpha == keep:
         if ckpts[base].dtype(job.key) == job.dtype:
             stored = _stored_bytes(ckpts[base], job.key)
@@ -149,6 +157,28 @@ def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor | ByteRange:
     if tuple(value.shape) != job.shape:
         raise RuntimeError(f"{job.key}: shape {tuple(value.shape)} differs from the base's {job.shape}")
     return value.to(job.dtype)
+
+
+def _vocab_tensor(pair, job: TensorJob, plan: MergePlan, keep: float) -> torch.Tensor:
+    """A vocabulary-indexed tensor in the union layout (:mod:`hf_llmc.model.vocab`): at the base's
+    end when unselected, else at its α; one-side rows follow the pair's ``added_rows`` rule."""
+    vocab, dim = pair.vocab, pair.vocab.params[job.param]
+    a = pair.ckpt_a.get(job.param, pair.arch.aliases)
+    b = pair.ckpt_b.get(job.param, pair.arch.aliases)
+    au, bu = vocab.endpoints(a, b, dim)
+    del a, b
+    alpha = keep if job.alpha is None else job.alpha
+    if alpha == keep:
+        value = au if keep == 0.0 else bu
+    else:
+        value = vocab.fix_rows(mix(au, bu, alpha, plan.method), au, bu, dim)
+    value = value.to(job.dtype)
+    if not math.isfinite(float(value.sum(dtype=torch.float64))):
+        raise NonFiniteTensorError(f"{job.key}: non-finite values (NaN/inf) at alpha={alpha:g}; A or B holds NaN/inf weights"
+                                   + (" or the output dtype overflows" if job.dtype != torch.float32 else ""))
+    if tuple(value.shape) != job.shape:
+        raise RuntimeError(f"{job.key}: shape {tuple(value.shape)} differs from the union's {job.shape}")
+    return value
 
 
 @dataclass(frozen=True)
