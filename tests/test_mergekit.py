@@ -207,3 +207,23 @@ def test_what_mergekit_cannot_express_writes_nothing(moe_pair_dirs, tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2 and "fused expert tensors" in err and err.count("\n") == 1, err
     assert not out.exists() and not (tmp_path / "m").exists()
+
+
+def test_pairs_whose_vocabularies_differ_are_refused(tiny_model, tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    # hf-llmc writes its union vocabulary for such a pair; mergekit builds merged vocabularies differently
+    model = tiny_model("gpt2", hidden_size=32)
+    model.save_pretrained(tmp_path / "a")
+    tiny_tokenizer.save_pretrained(tmp_path / "a")
+    tok = type(tiny_tokenizer).from_pretrained(tmp_path / "a")
+    tok.add_tokens(["<|tool|>"], special_tokens=True)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(tmp_path / "b")
+    tok.save_pretrained(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["merge", "a", "b", "--layers", "attn.0", "--emit-mergekit", "m.yml"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot express the union vocabulary" in err and not (tmp_path / "m.yml").exists(), err
+    (tmp_path / "c.yml").write_text(yaml.safe_dump({**LINEAR, "tokenizer_source": "union"}))
+    rc = main(["merge", "--from-mergekit", "c.yml", "--out", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "vocabularies differ (tokenizer_source: union)" in err and not (tmp_path / "x").exists(), err

@@ -24,7 +24,6 @@ from ...config.merge import MergeSpec, as_spec
 from ...config.mergekit import MergekitConfig, Slice, Source, dump_mergekit, parse_mergekit
 from ...config.spec import BLOCK_KINDS, GLOBAL_KINDS
 from ...model.checkpoint.adapters import AdapterCheckpoint
-from ...model.pair import same_tokenizer_files
 from ...model.selection import block_group, global_group, resolve
 from .plan import MergePlan, plan_merge
 
@@ -319,9 +318,11 @@ def spec_from_mergekit(cfg: MergekitConfig, arch: Architecture) -> MergeSpec:
 
 
 def check_tokenizer_source(cfg: MergekitConfig, pair: ModelPair) -> None:
-    """Refuse ``tokenizer_source: union`` unless A and B hold the same tokenizer files.
+    """Refuse a pair whose vocabularies differ (whatever ``tokenizer_source`` says).
 
-    Then the union is the base's tokenizer, which hf-llmc copies.
+    For such a pair hf-llmc writes its union vocabulary (docs/merging.md), which mergekit's
+    ``tokenizer_source: union`` / ``base`` build differently (token order, padding rows). With
+    identical vocabularies, ``union`` and ``base`` are both the base's vocabulary, as hf-llmc writes.
 
     Args:
         cfg: the config.
@@ -331,11 +332,12 @@ def check_tokenizer_source(cfg: MergekitConfig, pair: ModelPair) -> None:
         None.
 
     Raises:
-        MergeSpecError: ``union`` over two different tokenizers.
+        MergeSpecError: the vocabularies differ.
     """
-    if cfg.tokenizer_source == "union" and not same_tokenizer_files(pair.ckpt_a.folder, pair.ckpt_b.folder):
-        raise MergeSpecError("tokenizer_source: union over two different tokenizers needs resized vocabularies, "
-                             "which hf-llmc does not support yet; use tokenizer_source: base")
+    if pair.vocab is not None:
+        raise MergeSpecError(f"the models' vocabularies differ (tokenizer_source: {cfg.tokenizer_source or 'none'}); "
+                             "mergekit builds merged vocabularies differently from hf-llmc's union vocabulary, "
+                             "so --from-mergekit needs identical vocabularies")
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -403,6 +405,8 @@ def mergekit_config(pair: ModelPair, spec: MergeSpec | str | dict, model_a: str,
     arch = pair.arch
     if isinstance(pair.ckpt_a, AdapterCheckpoint) or isinstance(pair.ckpt_b, AdapterCheckpoint):
         raise MergeSpecError("mergekit cannot express a merge with a PEFT adapter as A or B; merge the adapter into its model first")
+    if pair.vocab is not None:
+        raise MergeSpecError("mergekit cannot express the union vocabulary hf-llmc writes for models whose vocabularies differ")
     names = _names(arch)
     plan: MergePlan = plan_merge(arch, spec)
     keep = 0.0 if spec.base == "a" else 1.0
