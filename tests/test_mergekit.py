@@ -140,6 +140,17 @@ def test_round_trip(items, method, base):
         assert want.changed() == got.changed()
 
 
+def test_gradient_list_becomes_mergekits_list_form():
+    pair = lazy_pair(DATA / "a", DATA / "b")
+    lerp = mergekit_config(pair, "mlp.*=0,0.5,0.3,1; attn.*=0.25", "a", "b")
+    assert len(lerp["slices"]) == 1 and lerp["slices"][0]["sources"][0]["layer_range"] == [0, 4]
+    weight_b = lerp["slices"][0]["sources"][1]["parameters"]["weight"]
+    assert {"filter": ".mlp.", "value": [0.0, 0.5, 0.3, 1.0]} in weight_b
+    assert {"filter": ".self_attn.", "value": 0.25} in weight_b and weight_b[-1] == {"value": 0.0}
+    slerp = mergekit_config(pair, MergeSpec.parse("mlp.*=0,0.5,0.3,1", method="slerp", base="b"), "a", "b")
+    assert slerp["base_model"] == "b" and {"filter": ".mlp.", "value": [1.0, 0.5, 0.7, 0.0]} in slerp["slices"][0]["parameters"]["t"]
+
+
 def test_read_spec_is_readable(here):
     pair = lazy_pair(DATA / "a", DATA / "b")
     assert spec_from_mergekit(load_mergekit("emitted.yml"), pair.arch).describe() == \

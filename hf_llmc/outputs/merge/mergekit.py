@@ -477,14 +477,16 @@ def mergekit_config(pair: ModelPair, spec: MergeSpec | str | dict, model_a: str,
     post = [n for n in names if arch.block_of(n) is not None and arch.block_of(n) >= n_blocks]
 
     def conditions(settings, extra: list[str], convert):
+        def value_of(setting):
+            return [convert(x) for x in setting] if isinstance(setting, list) else convert(setting)
+
         conds = [{"filter": _unique_suffix(_tensor_name(arch, n), every), "value": convert(alpha[n])} for n in extra]
-        if not conds and len(settings) == 1:
-            return (lambda s: [convert(x) for x in s] if isinstance(s, list) else convert(s))(settings[0][2])
+        if len(settings) == 1:  # every block tensor alike: the value itself, or the fallback after the filters
+            value = value_of(settings[0][2])
+            return conds + [{"value": value}] if conds else value
         for tok, filters, setting in settings:
-            v = [convert(x) for x in setting] if isinstance(setting, list) else convert(setting)
-            if tok == ("c", keep):
-                continue
-            conds.extend({"filter": f, "value": v} for f in filters)
+            if tok != ("c", keep):
+                conds.extend({"filter": f, "value": value_of(setting)} for f in filters)
         conds.append({"value": convert(keep)})
         return conds
 
