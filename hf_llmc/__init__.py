@@ -50,6 +50,10 @@ _EXPORTS = {
     "MergeResult": "outputs.merge.save",
     "push_folder": "outputs.hub",
     "render_report": "outputs.report",
+    # mergekit configs
+    "load_mergekit": "config.mergekit",
+    "spec_from_mergekit": "outputs.merge.mergekit",
+    "emit_mergekit": "outputs.merge.mergekit",
     # errors
     "HfLlmcError": "config.errors",
     "UsageError": "config.errors",
@@ -92,12 +96,14 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .config.load import LoadConfig
     from .config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
+    from .config.mergekit import load_mergekit
     from .config.scan import RobustnessConfig, ScanConfig, SequentialConfig
     from .config.spec import parse_spec
     from .engine.data import TokenBlocks, load_blocks, sets_for
     from .model.pair import lazy_pair
     from .model.selection import Group, resolve
     from .outputs.hub import push_folder
+    from .outputs.merge.mergekit import emit_mergekit, spec_from_mergekit
     from .outputs.merge.save import MergeResult, auto_merge, save_merged
     from .outputs.report import render as render_report
 

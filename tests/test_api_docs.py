@@ -29,6 +29,7 @@ MODULES = [
     "hf_llmc.config.load",
     "hf_llmc.config.scan",
     "hf_llmc.config.merge",
+    "hf_llmc.config.mergekit",
     "hf_llmc.config.spec",
     "hf_llmc.config.alphas",
     "hf_llmc.config.errors",
@@ -47,6 +48,7 @@ MODULES = [
     "hf_llmc.analyses.distances",
     "hf_llmc.analyses.autoselect",
     "hf_llmc.outputs.merge.save",
+    "hf_llmc.outputs.merge.mergekit",
     "hf_llmc.outputs.hub",
     "hf_llmc.outputs.report",
 ]

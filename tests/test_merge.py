@@ -108,6 +108,30 @@ def test_gradient_base_b_and_dtype(dirs, sd, tmp_path):
     assert result.plan.numel_changed == moved and result.plan.numel_total == sum(numel.values())
 
 
+def test_gradient_lists_spread_like_mergekit(dirs, sd, tmp_path):
+    # anchors spread piecewise linearly over the selected blocks (block i of n at t = i/(n-1), one
+    # block at t = 1); tensors outside the blocks take the first anchor (mergekit evaluates them at t = 0)
+    spec = MergeSpec(sets=["mlp.*=0,0.1,0.5,1", "attn.1-2=0.2,0.6", "norm.1=0.2,0.8", "embed=0.3,0.9"])
+    assert spec.describe() == "mlp.*=0,0.1,0.5,1; attn.1-2=0.2,0.6; norm.1=0.2,0.8; embed=0.3,0.9"
+    result = save_merged(lazy_pair(dirs["a"], dirs["b"]), spec, tmp_path / "g")
+    # by hand: mlp at t = 0, 0.5, 1 of the anchors 0, 0.1, 0.5, 1 -> 0, (0.1 + 0.5) / 2, 1
+    prefixes = {"transformer.h.0.mlp.": 0.0, "transformer.h.1.mlp.": 0.3, "transformer.h.2.mlp.": 1.0,
+                "transformer.h.1.attn.": 0.2, "transformer.h.2.attn.": 0.6,
+                "transformer.h.1.ln_": 0.8, "transformer.wte.": 0.3, "transformer.wpe.": 0.3}
+    merged = stored_state(tmp_path / "g")
+    for key, value in merged.items():
+        alpha = _selected(key, prefixes)
+        if alpha is None:
+            assert torch.equal(value, sd["a"][key]), key
+        else:
+            expected = (1 - alpha) * sd["a"][key].double() + alpha * sd["b"][key].double()
+            torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7)
+    assert {r.group: r.alpha_min for r in result.plan.rows}["mlp.1"] == pytest.approx(0.3, abs=1e-15)
+    for bad, message in [("0,x", "expected anchors"), ("0:1,2", "either START:END or anchors"), ("0,1.5", "outside [0, 1]")]:
+        with pytest.raises(MergeSpecError, match=message.replace("[", r"\[")):
+            MergeSpec(sets=[f"attn.0={bad}"]).validate()
+
+
 def test_slerp_matches_formula(dirs, sd, tmp_path):
     save_merged(lazy_pair(dirs["a"], dirs["b"]), MergeSpec(layers="mlp.1", alpha=0.4, method="slerp"), tmp_path / "s")
     merged = stored_state(tmp_path / "s")

@@ -15,6 +15,7 @@ from ..config.data import DataConfig
 from ..config.fields import choices, without_none
 from ..config.load import LoadConfig
 from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
+from ..config.mergekit import MergekitOptions
 from ..config.scan import METRIC_HELP, RobustnessConfig, ScanConfig, SequentialConfig
 from ..config.security import redact
 
@@ -56,12 +57,15 @@ def _help(cls, name: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
 
 
-def add_pair_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
-    """The two model arguments and the loading options (all, all but ``exclude``, or ``only`` these)."""
+def add_pair_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                  optional: bool = False) -> None:
+    """The two model arguments and the loading options (all, all but ``exclude``, or ``only`` these);
+    ``optional``: the models may be omitted (they come from elsewhere, e.g. a mergekit config)."""
     if only is not None:
         exclude = tuple(f.name for f in dataclasses.fields(LoadConfig) if f.name not in only)
-    p.add_argument("model_a", help="Model A: local folder or Hub id.")
-    p.add_argument("model_b", help="Model B: local folder or Hub id.")
+    nargs = {"nargs": "?"} if optional else {}
+    p.add_argument("model_a", help="Model A: local folder or Hub id.", **nargs)
+    p.add_argument("model_b", help="Model B: local folder or Hub id.", **nargs)
     add_fields(p, LoadConfig, group="loading", exclude=exclude)
 
 
@@ -135,11 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create-pr", action="store_true", help="Open a pull request against main instead of committing.")
 
     p = _command(sub, "merge", "merge", "Write a layer-wise merge of A and B (streamed safetensors + model card).")
-    add_pair_args(p, exclude=("dtype",))
+    add_pair_args(p, exclude=("dtype",), optional=True)
     g = p.add_argument_group("what to merge")
     add_fields(g, MergeSpec)
     g.add_argument("--set", dest="sets", action="append", metavar="LAYERS=ALPHA", help=_help(MergeSpec, "sets"))
     add_fields(p, AutoConfig, group="automatic choice")
+    add_fields(p, MergekitOptions, group="mergekit configs")
     add_fields(p, ExportConfig, group="output")
     g = p.add_argument_group("evaluation (perplexities and barrier in the model card)")
     g.add_argument("--eval-data", "--data", dest="data", action="append", metavar="[NAME=]PATH", help=_help(DataConfig, "data"))

@@ -8,7 +8,7 @@ import shlex
 from dataclasses import fields
 from pathlib import Path
 
-from ...config.alphas import format_alpha, format_number
+from ...config.alphas import format_number
 from ...config.data import DEFAULT_MAX_TOKENS, DataConfig
 from ...config.merge import DEFAULT_ALPHA, DEFAULT_MAX_SHARD_SIZE, ExportConfig, MergeSpec, PushConfig
 from ...config.security import public_name
@@ -56,6 +56,8 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
         argv += ["--method", spec.method]
     if spec.base != "a":
         argv += ["--base", spec.base]
+    if spec.lerp_ops != "plain":
+        argv += ["--lerp-ops", spec.lerp_ops]
     if spec.allow_extrapolation:
         argv.append("--allow-extrapolation")
     if load is not None:
@@ -110,8 +112,10 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
 
     ``trust_remote_code`` / ``allow_pickle`` are recorded in ``load`` as what the recipe needs; a
     recipe cannot switch them on, so the description names the flags to pass to ``hf-llmc run``."""
-    step: dict = {"sets": [f"{layers}={format_alpha(s, e)}" for layers, s, e in spec.entries()],
+    step: dict = {"sets": [f"{layers}={alpha}" for layers, alpha in spec.entries()],
                   "method": spec.method, "base": spec.base}
+    if spec.lerp_ops != "plain":
+        step["lerp_ops"] = spec.lerp_ops
     if spec.allow_extrapolation:
         step["allow_extrapolation"] = True
     step["out"] = Path(export.out or "merged").name

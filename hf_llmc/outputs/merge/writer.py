@@ -103,6 +103,18 @@ def _lerp_owned(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return a32.add_(b32)
 
 
+def lerp_mergekit(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1-α)·A + α·B with mergekit's float32 operations (its linear merge with weights 1-α and α):
+    ``zeros.addcmul_(A, w_A).addcmul_(B, w_B)`` with the weights rounded to float32 once, which
+    may fuse the second product into the sum (then it differs from :func:`interpolation.lerp` by
+    the float32 rounding of that product)."""
+    w = torch.tensor([1.0 - alpha, alpha], dtype=torch.float32)
+    a32, b32 = a.float(), b.float()
+    out = torch.zeros_like(a32)
+    out.addcmul_(a32, w[0])
+    return out.addcmul_(b32, w[1])
+
+
 def _stored_bytes(ckpt, key: str) -> ByteRange | None:
     """Where ``key``'s bytes lie unchanged in a safetensors file (None: pickled, adapter-modified)."""
     if isinstance(ckpt, AdapterCheckpoint):
@@ -131,7 +143,10 @@ def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor | ByteRange:
         a = ckpts["a"].get(job.param, aliases)
         b = ckpts["b"].get(job.param, aliases)
         owned = not (pair.ckpt_a.pickled or pair.ckpt_b.pickled)  # pickled reads are shared memory maps
-        value = _lerp_owned(a, b, job.alpha) if plan.method == "lerp" and owned else mix(a, b, job.alpha, plan.method)
+        if plan.method == "lerp" and plan.lerp_ops == "mergekit":
+            value = lerp_mergekit(a, b, job.alpha)
+        else:
+            value = _lerp_owned(a, b, job.alpha) if plan.method == "lerp" and owned else mix(a, b, job.alpha, plan.method)
         del a, b
         value = value.to(job.dtype)
         if value.is_floating_point() and not math.isfinite(float(value.sum(dtype=torch.float64))):
