@@ -707,6 +707,56 @@ def render_sequential(r: dict) -> str:
     return "\n".join(out)
 
 
+def render_search(r: dict) -> str:
+    p, last = r["params"], r.get("last_run", {})
+    out = [f"## {r['title']} (`benchmarks/search.py`)", ""]
+    sets = last.get("sets", {})
+    shown = ", ".join(f"`{n}` ({v['search_blocks']} searched + {v['holdout_blocks']} held-out blocks)" for n, v in sets.items())
+    out.append(
+        "Pair: the 12-block `stdlib` pair of `sequential_speed.py` (Llama-shaped, hidden 64, vocabulary 512; A fine-tuned "
+        "on the interpreter's documentation prose, B on its standard-library source). Sets from files no training used: "
+        f"{shown}, {p['seq_len']} tokens per block. Both searches: α grid {p['alphas']}, directions {p['directions']}, "
+        f"{p['max_sweeps']} sweep(s), {p['threads']} torch thread(s); `sequential` is `hf-llmc search` as shipped, "
+        "`full budget` the same coordinate search with `--full-budget` (every comparison and the front on every search "
+        "block). Each run is a fresh process that runs both searches over the same blocks (the order alternating between "
+        "runs). Tokens: comparisons + front (the held-out check, the same for both, apart).")
+    cond = next(iter(r["conditions"].values()))
+    out += ["", _runs_line(cond), "", provenance(r), ""]
+    sm = cond["methods"]["both searches"]["summary"]
+    rows = [
+        ["tokens evaluated", stat(sm["tokens_full"], 0), stat(sm["tokens_sequential"], 0), stat(sm["token_ratio"], 2, True)],
+        ["CPU time (s)", stat(sm["cpu_full_s"], 1), stat(sm["cpu_sequential_s"], 1), stat(sm["cpu_ratio"], 2, True)],
+        ["wall time (s)", stat(sm["wall_full_s"], 1), stat(sm["wall_sequential_s"], 1), stat(sm["wall_ratio"], 2)],
+    ]
+    out += [_table(["", "full budget", "sequential", "ratio"], rows), ""]
+    if last:
+        fm = last["front_match"]
+        out.append(f"Fronts (last run): sequential {fm['sizes']['sequential']} points, {fm['sequential_in_full']} of them "
+                   f"within the 95 % paired held-out intervals of a full-budget front point (or the same α map); full "
+                   f"budget {fm['sizes']['full']} points, {fm['full_in_sequential']} within those of a sequential one; "
+                   f"the same balanced pick: {'yes' if last['picks_same'] else 'no'}.")
+        out.append("")
+        ends, ch, d = last["endpoints"], last["chosen"], last["chosen_minus_uniform"]
+        names = list(sets)
+        body = [[label] + [fmt(ends[k][n], 4) for n in names]
+                for k, label in (("a", "A"), ("b", "B"), ("uniform", "uniform average"))]
+        body.append(["balanced point (sequential search)"] + [fmt(ch[n]["loss"], 4) for n in names])
+        out += [_table(["held-out loss (nats)"] + names, body), ""]
+        versus = "; ".join(f"`{n}` {ch[n]['vs_uniform']['mean']:+.4f} [{ch[n]['vs_uniform']['interval'][0]:+.4f}, "
+                           f"{ch[n]['vs_uniform']['interval'][1]:+.4f}]" for n in names)
+        out.append(f"Balanced point − uniform average on held-out blocks, per set (paired, 95 %): {versus}. Worst-case "
+                   f"loss increase (over the better endpoint per set): balanced {ch['worst_increase']:+.4f}, uniform "
+                   f"{last['uniform_worst_increase']:+.4f}; difference {d['mean']:+.4f} [{d['interval'][0]:+.4f}, "
+                   f"{d['interval'][1]:+.4f}] (conservative interval, docs/search.md).")
+        out.append("")
+    tr = sm["token_ratio"]["median"]
+    beats = sm["beats_uniform"]["min"] == 1
+    out.append(f"{_targets(r)}≥ 10x fewer tokens than the full-budget search: {fmt(tr)}x, {_verdict(tr, 10, 'min')}; "
+               f"balanced point better than the uniform average by more than the interval: {'met' if beats else '**missed**'}.")
+    out.append("")
+    return "\n".join(out)
+
+
 # -- GPU ---------------------------------------------------------------------------------------------
 def render_gpu(r: dict | None) -> str:
     out = ["## GPU check (`benchmarks/gpu_check.sh`)", ""]
@@ -729,8 +779,8 @@ def render_gpu(r: dict | None) -> str:
 
 
 RENDERERS = {"merge_speed": render_merge, "scan_speed": render_scan, "barrier_memory": render_barrier_memory,
-             "sequential_speed": render_sequential}
-ORDER = ["merge_speed", "scan_speed", "barrier_memory", "sequential_speed"]
+             "sequential_speed": render_sequential, "search": render_search}
+ORDER = ["merge_speed", "scan_speed", "barrier_memory", "sequential_speed", "search"]
 
 
 def render(results_dir: Path = RESULTS_DIR) -> str:

@@ -26,6 +26,7 @@ _EXPORTS = {
     "ExportConfig": "config.merge",
     "PushConfig": "config.merge",
     "AutoConfig": "config.merge",
+    "SearchConfig": "config.search",
     # layer specs
     "parse_spec": "config.spec",
     "Group": "model.selection",
@@ -44,6 +45,7 @@ _EXPORTS = {
     "run_robustness": "analyses.robustness",
     "distances": "analyses.distances",
     "auto_select": "analyses.autoselect",
+    "run_search": "analyses.search",
     # outputs
     "save_merged": "outputs.merge.save",
     "auto_merge": "outputs.merge.save",
@@ -54,6 +56,8 @@ _EXPORTS = {
     "load_mergekit": "config.mergekit",
     "spec_from_mergekit": "outputs.merge.mergekit",
     "emit_mergekit": "outputs.merge.mergekit",
+    "search_merge": "outputs.search",
+    "SearchOutcome": "outputs.search",
     # errors
     "HfLlmcError": "config.errors",
     "UsageError": "config.errors",
@@ -61,13 +65,14 @@ _EXPORTS = {
     "DataError": "config.errors",
     "MergeSpecError": "config.errors",
     "ScanError": "config.errors",
+    "SearchError": "config.errors",
     "OutputExistsError": "config.errors",
     "CheckpointError": "config.errors",
     "PairError": "config.errors",
     "NonFiniteLossError": "config.errors",
     "HubError": "config.errors",
 }
-_RENAMED = {"render_report": "render"}
+_RENAMED = {"render_report": "render", "search_merge": "search_and_merge"}
 
 __all__ = [*_EXPORTS, "__version__"]
 
@@ -78,6 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .analyses.multiset import run_scan_sets
     from .analyses.robustness import run_robustness
     from .analyses.scan import run_scan
+    from .analyses.search import run_search
     from .analyses.sequential import sequential_decision
     from .api import ModelPair
     from .config.data import DataConfig
@@ -91,6 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover
         OutputExistsError,
         PairError,
         ScanError,
+        SearchError,
         SpecError,
         UsageError,
     )
@@ -98,6 +105,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
     from .config.mergekit import load_mergekit
     from .config.scan import RobustnessConfig, ScanConfig, SequentialConfig
+    from .config.search import SearchConfig
     from .config.spec import parse_spec
     from .engine.data import TokenBlocks, load_blocks, sets_for
     from .model.pair import lazy_pair
@@ -106,6 +114,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .outputs.merge.mergekit import emit_mergekit, spec_from_mergekit
     from .outputs.merge.save import MergeResult, auto_merge, save_merged
     from .outputs.report import render as render_report
+    from .outputs.search import SearchOutcome, search_and_merge as search_merge
 
 
 def __getattr__(name: str):

@@ -15,14 +15,17 @@ import torch
 from .analyses import barrier as _barrier
 from .analyses.barrier import BarrierResult
 from .config.alphas import DEFAULT_ALPHAS, AlphaGrid
+from .config.data import DataConfig
 from .config.merge import MergeSpec
 from .config.scan import Method, Metric, SequentialConfig, Which
+from .config.search import SearchConfig
 from .engine import evaluation as _evaluation
 from .engine.data import DataSource, TokenBlocks, blocks_for
 from .engine.evaluation import BlockStats, Evaluator
 from .model import pair as _pair
 from .model.selection import Group
 from .outputs.merge.live import merge_live
+from .outputs.search import SearchOutcome, search_and_merge
 
 __all__ = ["ModelPair"]
 
@@ -146,3 +149,30 @@ class ModelPair(_pair.ModelPair):
             SpecError: a layer spec that is malformed or out of range for this model.
         """
         return merge_live(self, spec)
+
+    def search(self, sets: dict[str, DataSource], cfg: SearchConfig | None = None, out_dir: str = "hf-llmc-search", *,
+               data: DataConfig | None = None, batch_size: int | None = None, resume: bool = False,
+               overwrite: bool = False, write_merge: bool = True) -> SearchOutcome:
+        """Search per-group α for two evaluation sets and write the picked merge (see :func:`hf_llmc.search_merge`).
+
+        Args:
+            sets: exactly two named sets, ``{name: path, DataConfig or TokenBlocks}``.
+            cfg: the search settings (default: :class:`~hf_llmc.config.search.SearchConfig`'s defaults).
+            out_dir: the search folder (``search.jsonl``, ``search.json``, report, ``merged/``).
+            data: shared data settings for sets given as paths (``seq_len``, ``max_tokens``, ...).
+            batch_size: blocks per forward (default: automatic).
+            resume: continue an interrupted search in ``out_dir``.
+            overwrite: replace a previous search in ``out_dir``.
+            write_merge: write the picked merge into ``out_dir/merged``.
+
+        Returns:
+            The :class:`~hf_llmc.outputs.search.SearchOutcome` (manifest with the front, report files, merge).
+
+        Raises:
+            SearchError: bad settings or not exactly two sets.
+            DataError: a set cannot be read.
+            ScanError: the output folder cannot be used.
+            NonFiniteLossError: a candidate's loss is NaN or infinite.
+        """
+        return search_and_merge(self, sets, cfg or SearchConfig(), out_dir, data=data, batch_size=batch_size,
+                                resume=resume, overwrite=overwrite, sources=self.source_folders(), write_merge=write_merge)

@@ -17,6 +17,7 @@ from ..config.load import LoadConfig
 from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
 from ..config.mergekit import MergekitOptions
 from ..config.scan import METRIC_HELP, RobustnessConfig, ScanConfig, SequentialConfig
+from ..config.search import SearchConfig
 from ..config.security import redact
 
 
@@ -169,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(p, SequentialConfig, group="sequential estimation (stop each point once its error bar allows)")
     add_run_dir_args(p, "hf-llmc-scan", "results.jsonl, scan.json, summary.json, report.md/html, PNGs")
     p.add_argument("--parallel", choices=["none", "data", "points"], default="none", help="Under torchrun / accelerate launch: 'data' splits the token blocks across processes, 'points' splits the scan points (each process writes results.rank{r}.jsonl; process 0 merges).")
+
+    p = _command(sub, "search", "search", "Search per-group α for two evaluation sets: Pareto front, paired intervals, the picked merge with its card.")
+    add_pair_args(p)
+    g = p.add_argument_group("evaluation sets")
+    g.add_argument("--data", dest="sets", action="append", metavar="NAME=PATH", help="A named evaluation set (local text file); give exactly two, e.g. --data code=code.txt --data prose=prose.txt.")
+    add_fields(g, DataConfig, exclude=("data", "dataset"))
+    g.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic, halving on out-of-memory).")
+    add_fields(p, SearchConfig, group="search")
+    add_run_dir_args(p, "hf-llmc-search", "search.jsonl, search.json, report.html, front.png, alpha_heatmap.png, merged/")
+    p.add_argument("--no-merge", action="store_true", help="Do not write the picked merge (merged/).")
 
     p = _command(sub, "report", "report", "Re-render summary.json, report.md/html and the figures of a scan or robustness folder.")
     p.add_argument("out", metavar="OUT", help="Folder written by `hf-llmc scan` or `hf-llmc robustness`.")

@@ -51,6 +51,7 @@ from ..config.files import write_json_atomic
 from ..config.load import LoadConfig
 from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig, check_merge_options
 from ..config.scan import Method, ScanConfig
+from ..config.search import SearchConfig, parse_named_sets
 from ..config.security import display_name, is_hub_id, safe_join
 from ..engine.io import (
     check_location,
@@ -62,7 +63,7 @@ from ..engine.io import (
     write_marker,
 )
 
-STEP_KINDS = ("barrier", "scan", "merge", "push")
+STEP_KINDS = ("barrier", "scan", "merge", "search", "push")
 DEFAULT_STEP_OUT = "{pair}/{step}"
 
 
@@ -116,6 +117,15 @@ class MergeStepOptions:
 
 
 @dataclass
+class SearchStepOptions:
+    """A merge search's evaluation sets and folder options."""
+
+    sets: list[str] = field(metadata={"help": "Exactly two named evaluation sets, NAME=PATH (local text files relative to the working directory), e.g. [code=code.txt, prose=prose.txt]; the recipe's data section gives the shared settings (seq_len, max_tokens)."})
+    resume: bool = field(default=False, metadata={"help": "Continue an interrupted search in the same folder."})
+    merge: bool = field(default=True, metadata={"help": "Write the picked merge into the step's folder (merged/, with its card)."})
+
+
+@dataclass
 class PushStep:
     """Upload an existing folder to the Hub."""
 
@@ -136,6 +146,7 @@ STEP_SCHEMAS: dict[str, tuple] = {
     "barrier": (StepCommon, BarrierStep),
     "scan": (StepCommon, ScanStepOptions, ScanConfig),
     "merge": (StepCommon, MergeSpec, ExportConfig, MergeStepOptions, AutoConfig, PushConfig),
+    "search": (StepCommon, SearchStepOptions, SearchConfig),
     "push": (StepCommon, PushStep, PushConfig),
 }
 #: Fields a recipe may not set: revisions belong to each model, the rest is internal.
@@ -379,6 +390,10 @@ def _validate_step(kind: str, step: Step, recipe_data: DataConfig | None, n_pair
             check_merge_options(spec, auto, step.get(ExportConfig), evaluates=True)  # data: checked below
             if auto.scan_dir:
                 _check_template(auto.scan_dir, f"{path}.scan_dir")
+        elif kind == "search":
+            names = list(parse_named_sets(step.get(SearchStepOptions).sets))
+            step.get(SearchConfig).validate(names)
+            needs_data = False
         elif kind == "push":
             if not step.get(PushConfig).push_to_hub:
                 raise RecipeError(f"{path}: missing required key 'push_to_hub' (the Hub repo id)")
@@ -508,7 +523,7 @@ def recipe_schema() -> dict:
 # -- running -------------------------------------------------------------------------------------
 def _needs_live(recipe: Recipe) -> bool:
     for step in recipe.steps:
-        if step.kind in ("barrier", "scan"):
+        if step.kind in ("barrier", "scan", "search"):
             return True
         if step.kind == "merge" and (step.get(AutoConfig).auto or step.get(MergeStepOptions).eval):
             return True
@@ -606,6 +621,8 @@ def check_outputs(recipe: Recipe, out: str | os.PathLike | None = None, *, overw
                         check_output_dir(target, replace, sources=sources)
                     elif step.kind == "scan":
                         check_run_dir(target, resume=step.get(ScanStepOptions).resume, overwrite=replace, sources=sources)
+                    elif step.kind == "search":
+                        check_run_dir(target, resume=step.get(SearchStepOptions).resume, overwrite=replace, sources=sources)
                     else:
                         check_location(target, sources)
                 except (OutputExistsError, ScanError) as err:
@@ -796,6 +813,8 @@ def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrit
                 echo(f"  {step.name}: {len(rows)} result rows -> {target}")
             elif step.kind == "merge":
                 summary.update(_run_merge(recipe, step, pair, blocks, i, item, replace, progress, echo))
+            elif step.kind == "search":
+                summary.update(_run_search(recipe, step, pair, target, replace, echo))
             elif step.kind == "push":
                 push = step.get(PushConfig)
                 url = push_folder(target, push.push_to_hub, private=push.private, revision=push.revision,
@@ -804,6 +823,20 @@ def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrit
                 echo(f"  {step.name}: pushed {target.name} to {push.push_to_hub}: {url}")
             summaries.append(summary)
     return summaries
+
+
+def _run_search(recipe: Recipe, step: Step, pair, target: Path, overwrite: bool, echo) -> dict:
+    from ..outputs.search import search_and_merge
+
+    opts = step.get(SearchStepOptions)
+    sets = parse_named_sets(opts.sets)
+    outcome = search_and_merge(pair, sets, step.get(SearchConfig), target, data=recipe.data,
+                               batch_size=recipe.settings.batch_size, resume=opts.resume, overwrite=overwrite,
+                               sources=_sources(recipe), write_merge=opts.merge)
+    chosen = outcome.manifest["result"]["chosen"]
+    echo(f"  {step.name}: front of {len(outcome.manifest['result']['front'])} points; chosen "
+         f"{outcome.manifest['result']['pick']}: worst-case increase {chosen['worst_increase']:+.4f} nats -> {target}")
+    return {"output": str(target), "chosen": chosen["key"], "worst_increase": chosen["worst_increase"]}
 
 
 def _run_merge(recipe: Recipe, step: Step, pair, blocks, i: int, item: PlannedOutput, overwrite: bool, progress: bool, echo) -> dict:

@@ -79,6 +79,10 @@ class SweepError(UsageError):
     """No usable scan summaries, or summaries that cannot share one heatmap."""
 
 
+class SearchError(UsageError):
+    """Bad merge-search settings or evaluation sets (``hf-llmc search``)."""
+
+
 class UnsafePathError(UsageError):
     """A file name from a checkpoint, index or recipe would lead outside its folder."""
 

@@ -63,15 +63,16 @@ Sources = Iterable[tuple[str, "str | os.PathLike | None"]]
 
 
 # -- result rows ------------------------------------------------------------------------------------
-def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
+def read_rows(path: str | os.PathLike, *, repair: bool = False, key: str = "group") -> list[dict]:
     """The rows of a results file, tolerating the truncated last line of an interrupted write.
 
     Args:
         path: the JSON-lines file.
         repair: cut a truncated last line off the file (and end the file with a newline).
+        key: the key every row has (``group`` for scans, ``kind`` for searches).
 
     Returns:
-        The rows (dicts with a ``group`` key) in file order; empty when the file does not exist.
+        The rows (dicts with a ``key`` key) in file order; empty when the file does not exist.
 
     Raises:
         ScanError: a damaged line other than the last.
@@ -89,7 +90,7 @@ def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict]:
         if line:
             try:
                 row = json.loads(line)
-                if not isinstance(row, dict) or "group" not in row:
+                if not isinstance(row, dict) or key not in row:
                     raise ValueError("not a result row")
             except ValueError:
                 if raw[end:].strip():

@@ -93,12 +93,15 @@ def merge_card(
     hub_id_a: str | None = None,
     hub_id_b: str | None = None,
     vocabulary: str | None = None,
+    search: dict | None = None,
 ) -> str:
     """Render the card of a merge (``plan``/``spec`` from :mod:`hf_llmc.outputs.merge`) as README.md text.
 
     ``base_model`` holds Hub repo ids only: ``hub_id_a`` / ``hub_id_b`` where given, else a model
     given as a Hub id; a local folder without a Hub id is named in the card's body only.
     ``vocabulary``: how the two vocabularies differ, when they do (a line of the card).
+    ``search``: the section of a merge chosen by ``hf-llmc search``
+    (:func:`hf_llmc.outputs.search.card_section`).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -149,6 +152,7 @@ def merge_card(
         vocabulary=vocabulary,
         evaluation=evaluation,
         auto=auto.to_dict() if hasattr(auto, "to_dict") else auto,
+        search=search,
         command=command,
         config_yaml=config_yaml.strip(),
         repo_hint=repo_id or model_name,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...analyses.autoselect import AutoChoice, auto_select
 from ...config.data import DataConfig
+from ...config.errors import MergeSpecError
 from ...config.files import write_text_atomic
 from ...config.merge import (
     DEFAULT_MAX_BARRIER,
@@ -172,6 +173,8 @@ def save_merged(
     progress: Progress = False,
     hub_id_a: str | None = None,
     hub_id_b: str | None = None,
+    search: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> MergeResult:
     """Write a merged model folder (weights, config, tokenizer, recipe, model card) atomically.
 
@@ -198,6 +201,9 @@ def save_merged(
             after each tensor.
         hub_id_a: the Hub repo id model A came from (a local folder), for the card's ``base_model``.
         hub_id_b: the same for model B.
+        search: the card section of a merge chosen by ``hf-llmc search`` (see
+            :func:`hf_llmc.outputs.search.card_section`).
+        extra_files: more files for the folder, ``{name: bytes}`` (e.g. the search's ``front.png``).
 
     Returns:
         A :class:`MergeResult` (folder, files, plan, evaluation, reproduction command, URL).
@@ -252,6 +258,11 @@ def save_merged(
         )
         write_text_atomic(tmp / CONFIG_FILE, config_text)
         files.append(CONFIG_FILE)
+        for name, content in (extra_files or {}).items():
+            if "/" in name or name in files or name.startswith("."):
+                raise MergeSpecError(f"extra file {name!r}: a plain file name that is not taken")
+            (tmp / name).write_bytes(content)
+            files.append(name)
         if card:
             text = merge_card(
                 source_a=pair.source_a, source_b=pair.source_b,
@@ -259,7 +270,7 @@ def save_merged(
                 plan=plan, spec=spec, command=command, config_yaml=config_text,
                 evaluation=evaluation, auto=auto, license_folder=pair.ckpt_a.folder,
                 model_name=output_path(out_dir).name, repo_id=push.push_to_hub if push else None,
-                hub_id_a=hub_id_a, hub_id_b=hub_id_b,
+                hub_id_a=hub_id_a, hub_id_b=hub_id_b, search=search,
                 vocabulary=pair.vocab.summary().removeprefix("vocabulary: ") if getattr(pair, "vocab", None) else None,
             )
             write_text_atomic(tmp / CARD_FILE, text)
