@@ -34,10 +34,13 @@ _EXPORTS = {
     # data and evaluation
     "TokenBlocks": "engine.data",
     "load_blocks": "engine.data",
+    "sets_for": "engine.data",
     # analyses
     "BarrierResult": "analyses.barrier",
     "barrier": "analyses.barrier",
+    "barrier_sets": "analyses.barrier",
     "run_scan": "analyses.scan",
+    "run_scan_sets": "analyses.multiset",
     "sequential_decision": "analyses.sequential",
     "run_robustness": "analyses.robustness",
     "distances": "analyses.distances",
@@ -49,6 +52,10 @@ _EXPORTS = {
     "MergeResult": "outputs.merge.save",
     "push_folder": "outputs.hub",
     "render_report": "outputs.report",
+    # mergekit configs
+    "load_mergekit": "config.mergekit",
+    "spec_from_mergekit": "outputs.merge.mergekit",
+    "emit_mergekit": "outputs.merge.mergekit",
     "search_merge": "outputs.search",
     "SearchOutcome": "outputs.search",
     # errors
@@ -71,8 +78,9 @@ __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analyses.autoselect import auto_select
-    from .analyses.barrier import BarrierResult, barrier
+    from .analyses.barrier import BarrierResult, barrier, barrier_sets
     from .analyses.distances import distances
+    from .analyses.multiset import run_scan_sets
     from .analyses.robustness import run_robustness
     from .analyses.scan import run_scan
     from .analyses.search import run_search
@@ -95,13 +103,15 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .config.load import LoadConfig
     from .config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
+    from .config.mergekit import load_mergekit
     from .config.scan import RobustnessConfig, ScanConfig, SequentialConfig
     from .config.search import SearchConfig
     from .config.spec import parse_spec
-    from .engine.data import TokenBlocks, load_blocks
+    from .engine.data import TokenBlocks, load_blocks, sets_for
     from .model.pair import lazy_pair
     from .model.selection import Group, resolve
     from .outputs.hub import push_folder
+    from .outputs.merge.mergekit import emit_mergekit, spec_from_mergekit
     from .outputs.merge.save import MergeResult, auto_merge, save_merged
     from .outputs.report import render as render_report
     from .outputs.search import SearchOutcome, search_and_merge as search_merge

@@ -17,7 +17,7 @@ from .analyses.barrier import BarrierResult
 from .config.alphas import DEFAULT_ALPHAS, AlphaGrid
 from .config.data import DataConfig
 from .config.merge import MergeSpec
-from .config.scan import Method, SequentialConfig, Which
+from .config.scan import Method, Metric, SequentialConfig, Which
 from .config.search import SearchConfig
 from .engine import evaluation as _evaluation
 from .engine.data import DataSource, TokenBlocks, blocks_for
@@ -104,7 +104,8 @@ class ModelPair(_pair.ModelPair):
 
     def barrier(self, data: DataSource, layers: str | None = None, alphas: AlphaGrid = DEFAULT_ALPHAS,
                 base: Which = "a", method: Method = "lerp", *, batch_size: int | None = None, prefix: bool = True,
-                allow_extrapolation: bool = False, sequential: SequentialConfig | None = None) -> BarrierResult:
+                allow_extrapolation: bool = False, sequential: SequentialConfig | None = None,
+                metric: Metric = "loss") -> BarrierResult:
         """The barrier of the path of ``layers`` into ``base`` (see :func:`hf_llmc.analyses.barrier.barrier`).
 
         Args:
@@ -117,6 +118,7 @@ class ModelPair(_pair.ModelPair):
             prefix: reuse the base model's hidden states before the group's first block.
             allow_extrapolation: allow α outside [0, 1].
             sequential: stop as soon as the α = 0.5 point's error bar allows; None = every block.
+            metric: what the sequential rule decides on: ``"loss"`` (nats) or ``"bpb"`` (bits per byte).
 
         Returns:
             The :class:`~hf_llmc.analyses.barrier.BarrierResult`.
@@ -127,7 +129,7 @@ class ModelPair(_pair.ModelPair):
             NonFiniteLossError: an evaluation gave NaN or inf.
         """
         return _barrier.barrier(self, data, layers, alphas, base, method, batch_size=batch_size, prefix=prefix,
-                                allow_extrapolation=allow_extrapolation, sequential=sequential)
+                                allow_extrapolation=allow_extrapolation, sequential=sequential, metric=metric)
 
     def merge(self, spec: MergeSpec | str | dict) -> torch.nn.Module:
         """Set the live model to a merge and return it, ready for ``save_pretrained`` / ``push_to_hub``.

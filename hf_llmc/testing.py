@@ -16,6 +16,8 @@ Public API
 * :func:`tiny_config` — a small ``transformers`` config for one of :data:`MODEL_TYPES`.
 * :func:`init_model` — a randomly initialised (seeded) model from :func:`tiny_config`.
 * :func:`build_pair` — train and save the pair; return :class:`DemoPair`.
+* :data:`CHAT_TEMPLATE` / :data:`CHAT_TEMPLATE_NO_MARKERS` and :func:`synthetic_conversations` —
+  a small chat template (with and without ``{% generation %}`` markers) and chat data for it.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from typing import Any, Iterable
 import torch
 
 __all__ = [
+    "CHAT_TEMPLATE",
+    "CHAT_TEMPLATE_NO_MARKERS",
     "DOMAINS",
     "EOS_TOKEN",
     "MODEL_TYPES",
     "DemoPair",
     "build_pair",
     "init_model",
+    "synthetic_conversations",
     "synthetic_documents",
     "synthetic_text",
     "tiny_config",
@@ -573,3 +578,51 @@ def build_pair(
     (out / "demo.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return DemoPair(a=out / "a", b=out / "b", eval_text=eval_path,
                     tokenizer_vocab_size=n_vocab)
+
+
+# ---------------------------------------------------------------------------------------
+# Chat data
+# ---------------------------------------------------------------------------------------
+
+#: A small chat template whose assistant turns are marked with ``{% generation %}`` (what
+#: ``apply_chat_template(return_assistant_tokens_mask=True)`` needs); turn markers are plain text.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<bot>{% generation %}{{ m['content'] }}</s>\n{% endgeneration %}"
+    "{% else %}<{{ m['role'][:3] }}>{{ m['content'] }}</s>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
+)
+
+#: The same template without markers: hf-llmc then locates assistant turns by rendering prefixes.
+CHAT_TEMPLATE_NO_MARKERS = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+
+def synthetic_conversations(n: int, seed: int, *, long_every: int = 0) -> list[list[dict[str, str]]]:
+    """``n`` deterministic conversations (lists of ``{role, content}``) about the two domains.
+
+    Each has an optional system message and one or two user / assistant exchanges: the user asks
+    for a recipe or a report, the assistant answers with the first 3 to 14 words of a document of
+    that domain (mostly 40 to 120 tokens with the tokenizer of :func:`build_pair`). With
+    ``long_every = k``, every k-th conversation has six exchanges (longer than 128 tokens).
+
+    Args:
+        n: the number of conversations.
+        seed: the random seed.
+        long_every: make every k-th conversation long (0: none).
+
+    Returns:
+        The conversations.
+    """
+    rng = random.Random(f"hf-llmc-chat/{seed}")
+    out = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "be brief."}] if rng.random() < 0.3 else []
+        turns = 6 if long_every and i % long_every == long_every - 1 else rng.randint(1, 2)
+        for _ in range(turns):
+            domain = rng.choice(["a", "b"])
+            question = "a recipe?" if domain == "a" else "Report?"
+            doc = synthetic_documents(domain, 1, rng.randrange(10**9))[0]
+            answer = " ".join(doc.split()[: rng.randint(3, 14)])
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        out.append(messages)
+    return out

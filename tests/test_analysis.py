@@ -64,6 +64,11 @@ def test_distances_match_direct_computation(gpt2_demo, tmp_path):
     assert set(blocks) == {"full", "block.0", "block.1", "block.2"}
     direct = _direct(sd_a, sd_b, [k for k in sd_a if k.startswith("transformer.h.0.")])
     assert math.isclose(blocks["block.0"]["distance"], direct["distance"], rel_tol=1e-9)
+    # an existing file is replaced only with --overwrite
+    argv = ["distance", str(gpt2_demo.a), str(gpt2_demo.b), "--granularity", "sublayer", "--json-out", str(out)]
+    assert cli.main(argv) == 2 and json.loads(out.read_text()) == saved
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert "attn.0" in {r["group"] for r in json.loads(out.read_text())["groups"]}
     with pytest.raises(ScanError):
         distances(gpt2_demo.a, gpt2_demo.b, granularity="neuron")
 

@@ -29,6 +29,7 @@ MODULES = [
     "hf_llmc.config.load",
     "hf_llmc.config.scan",
     "hf_llmc.config.merge",
+    "hf_llmc.config.mergekit",
     "hf_llmc.config.spec",
     "hf_llmc.config.alphas",
     "hf_llmc.config.errors",
@@ -41,6 +42,7 @@ MODULES = [
     "hf_llmc.engine.io",
     "hf_llmc.analyses.barrier",
     "hf_llmc.analyses.scan",
+    "hf_llmc.analyses.multiset",
     "hf_llmc.analyses.sequential",
     "hf_llmc.analyses.robustness",
     "hf_llmc.analyses.distances",
@@ -49,6 +51,7 @@ MODULES = [
     "hf_llmc.config.search",
     "hf_llmc.outputs.search",
     "hf_llmc.outputs.merge.save",
+    "hf_llmc.outputs.merge.mergekit",
     "hf_llmc.outputs.hub",
     "hf_llmc.outputs.report",
 ]

@@ -267,6 +267,10 @@ def setup_evil_pickle(w: Path, inp: dict) -> None:
     torch.save({**load_file(inp["B"] / "model.safetensors"), "x": _System()}, folder / "pytorch_model.bin")
 
 
+def setup_old_json(w: Path, inp: dict) -> None:
+    (w / "old.json").write_text('{"mine": true}\n')
+
+
 PAIR_YAML = "pairs:\n  - a: {{model: {A}}}\n    b: {{model: {B}}}\n"
 DATA_YAML = "data: {{data: {DATA}, seq_len: 32}}\n"
 BARRIER = ["barrier", "{A}", "{B}", "--data", "{DATA}", *SEQ]
@@ -294,6 +298,10 @@ CASES = [
     Case("remote-code-without-flag", ["barrier", "a_remote", "{B}", "--data", "{DATA}"], 1, r"needs custom code; pass --trust-remote-code", setup_remote),
     Case("nan-in-b-barrier", ["barrier", "{A}", "b_nan", "--data", "{DATA}", *SEQ, "--json-out", "barrier.json"], 1,
          r"model B: non-finite loss \(nan\)", setup_nan),
+    Case("barrier-json-out-exists", [*BARRIER, "--json-out", "old.json"], 2,
+         r"--json-out old\.json: exists; pass --overwrite to replace it", setup_old_json),
+    Case("distance-json-out-exists", ["distance", "{A}", "{B}", "--json-out", "old.json"], 2,
+         r"--json-out old\.json: exists; pass --overwrite to replace it", setup_old_json),
     Case("index-shard-escapes-folder", ["merge", "a_escape", "{B}", "--layers", "attn.0", "--out", "merged"], 1,
          r"\.\./evil\.safetensors.* outside the model folder", setup_escape),
     Case("token-in-model-path", ["merge", f"./{SENTINEL}", "{B}", "--layers", "attn.0", "--out", "merged"], 1, r"\./\*\*\*: no such model folder"),

@@ -108,6 +108,30 @@ def test_gradient_base_b_and_dtype(dirs, sd, tmp_path):
     assert result.plan.numel_changed == moved and result.plan.numel_total == sum(numel.values())
 
 
+def test_gradient_lists_spread_like_mergekit(dirs, sd, tmp_path):
+    # anchors spread piecewise linearly over the selected blocks (block i of n at t = i/(n-1), one
+    # block at t = 1); tensors outside the blocks take the first anchor (mergekit evaluates them at t = 0)
+    spec = MergeSpec(sets=["mlp.*=0,0.1,0.5,1", "attn.1-2=0.2,0.6", "norm.1=0.2,0.8", "embed=0.3,0.9"])
+    assert spec.describe() == "mlp.*=0,0.1,0.5,1; attn.1-2=0.2,0.6; norm.1=0.2,0.8; embed=0.3,0.9"
+    result = save_merged(lazy_pair(dirs["a"], dirs["b"]), spec, tmp_path / "g")
+    # by hand: mlp at t = 0, 0.5, 1 of the anchors 0, 0.1, 0.5, 1 -> 0, (0.1 + 0.5) / 2, 1
+    prefixes = {"transformer.h.0.mlp.": 0.0, "transformer.h.1.mlp.": 0.3, "transformer.h.2.mlp.": 1.0,
+                "transformer.h.1.attn.": 0.2, "transformer.h.2.attn.": 0.6,
+                "transformer.h.1.ln_": 0.8, "transformer.wte.": 0.3, "transformer.wpe.": 0.3}
+    merged = stored_state(tmp_path / "g")
+    for key, value in merged.items():
+        alpha = _selected(key, prefixes)
+        if alpha is None:
+            assert torch.equal(value, sd["a"][key]), key
+        else:
+            expected = (1 - alpha) * sd["a"][key].double() + alpha * sd["b"][key].double()
+            torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-7)
+    assert {r.group: r.alpha_min for r in result.plan.rows}["mlp.1"] == pytest.approx(0.3, abs=1e-15)
+    for bad, message in [("0,x", "expected anchors"), ("0:1,2", "either START:END or anchors"), ("0,1.5", "outside [0, 1]")]:
+        with pytest.raises(MergeSpecError, match=message.replace("[", r"\[")):
+            MergeSpec(sets=[f"attn.0={bad}"]).validate()
+
+
 def test_slerp_matches_formula(dirs, sd, tmp_path):
     save_merged(lazy_pair(dirs["a"], dirs["b"]), MergeSpec(layers="mlp.1", alpha=0.4, method="slerp"), tmp_path / "s")
     merged = stored_state(tmp_path / "s")
@@ -350,3 +374,84 @@ def test_fused_experts_merge_equals_straightforward(moe_pair_dirs, tmp_path):
     with pytest.raises(MergeSpecError, match=r"must move together; select them as one group \(mlp\.0\)"):
         save_merged(pair, MergeSpec(layers=r"re:model\.layers\.0\.mlp\.experts\.down_proj"), tmp_path / "half")
     assert not (tmp_path / "slerp").exists() and not (tmp_path / "half").exists()
+
+
+# -- several evaluation sets ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_sets(dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two-sets")
+    words = Path(dirs["eval"]).read_text().split()
+    (root / "two.txt").write_text(" ".join(reversed(words)) + " naïve 東京\n")
+    return {"one": str(dirs["eval"]), "two": str(root / "two.txt")}
+
+
+def test_merge_card_has_a_row_per_evaluation_set(dirs, live, two_sets, tmp_path):
+    from hf_llmc import DataConfig
+
+    data = DataConfig(data=[f"{n}={p}" for n, p in two_sets.items()])
+    result = save_merged(live, MergeSpec(layers="attn.0-1", alpha=0.3), tmp_path / "m", data=data)
+    ev = result.evaluation
+    assert list(ev["sets"]) == ["one", "two"] and set(ev["averages"]) == {"mean", "macro"}
+    for name, path in two_sets.items():  # each set: the same numbers as a barrier on that set alone
+        curve = live.barrier(path, layers="attn.0-1", alphas=[0.0, 0.3, 1.0])
+        assert ev["sets"][name]["merged"]["perplexity"] == pytest.approx(curve.perplexity[1], rel=REL)
+        assert ev["sets"][name]["a"]["loss"] == pytest.approx(curve.loss_a, rel=REL)
+    t1, t2 = ev["sets"]["one"]["tokens"], ev["sets"]["two"]["tokens"]
+    want = (t1 * ev["sets"]["one"]["barrier_mid"] + t2 * ev["sets"]["two"]["barrier_mid"]) / (t1 + t2)
+    assert ev["barrier_mid"] == pytest.approx(want, rel=1e-9)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "| `one` (" in card and "| `two` (" in card and "token-weighted mean" in card and "macro average" in card
+    config = (tmp_path / "m" / "hf_llmc_config.yaml").read_text()
+    assert "one=" in config and str(Path(two_sets["two"]).parent) not in config  # local paths by their name only
+
+
+@pytest.mark.parametrize("objective", ["max", "mean", "two"])
+def test_auto_objective_over_sets(dirs, live, two_sets, objective):
+    from hf_llmc import AutoConfig, auto_select
+
+    singles = {n: auto_select(live, p, AutoConfig(auto=True, max_barrier=1e9)) for n, p in two_sets.items()}
+    per = {n: {c["group"]: c["barrier"] for c in s.candidates} for n, s in singles.items()}
+    tokens = {n: live.blocks(p).num_blocks * (live.blocks(p).seq_len - 1) for n, p in two_sets.items()}
+    multi = auto_select(live, two_sets, AutoConfig(auto=True, max_barrier=1e9, auto_objective=objective))
+    for c in multi.candidates:
+        one, two = per["one"][c["group"]], per["two"][c["group"]]
+        want = {"max": max(one, two), "two": two,
+                "mean": (tokens["one"] * one + tokens["two"] * two) / (tokens["one"] + tokens["two"])}[objective]
+        assert c["barrier"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert multi.objective == objective and set(multi.per_set) == {"one", "two"}
+    for step in multi.steps:
+        assert step["set_barrier"] == pytest.approx(
+            {"max": max, "two": lambda a, b: b, "mean": lambda a, b: (tokens["one"] * a + tokens["two"] * b)
+             / (tokens["one"] + tokens["two"])}[objective](step["set_barriers"]["one"], step["set_barriers"]["two"]), rel=1e-9)
+    # a cap between two steps' objective values stops there: the cap holds on every set (max)
+    if objective == "max" and len(multi.steps) > 2:
+        limit = multi.steps[0]["set_barrier"] + 1e-9
+        capped = auto_select(live, two_sets, AutoConfig(auto=True, max_barrier=limit))
+        assert all(v <= limit for v in capped.steps[0]["set_barriers"].values())
+
+
+def test_auto_in_bits_per_byte(dirs, live):
+    from hf_llmc import AutoConfig, auto_select
+
+    data = str(dirs["eval"])
+    nats = auto_select(live, data, AutoConfig(auto=True, max_barrier=1e9))
+    bpb = auto_select(live, data, AutoConfig(auto=True, max_barrier=1e9, metric="bpb"))
+    blocks = live.blocks(data)
+    nbytes = int(blocks.bytes[:, 1:].sum())
+    scale = blocks.num_blocks * (blocks.seq_len - 1) / (math.log(2) * nbytes)
+    for c, d in zip(nats.candidates, bpb.candidates):
+        assert d["barrier"] == pytest.approx(c["barrier"] * scale, rel=1e-9)
+    assert bpb.to_dict()["metric"] == "bpb" and "metric" not in nats.to_dict()
+
+
+def test_cli_auto_objective_and_sets(dirs, two_sets, tmp_path, capsys):
+    out = tmp_path / "auto-sets"
+    args = ["merge", str(dirs["a"]), str(dirs["b"]), "--auto", "--max-barrier", "1e9", "--auto-objective", "two",
+            "--out", str(out)] + [x for n, p in two_sets.items() for x in ("--data", f"{n}={p}")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "cap on set two" in printed and "  one: perplexity" in printed
+    card = (out / "README.md").read_text()
+    assert "--auto-objective two" in card and "| `two` (" in card and "the cap held on the set `two`" in card
+    assert main(args[:-4] + ["--auto-objective", "three"] + args[-4:] + ["--overwrite"]) == 2  # before loading
+    assert "not an evaluation set" in capsys.readouterr().err

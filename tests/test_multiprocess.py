@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,3 +83,33 @@ def test_accelerate_launch_barrier_data_matches_single_process(tiny, tmp_path, c
     assert par["tokens"] == single["tokens"] == 5 * 47
     assert single["barrier_max"] > 0.01  # a trained pair: a visible barrier to agree on
 
+
+
+def test_accelerate_launch_barrier_data_on_chat_data_matches_single_process(gpt2_pair, tmp_path, capsys):
+    """Chat data (one conversation per row, different scored tokens per row) split across processes."""
+    from transformers import AutoTokenizer
+
+    from hf_llmc.testing import CHAT_TEMPLATE, synthetic_conversations
+
+    dirs = {}
+    for side, src in (("a", gpt2_pair.a), ("b", gpt2_pair.b)):
+        dirs[side] = tmp_path / side
+        shutil.copytree(src, dirs[side])
+        tok = AutoTokenizer.from_pretrained(src)
+        tok.chat_template = CHAT_TEMPLATE
+        tok.save_pretrained(dirs[side])
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in synthetic_conversations(9, 3)))
+    common = ["barrier", str(dirs["a"]), str(dirs["b"]), "--data", str(data), "--chat", "--seq-len", "96",
+              "--layers", "block.1-2", "--batch-size", "2"]
+    assert main(common + ["--json-out", str(tmp_path / "single.json")]) == 0
+    capsys.readouterr()
+    proc = _launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())],
+                   common + ["--parallel", "data", "--json-out", str(tmp_path / "par.json")], tmp_path)
+    assert proc.stdout.count("chat data: 9 conversations") == 1
+    single = json.loads((tmp_path / "single.json").read_text())
+    par = json.loads((tmp_path / "par.json").read_text())
+    assert par["parallel"] == {"mode": "data", "processes": 2}
+    assert_same_result(par, single)
+    assert par["tokens"] == single["tokens"] == single["data"]["chat"]["scored_tokens"]

@@ -207,3 +207,31 @@ def test_hf_llmc_config_reproduces_the_merge(dirs, monkeypatch):
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert (root / "again" / "first" / "config.json").read_text() == (root / "first" / "config.json").read_text()
+
+
+def test_recipe_with_two_named_evaluation_sets(dirs, monkeypatch, capsys):
+    root = dirs["root"]
+    monkeypatch.chdir(root)
+    (root / "other.txt").write_text(" ".join(reversed((root / "eval.txt").read_text().split())))
+    (root / "sets.yaml").write_text(textwrap.dedent("""\
+        out: runs-sets
+        pairs:
+          - name: tiny
+            a: {model: model-a}
+            b: {model: model-b}
+        data: {data: [one=eval.txt, two=other.txt], seq_len: 16}
+        steps:
+          - barrier: {name: attn0, layers: attn.0, alphas: "0,0.5,1"}
+          - scan: {name: scan, alphas: "0.5"}
+          - merge: {name: merged, layers: attn.0-1, alpha: 0.3, eval: true}
+        """))
+    assert main(["run", "sets.yaml"]) == 0, capsys.readouterr().err
+    out = root / "runs-sets" / "tiny"
+    barrier = json.loads((out / "attn0" / "barrier.json").read_text())
+    assert set(barrier["datasets"]) == {"one", "two"} and set(barrier["averages"]) == {"mean", "macro"}
+    rows = [json.loads(line) for line in (out / "scan" / "results.jsonl").read_text().splitlines()]
+    assert {r["dataset"] for r in rows} == {"one", "two"}
+    card = (out / "merged" / "README.md").read_text()
+    assert "| `one` (" in card and "| `two` (" in card
+    config = (out / "merged" / "hf_llmc_config.yaml").read_text()
+    assert "one=eval.txt" in config and "two=other.txt" in config

@@ -548,7 +548,7 @@ def test_cli_barrier_and_scan_report_sequential_fields(setup, tmp_path, capsys):
     plt.close(fig)
     # the fast rule on request; its interval and assumption are recorded
     assert cli.main(["barrier", *common, "--layers", "block.0", "--decide", str(T), "--sequential-rule", "fast",
-                     "--json-out", str(out)]) == 0
+                     "--json-out", str(out), "--overwrite"]) == 0
     capsys.readouterr()
     fast = json.loads(out.read_text())
     assert fast["interval_method"] == "student-t-union-bound" and "Gaussian" in fast["assumption"]

@@ -22,6 +22,7 @@ from ..model.checkpoint.fused import fused_pieces
 from ..model.checkpoint.lazy import LazyCheckpoint
 from ..model.pair import lazy_pair
 from ..model.selection import Group, make_group, resolve
+from ..model.vocab import VocabMap
 from .scan import build_plan
 
 CHUNK = 1 << 22  # elements per streamed chunk (float64 arithmetic)
@@ -108,7 +109,8 @@ def distance_row(group: Group, moments: TensorMoments) -> dict:
     }
 
 
-def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint, groups: list[Group]) -> list[dict]:
+def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyCheckpoint, groups: list[Group],
+                    vocab: VocabMap | None = None) -> list[dict]:
     """Distance rows of several groups; every tensor is read once from each checkpoint.
 
     A block's fused parameters (MoE experts, :func:`hf_llmc.model.checkpoint.fused.fused_pieces`)
@@ -119,6 +121,8 @@ def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyChec
         ckpt_a: A's checkpoint.
         ckpt_b: B's checkpoint.
         groups: the groups.
+        vocab: the pair's row map when the vocabularies differ (:mod:`hf_llmc.model.vocab`): its
+            tensors are compared in the union layout.
 
     Returns:
         One :func:`distance_row` per group, in order.
@@ -148,6 +152,8 @@ def group_distances(arch: Architecture, ckpt_a: LazyCheckpoint, ckpt_b: LazyChec
             continue
         a = ckpt_a.get(name, arch.aliases)
         b = ckpt_b.get(name, arch.aliases)
+        if vocab is not None and name in vocab.params:
+            a, b = vocab.endpoints(a, b, vocab.params[name])
         try:
             per_tensor[name] = tensor_moments(a, b)
         except PairError as err:
@@ -237,5 +243,5 @@ def distances(
         "num_blocks": arch.num_blocks,
         "granularity": None if layers else granularity,
         "layers": layers,
-        "groups": group_distances(arch, ckpt_a, ckpt_b, groups),
+        "groups": group_distances(arch, ckpt_a, ckpt_b, groups, pair.vocab),
     }

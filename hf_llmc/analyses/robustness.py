@@ -52,7 +52,7 @@ def random_direction(interp: Interpolator, group: Group, seed: int, sample: int)
     target = 0.0
     direction: dict[str, torch.Tensor] = {}
     for name in names:
-        a, b = interp.stored("a", name), interp.stored("b", name)
+        a, b = interp.endpoint_tensors(name)  # vocabularies that differ: the union layout
         target += tensor_moments(a, b).sq_diff
         gen = torch.Generator().manual_seed(_tensor_seed(seed, sample, name))
         direction[name] = torch.randn(tuple(a.shape), generator=gen, dtype=torch.float32)
@@ -70,12 +70,13 @@ class RobustnessRunner(ScanRunner):
         cfg: the robustness settings (validated here).
         out_dir: the output folder.
         progress: show a progress bar on a terminal.
+        prefix_store_bytes: memory for recorded base hidden states (default: automatic).
     """
 
     command = "robustness"
 
     def __init__(self, pair: ModelPair, blocks: TokenBlocks, cfg: RobustnessConfig, out_dir: str | os.PathLike, *,
-                 progress: bool = True) -> None:
+                 progress: bool = True, prefix_store_bytes: int | None = None) -> None:
         cfg.validate()
         self.rcfg = cfg
         groups = pair.groups(cfg.layers) if cfg.layers else build_plan(pair.arch, cfg.scan_config()).groups
@@ -86,7 +87,8 @@ class RobustnessRunner(ScanRunner):
             points.extend(ScanPoint(group, "a", t) for t in scfg.alpha_list())
             for s in range(cfg.samples):
                 points.extend(ScanPoint(group, "a", t, "random", s) for t in scfg.alpha_list())
-        super().__init__(pair, blocks, scfg, out_dir, progress=progress, plan=plan, points=points)
+        super().__init__(pair, blocks, scfg, out_dir, progress=progress, plan=plan, points=points,
+                         prefix_store_bytes=prefix_store_bytes)
         self._direction: tuple[tuple, dict[str, torch.Tensor]] | None = None
 
     def result_settings(self) -> dict:
@@ -149,7 +151,7 @@ class RobustnessRunner(ScanRunner):
         try:
             for name in names:  # through the interpolator's writer (offloaded / quantized weights)
                 device = interp._device(name)
-                interp._write(name, interp.stored("a", name).to(device).float() + point.alpha * direction[name].to(device))
+                interp._write(name, interp.endpoint_tensors(name)[0].to(device).float() + point.alpha * direction[name].to(device))
             start = point.group.first_block if self.rcfg.prefix and point.group.first_block else None
             return self.ev.run(None, start_block=start, state="a")
         finally:
@@ -177,13 +179,14 @@ class RobustnessRunner(ScanRunner):
         return row
 
 
-def run_robustness(pair: ModelPair, blocks: TokenBlocks, cfg: RobustnessConfig, out_dir: str | os.PathLike,
+def run_robustness(pair: ModelPair, blocks: TokenBlocks | list[TokenBlocks], cfg: RobustnessConfig, out_dir: str | os.PathLike,
                    resume: bool = False, progress: bool = True, *, overwrite: bool = False) -> list[dict]:
     """Compare the interpolation path with random directions of equal norm, per group, into a folder.
 
     Args:
         pair: the loaded pair.
-        blocks: the token blocks to evaluate on.
+        blocks: the token blocks to evaluate on, or several named evaluation sets (each point is then
+            evaluated on every set; rows carry ``dataset``).
         cfg: which groups, how many directions, which t grid.
         out_dir: the output folder (``results.jsonl`` + ``scan.json``); render it with
             :func:`hf_llmc.render_report`.
@@ -200,4 +203,9 @@ def run_robustness(pair: ModelPair, blocks: TokenBlocks, cfg: RobustnessConfig, 
         SpecError: a bad ``cfg.layers``.
         NonFiniteLossError: an endpoint's loss is NaN or infinite.
     """
+    if isinstance(blocks, list):
+        from .multiset import MultiSetRunner
+
+        return MultiSetRunner(pair, blocks, cfg, out_dir, progress=progress, runner=RobustnessRunner).run(
+            resume=resume, overwrite=overwrite)
     return RobustnessRunner(pair, blocks, cfg, out_dir, progress=progress).run(resume=resume, overwrite=overwrite)

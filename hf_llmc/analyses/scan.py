@@ -44,7 +44,7 @@ from ..engine.stats import paired_standard_error
 from ..model.architecture import Architecture
 from ..model.checkpoint.lazy import fingerprint
 from ..model.selection import Group, all_groups, block_group, make_group, union
-from .barrier import is_endpoint
+from .barrier import bpb_scale, is_endpoint
 from .sequential import Outcome, SequentialEstimator
 
 if TYPE_CHECKING:
@@ -291,8 +291,9 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
         The row: group, kind, blocks, first_block, numel, base, alpha, loss, perplexity, accuracy,
         barrier, barrier_se (``se_method``: "iid", or "batch-means" where neighbouring blocks
         correlate, see :func:`~hf_llmc.engine.stats.paired_standard_error`), error_barrier, tokens
-        (plus direction / sample off the interpolation path); non-finite values are None and the
-        row gets ``nonfinite``.
+        (plus direction / sample off the interpolation path); with byte counts also
+        ``bits_per_byte``, ``barrier_bpb`` and ``barrier_bpb_se`` (the barrier in bits per byte);
+        non-finite values are None and the row gets ``nonfinite``.
     """
     alpha = float(point.alpha)
     g = point.group
@@ -300,7 +301,7 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
     err_ref = (1 - alpha) * (1 - stat_a.accuracy) + alpha * (1 - stat_b.accuracy)
     d = stats.block_loss - ((1 - alpha) * stat_a.block_loss + alpha * stat_b.block_loss)
     finite = math.isfinite(stats.loss)
-    se, method, _ = paired_standard_error(d, stats.indices)
+    se, method, _ = paired_standard_error(d, stats.indices, stats.weights)
     row = {
         "group": g.name,
         "kind": g.kind,
@@ -318,6 +319,12 @@ def point_row(point: ScanPoint, stats: BlockStats, stat_a: BlockStats, stat_b: B
         "error_barrier": (1 - stats.accuracy) - err_ref,
         "tokens": stats.tokens,
     }
+    scale = bpb_scale(stats)
+    if scale is not None:
+        row["bits_per_byte"] = _finite_or_none(stats.bits_per_byte)
+        row["barrier_bpb"] = None if row["barrier"] is None else row["barrier"] * scale
+        row["barrier_bpb_se"] = None if row["barrier_se"] is None else row["barrier_se"] * scale
+        row["bytes"] = stats.bytes
     if point.direction != "interp" or point.sample is not None:
         row["direction"] = point.direction
         row["sample"] = point.sample
@@ -335,7 +342,7 @@ def endpoint_row(which: str, stats: BlockStats) -> dict:
 
     Returns:
         The row (group ``A`` / ``B``, kind ``endpoint``), with ``block_indices``, ``block_loss_sum``,
-        ``block_correct`` and ``tokens_per_block``.
+        ``block_correct`` and ``tokens_per_block`` (chat data: and ``block_tokens``).
     """
     return {
         "group": which.upper(),
@@ -354,6 +361,9 @@ def endpoint_row(which: str, stats: BlockStats) -> dict:
         "block_loss_sum": stats.loss_sum.tolist(),
         "block_correct": stats.correct.tolist(),
         "tokens_per_block": stats.tokens_per_block,
+        **({} if stats.block_tokens is None else {"block_tokens": stats.block_tokens.tolist()}),
+        **({} if stats.byte_sum is None else {"bits_per_byte": stats.bits_per_byte, "barrier_bpb": 0.0,
+                                              "bytes": stats.bytes, "block_bytes": stats.byte_sum.tolist()}),
     }
 
 
@@ -370,7 +380,9 @@ def stats_from_endpoint_row(row: dict) -> BlockStats:
         indices=torch.tensor(row["block_indices"], dtype=torch.long),
         loss_sum=torch.tensor(row["block_loss_sum"], dtype=torch.float64),
         correct=torch.tensor(row["block_correct"], dtype=torch.long),
-        tokens_per_block=int(row["tokens_per_block"]),
+        tokens_per_block=int(row["tokens_per_block"]) if "block_tokens" not in row else float(row["tokens_per_block"]),
+        block_tokens=torch.tensor(row["block_tokens"], dtype=torch.long) if "block_tokens" in row else None,
+        byte_sum=torch.tensor(row["block_bytes"], dtype=torch.long) if "block_bytes" in row else None,
     )
 
 
@@ -434,6 +446,8 @@ def prepare_out_dir(out: Path, hashed: dict, *, resume: bool, overwrite: bool, s
         return True
     for name in OUTPUT_FILES:  # overwrite: check_run_dir found the folder's marker
         (out / name).unlink(missing_ok=True)
+    for extra in out.glob("heatmap-*.png"):  # the per-set heatmaps of a run on several evaluation sets
+        extra.unlink(missing_ok=True)
     prepare_run_dir(out, kind)
     return False
 
@@ -560,6 +574,8 @@ class ScanRunner:
             "model_b": [display_name(pair.source_b), pair.ckpt_b.revision, fingerprint(pair.ckpt_b)],
             "data": [self.blocks.fingerprint, self.blocks.num_blocks, self.blocks.seq_len],
             "dtype": str(dtype).removeprefix("torch."),
+            # vocabularies that differ: the rule for one-side rows changes embed / head points
+            **({"added_rows": pair.vocab.added_rows} if getattr(pair, "vocab", None) is not None else {}),
         }
 
     def result_settings(self) -> dict:
@@ -600,8 +616,9 @@ class ScanRunner:
             "data": {"source": display_name(source) if source not in ("tensor", None) else source,
                      "fingerprint": self.blocks.fingerprint, "num_blocks": self.blocks.num_blocks,
                      "seq_len": self.blocks.seq_len,
-                     "tokens": self.blocks.num_blocks * (self.blocks.seq_len - 1)},
+                     "tokens": self.blocks.tokens, **({"chat": self.blocks.chat} if self.blocks.chat else {})},
             "plan": self.plan.to_dict(),
+            **({"vocabulary": pair.vocab.describe()} if getattr(pair, "vocab", None) is not None else {}),
             "num_points": len(self.points),
             "device": str(self.ev.device),
             "libraries": library_versions(),
@@ -884,7 +901,13 @@ class SequentialScanRunner(ScanRunner):
         super().__init__(pair, blocks, cfg, out_dir, **kwargs)
         if cfg.sequential is None:
             raise ScanError("SequentialScanRunner needs ScanConfig.sequential")
-        self.seq = SequentialEstimator(pair, self.ev, blocks.num_blocks, cfg.sequential, record=cfg.prefix)
+        self.scale = 1.0
+        if cfg.metric == "bpb":
+            if blocks.bpb_scale is None:
+                raise ScanError("metric='bpb': the evaluation data has no byte counts (token ids, or a tokenizer without offsets)")
+            self.scale = blocks.bpb_scale
+        self.seq = SequentialEstimator(pair, self.ev, blocks.num_blocks, cfg.sequential, record=cfg.prefix,
+                                       scale=self.scale)
         self._outcomes: dict[tuple, Outcome] = {}
 
     def manifest(self, status: str, **extra: Any) -> dict:
@@ -900,7 +923,7 @@ class SequentialScanRunner(ScanRunner):
         out = super().manifest(status, **extra)
         out["sequential"] = {**self.cfg.sequential.result_settings(), "interval_description": self.seq.rule.description(),
                              "assumption": self.seq.rule.assumption(), "schedule": self.seq.schedule,
-                             "tokens_evaluated": self.seq.blocks_evaluated * (self.blocks.seq_len - 1)}
+                             "tokens_evaluated": round(self.seq.blocks_evaluated * self.blocks.tokens_per_block)}
         return out
 
     def endpoint(self, which: str) -> BlockStats:
@@ -961,8 +984,11 @@ class SequentialScanRunner(ScanRunner):
         row = point_row(point, stats, self.seq.endpoint("a", n), self.seq.endpoint("b", n))
         outcome = self._outcomes.pop(point.key, None) or self.seq.exact(n)
         if outcome.look is not None and row["barrier"] is not None:
-            row["barrier"], row["barrier_se"] = outcome.look.mean, outcome.look.se
+            row["barrier"], row["barrier_se"] = outcome.look.mean / self.scale, outcome.look.se / self.scale
             row["se_method"] = "sequential"
+            scale = self.scale if self.scale != 1.0 else bpb_scale(stats)  # bpb: the rule's own scale
+            if scale is not None:
+                row["barrier_bpb"], row["barrier_bpb_se"] = row["barrier"] * scale, row["barrier_se"] * scale
         row.update(outcome.fields(stats.tokens_per_block))
         return row
 

@@ -547,7 +547,7 @@ class Outcome:
         """Per-point result fields (results.jsonl rows, barrier JSON).
 
         Args:
-            tokens_per_block: predicted tokens per block.
+            tokens_per_block: predicted tokens per block (chat data: their mean over every conversation).
 
         Returns:
             ``interval``, ``decision``, ``stop_reason``, ``looks``, ``blocks_used``, ``endpoint_blocks``,
@@ -563,7 +563,7 @@ class Outcome:
             "blocks_used": look.n if look is not None else None,
             "endpoint_blocks": look.m if look is not None else None,
             "control_beta": look.beta if look is not None else None,
-            "tokens_ceiling": self.blocks_available * tokens_per_block,
+            "tokens_ceiling": round(self.blocks_available * tokens_per_block),
             "interval_method": self.interval_method,
         }
 
@@ -845,8 +845,7 @@ def replay_many(d: np.ndarray, g: np.ndarray | None, rule: Rule, *, endpoint_blo
 
 
 def _cat(parts: list[BlockStats]) -> BlockStats:
-    return BlockStats(indices=torch.cat([p.indices for p in parts]), loss_sum=torch.cat([p.loss_sum for p in parts]),
-                      correct=torch.cat([p.correct for p in parts]), tokens_per_block=parts[0].tokens_per_block)
+    return BlockStats.cat(parts)
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
@@ -864,14 +863,17 @@ class SequentialEstimator:
         num_blocks: N, the ceiling.
         cfg: the sequential settings.
         record: record the hidden states of endpoint batches (prefix reuse).
+        scale: multiplies every per-block loss the rule sees (``--metric bpb``: the set's
+            :attr:`~hf_llmc.engine.data.TokenBlocks.bpb_scale`, so intervals and the threshold are in bits per byte).
 
     Raises:
         ScanError: bad settings (see :meth:`SequentialConfig.validate`).
     """
 
     def __init__(self, pair: ModelPair, ev: Evaluator, num_blocks: int, cfg: SequentialConfig, *,
-                 record: bool = False) -> None:
+                 record: bool = False, scale: float = 1.0) -> None:
         self.pair, self.ev, self.cfg = pair, ev, cfg
+        self.scale = scale
         self.rule = make_rule(cfg, num_blocks, ev.batch_size)
         self.order = block_order(num_blocks, cfg.block_seed)
         self.chunk = cfg.chunk_blocks or ev.batch_size
@@ -907,7 +909,7 @@ class SequentialEstimator:
         stats = _cat(self._ends[which])
         if stats.indices.numel() == n:
             return stats
-        return BlockStats(stats.indices[:n], stats.loss_sum[:n], stats.correct[:n], stats.tokens_per_block)
+        return stats.take(n)
 
     def _extend(self, which: str, n: int) -> None:
         have = self.have(which)
@@ -950,7 +952,8 @@ class SequentialEstimator:
         Returns:
             The losses.
         """
-        return _cat(self._ends[which]).block_loss[lo:hi]
+        losses = _cat(self._ends[which]).block_loss[lo:hi]
+        return losses if self.scale == 1.0 else losses * self.scale
 
     def evaluate(self, group: Group, alpha: float, base: str = "a", method: str = "lerp",
                  prefix: bool = True) -> tuple[BlockStats, Outcome]:
@@ -998,7 +1001,7 @@ class SequentialEstimator:
                 est.blocks_evaluated += hi - lo
                 parts.append(stats)
                 ref = (1.0 - alpha) * est.block_losses("a", lo, hi) + alpha * est.block_losses("b", lo, hi)
-                return stats.block_loss - ref
+                return (stats.block_loss if est.scale == 1.0 else stats.block_loss * est.scale) - ref
 
         stream = PointStream()
         try:
@@ -1040,7 +1043,8 @@ class SequentialEstimator:
             d on those n blocks.
         """
         n = stats.indices.numel()
-        return stats.block_loss - ((1.0 - alpha) * self.block_losses("a", 0, n) + alpha * self.block_losses("b", 0, n))
+        own = stats.block_loss if self.scale == 1.0 else stats.block_loss * self.scale
+        return own - ((1.0 - alpha) * self.block_losses("a", 0, n) + alpha * self.block_losses("b", 0, n))
 
     def exact(self, n: int) -> Outcome:
         """Outcome of a point that is an endpoint itself (its differences are exactly 0).

@@ -7,17 +7,13 @@ from pathlib import Path
 
 from ..config.files import write_json_atomic
 from ..config.spec import parse_spec
-from ..engine.io import check_location, check_writable
-from .common import cli_sources
+from .common import check_json_out
 
 
 def run(args: argparse.Namespace) -> int:
     if args.layers:
         parse_spec(args.layers)
-    if args.json_out:
-        where = f"json_out={args.json_out!r}"
-        check_location(args.json_out, cli_sources(args), shown=where)  # never into a model folder or the Hub cache
-        check_writable(Path(args.json_out).expanduser().parent, where)  # before any work
+    check_json_out(args)
 
     from rich.table import Table
 

@@ -1,4 +1,5 @@
-"""``hf-llmc layers MODEL``: the groups a layer spec can address (no weights are read)."""
+"""``hf-llmc layers MODEL [MODEL_B]``: the groups a layer spec can address (no weights are read); with
+a second model, how the two vocabularies differ."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
         folder = resolve_folder(base, None, allow_patterns=["*.json"])
     arch = folder_architecture(folder, args.trust_remote_code)
     groups = resolve(args.select, arch) if args.select else all_groups(arch)
+    vocabulary = _vocabulary(args) if args.model_b else None
     if args.json:
         payload = {
             "architecture": arch.model_class,
@@ -35,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
             ],
             "tied": arch.tied,
         }
+        if args.model_b:
+            payload["vocabulary"] = vocabulary.describe() if vocabulary is not None else None
         print(json.dumps(payload, indent=2))
         return 0
     table = Table(title=f"{arch.model_class}: {arch.num_blocks} blocks")
@@ -51,4 +55,13 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     for alias, canon in arch.tied:
         console.print(f"tied: {alias} is {canon} (selecting one moves both)")
+    if args.model_b:
+        console.print(vocabulary.summary() if vocabulary is not None else "vocabulary: the same tokenizer and embedding rows in both models")
     return 0
+
+
+def _vocabulary(args: argparse.Namespace):
+    """How the two models' vocabularies differ (None: not at all); refuses an incompatible pair."""
+    from ..model.pair import lazy_pair
+
+    return lazy_pair(args.model, args.model_b, revision_a=args.revision, trust_remote_code=args.trust_remote_code).vocab

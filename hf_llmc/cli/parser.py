@@ -15,7 +15,8 @@ from ..config.data import DataConfig
 from ..config.fields import choices, without_none
 from ..config.load import LoadConfig
 from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
-from ..config.scan import RobustnessConfig, ScanConfig, SequentialConfig
+from ..config.mergekit import MergekitOptions
+from ..config.scan import METRIC_HELP, RobustnessConfig, ScanConfig, SequentialConfig
 from ..config.search import SearchConfig
 from ..config.security import redact
 
@@ -57,17 +58,23 @@ def _help(cls, name: str) -> str:
     return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
 
 
-def add_pair_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
-    """The two model arguments and the loading options (all, all but ``exclude``, or ``only`` these)."""
+def add_pair_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                  optional: bool = False) -> None:
+    """The two model arguments and the loading options (all, all but ``exclude``, or ``only`` these);
+    ``optional``: the models may be omitted (they come from elsewhere, e.g. a mergekit config)."""
     if only is not None:
         exclude = tuple(f.name for f in dataclasses.fields(LoadConfig) if f.name not in only)
-    p.add_argument("model_a", help="Model A: local folder or Hub id.")
-    p.add_argument("model_b", help="Model B: local folder or Hub id.")
+    nargs = {"nargs": "?"} if optional else {}
+    p.add_argument("model_a", help="Model A: local folder or Hub id.", **nargs)
+    p.add_argument("model_b", help="Model B: local folder or Hub id.", **nargs)
     add_fields(p, LoadConfig, group="loading", exclude=exclude)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    add_fields(p, DataConfig, group="evaluation data")
+    g = p.add_argument_group("evaluation data")
+    g.add_argument("--data", action="append", metavar="[NAME=]PATH", help=_help(DataConfig, "data"))
+    g.add_argument("--dataset", action="append", metavar="[SET=]NAME", help=_help(DataConfig, "dataset"))
+    add_fields(g, DataConfig, exclude=("data", "dataset"))
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic, halving on out-of-memory).")
 
 
@@ -100,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "layers", "layers", "List the addressable layer groups of a model.")
     p.add_argument("model", help="Local folder or Hub id.")
+    p.add_argument("model_b", nargs="?", metavar="MODEL_B", help="A second model: also compare the two vocabularies (shared size, tokens added on each side, embedding rows).")
     p.add_argument("--select", help="Only the groups this spec resolves to, e.g. attn.0-3.")
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     p.add_argument("--revision", help="Hub revision.")
@@ -113,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", choices=["a", "b"], default="a", help="Which model the unselected tensors come from.")
     p.add_argument("--method", choices=["lerp", "slerp"], default="lerp", help="Interpolation method per tensor.")
     p.add_argument("--allow-extrapolation", action="store_true", help="Allow α outside [0, 1].")
+    p.add_argument("--metric", choices=["loss", "bpb"], default="loss", help=METRIC_HELP + " Both are reported; this chooses what --decide / --target-se use.")
     p.add_argument("--json-out", help="Write the result as JSON to this file.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --json-out file.")
     p.add_argument("--parallel", choices=["none", "data"], default="none", help="Under torchrun / accelerate launch: 'data' splits the token blocks across processes (per-block sums gathered).")
     add_fields(p, SequentialConfig, group="sequential estimation (stop once the error bar allows)")
 
@@ -130,15 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create-pr", action="store_true", help="Open a pull request against main instead of committing.")
 
     p = _command(sub, "merge", "merge", "Write a layer-wise merge of A and B (streamed safetensors + model card).")
-    add_pair_args(p, exclude=("dtype",))
+    add_pair_args(p, exclude=("dtype",), optional=True)
     g = p.add_argument_group("what to merge")
     add_fields(g, MergeSpec)
     g.add_argument("--set", dest="sets", action="append", metavar="LAYERS=ALPHA", help=_help(MergeSpec, "sets"))
     add_fields(p, AutoConfig, group="automatic choice")
+    add_fields(p, MergekitOptions, group="mergekit configs")
     add_fields(p, ExportConfig, group="output")
     g = p.add_argument_group("evaluation (perplexities and barrier in the model card)")
-    g.add_argument("--eval-data", "--data", dest="data", metavar="PATH", help=_help(DataConfig, "data"))
-    g.add_argument("--eval-dataset", "--dataset", dest="dataset", metavar="NAME", help=_help(DataConfig, "dataset"))
+    g.add_argument("--eval-data", "--data", dest="data", action="append", metavar="[NAME=]PATH", help=_help(DataConfig, "data"))
+    g.add_argument("--eval-dataset", "--dataset", dest="dataset", action="append", metavar="[SET=]NAME", help=_help(DataConfig, "dataset"))
     add_fields(g, DataConfig, exclude=("data", "dataset"))
     g.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic).")
     add_fields(p, PushConfig, group="publishing")
@@ -178,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=["block", "sublayer", "module"], default="block", help="Groups: block, sublayer or module.")
     p.add_argument("--layers", help="Layer spec instead of --granularity, e.g. attn.0-3,mlp.7.")
     p.add_argument("--json-out", help="Write the rows as JSON to this file.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --json-out file.")
 
     p = _command(sub, "robustness", "robustness", "Loss along random directions of the same norm as B − A, per group (paper, Section 5).")
     add_pair_args(p)

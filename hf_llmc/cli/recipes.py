@@ -741,8 +741,13 @@ def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrit
     Raises:
         RecipeError: an escaping path, or a declared switch without its flag.
     """
+    from types import SimpleNamespace
+
+    from ..analyses.barrier import average_barriers, barrier_sets
+    from ..analyses.multiset import run_scan_sets
     from ..analyses.scan import run_scan
     from ..api import ModelPair
+    from ..engine.data import sets_for
     from ..model.pair import lazy_pair
     from ..outputs.hub import push_folder
 
@@ -765,8 +770,10 @@ def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrit
         else:
             pair = lazy_pair(entry.a.model, entry.b.model, revision_a=entry.a.revision, revision_b=entry.b.revision,
                              trust_remote_code=load.trust_remote_code, allow_pickle=load.allow_pickle,
-                             base_model=load.base_model)
-        blocks = pair.blocks(recipe.data) if live and recipe.data is not None else None
+                             base_model=load.base_model, added_rows=load.added_rows)
+        blocks = None
+        if live and recipe.data is not None:  # several named sets: a list of named token blocks
+            blocks = sets_for(pair, recipe.data) if recipe.data.multiple else pair.blocks(recipe.data)
         for step in recipe.steps:
             summary = {"pair": name, "step": step.name, "kind": step.kind}
             replace = overwrite or step.common.overwrite
@@ -774,8 +781,16 @@ def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrit
             target = item.output
             if step.kind == "barrier":
                 s = step.get(BarrierStep)
-                result = pair.barrier(blocks, layers=s.layers, alphas=s.alphas, base=s.base, method=s.method,
-                                      batch_size=recipe.settings.batch_size, allow_extrapolation=s.allow_extrapolation)
+                if isinstance(blocks, list):
+                    results = barrier_sets(pair, blocks, layers=s.layers, alphas=s.alphas, base=s.base, method=s.method,
+                                           batch_size=recipe.settings.batch_size, allow_extrapolation=s.allow_extrapolation)
+                    averages = average_barriers(results)
+                    payload = {"datasets": {n: r.to_dict() for n, r in results.items()}, "averages": averages}
+                    result = SimpleNamespace(barrier_mid=averages["mean"]["barrier_mid"],
+                                             barrier_max=averages["mean"]["barrier_max"], to_dict=lambda p=payload: p)
+                else:
+                    result = pair.barrier(blocks, layers=s.layers, alphas=s.alphas, base=s.base, method=s.method,
+                                          batch_size=recipe.settings.batch_size, allow_extrapolation=s.allow_extrapolation)
                 folder = target.parent
                 fresh = not folder.is_dir() or not any(folder.iterdir())
                 if target.exists() and not (replace and is_hf_llmc_folder(folder)):
@@ -791,8 +806,9 @@ def run_recipe(recipe: Recipe, *, out: str | os.PathLike | None = None, overwrit
                 cfg = step.get(ScanConfig)
                 if cfg.batch_size is None and recipe.settings.batch_size:
                     cfg = dataclasses.replace(cfg, batch_size=recipe.settings.batch_size)
-                rows = run_scan(pair, blocks, cfg, target, resume=step.get(ScanStepOptions).resume, progress=progress,
-                                overwrite=replace)
+                run = run_scan_sets if isinstance(blocks, list) else run_scan
+                rows = run(pair, blocks, cfg, target, resume=step.get(ScanStepOptions).resume, progress=progress,
+                           overwrite=replace)
                 summary.update(output=str(target), rows=len(rows))
                 echo(f"  {step.name}: {len(rows)} result rows -> {target}")
             elif step.kind == "merge":

@@ -22,16 +22,17 @@ def run(args: argparse.Namespace) -> int:
     data = data_config(args)
 
     from ..analyses.robustness import run_robustness
-    from ..engine.data import blocks_for
+    from ..engine.data import blocks_for, sets_for
     from ..outputs.report import render
-    from .common import console, load_pair, print_scan_summary
+    from .common import console, load_pair, print_chat_data, print_scan_summary
 
     pair = load_pair(args)
     if cfg.layers:
         pair.groups(cfg.layers)  # validate the spec against the model before any data work
-    blocks = blocks_for(pair, data)
+    blocks = sets_for(pair, data) if data.multiple else blocks_for(pair, data)
     run_robustness(pair, blocks, cfg, out, resume=args.resume, overwrite=args.overwrite, progress=True)
     written = render(out)
+    print_chat_data(blocks)
     print_scan_summary(json.loads(written["summary"].read_text()))
     console.print(f"results: {out / RESULTS}; report: {written['html']}")
     return 0

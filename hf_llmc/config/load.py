@@ -10,6 +10,7 @@ from .fields import check_choice, setting
 
 DType = Literal["float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+AddedRows = Literal["own", "mean-init"]
 
 
 @dataclass
@@ -29,11 +30,14 @@ class LoadConfig:
     load_in_8bit: bool = setting(False, "Load the weights that are not interpolated in 8 bit (bitsandbytes; pip install 'hf-llmc[quant]').")
     load_in_4bit: bool = setting(False, "Load the weights that are not interpolated in 4 bit NF4 (bitsandbytes).")
     keep_modules: list | None = setting(None, "Modules loaded unquantized (the interpolated groups' modules).", cli=False, recipe=False)
+    added_rows: AddedRows = setting("own", "Embedding/head rows only one model has (its added tokens, padding rows) when the vocabularies differ by added tokens: own = taken from that model at every alpha; mean-init = the other model's value is the mean of its shared rows, then interpolated.")
 
     def validate(self) -> None:
         """Check the options before anything is loaded.
 
         Raises:
-            UsageError: ``dtype`` is not one of float32, bfloat16, float16.
+            UsageError: ``dtype`` is not one of float32, bfloat16, float16, or ``added_rows`` not own
+                or mean-init.
         """
         check_choice(LoadConfig, self, "dtype", UsageError)
+        check_choice(LoadConfig, self, "added_rows", UsageError)

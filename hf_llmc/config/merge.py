@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from .alphas import format_alpha, parse_alpha
+from .alphas import ItemAlpha, parse_item_alpha
+from .data import SET_NAME
 from .errors import MergeSpecError
 from .fields import check_choice, setting
 from .load import DType
@@ -25,10 +26,11 @@ class MergeSpec:
     """Which tensors move to which point of the A-B path; the rest comes from the base."""
 
     layers: str | None = setting(None, "Layer spec to merge at --alpha, e.g. attn.0-3 or attn.*,mlp.0 (grammar of `hf-llmc layers`).")
-    alpha: str | float | None = setting(None, "α for --layers: a number (0 = A, 1 = B; default 0.5), or START:END for a linear gradient over the selected blocks in order.")
-    sets: list[str] = setting(help="LAYERS=ALPHA items (repeatable --set), e.g. attn.0-3=0.5; a later item wins where items overlap.", cli=False, default_factory=list)
+    alpha: str | float | None = setting(None, "α for --layers: a number (0 = A, 1 = B; default 0.5), START:END for a linear gradient over the selected blocks in order, or anchors A0,A1,... spread piecewise linearly over them (mergekit's gradient list).")
+    sets: list[str] = setting(help="LAYERS=ALPHA items (repeatable --set), e.g. attn.0-3=0.5 or attn.*=0,0.5,1; a later item wins where items overlap.", cli=False, default_factory=list)
     method: Method = setting("lerp", "Interpolation per tensor: lerp ((1-α)·A + α·B) or slerp.")
     base: Literal["a", "b"] = setting("a", "Checkpoint the tensors outside the spec (and config, tokenizer) come from.")
+    lerp_ops: Literal["plain", "mergekit"] = setting("plain", "float32 operations of lerp in written tensors: plain ((1-α)·A + α·B, each product rounded) or mergekit (A·(1-α) then B·α accumulated with addcmul, as mergekit's linear merge: bit-identical to mergekit; it differs from plain by float32 rounding of the products).")
     allow_extrapolation: bool = setting(False, "Allow α outside [0, 1].")
 
     def __post_init__(self) -> None:
@@ -42,18 +44,18 @@ class MergeSpec:
 
         Args:
             text: ``;``-separated ``LAYERS=ALPHA`` items, e.g. ``"attn.0-3=0.5; mlp.*=0.25"``.
-            **kwargs: the other fields (``method``, ``base``, ``allow_extrapolation``).
+            **kwargs: the other fields (``method``, ``base``, ``lerp_ops``, ``allow_extrapolation``).
 
         Returns:
             The spec with one ``sets`` item per non-empty item of ``text`` (not validated yet).
         """
         return cls(sets=[s.strip() for s in text.split(";") if s.strip()], **kwargs)
 
-    def entries(self) -> list[tuple[str, float, float | None]]:
+    def entries(self) -> list[tuple[str, ItemAlpha]]:
         """The validated items of the spec, in order (a later item wins where items overlap).
 
         Returns:
-            ``(layers, alpha_start, alpha_end)`` per item; ``alpha_end`` is None for a constant α.
+            ``(layers, alpha)`` per item (a number, a ``START:END`` gradient or a list of anchors).
             ``layers`` / ``alpha`` come first, then every item of ``sets``.
 
         Raises:
@@ -62,11 +64,12 @@ class MergeSpec:
         """
         check_choice(MergeSpec, self, "method", MergeSpecError)
         check_choice(MergeSpec, self, "base", MergeSpecError)
-        out: list[tuple[str, float, float | None]] = []
+        check_choice(MergeSpec, self, "lerp_ops", MergeSpecError)
+        out: list[tuple[str, ItemAlpha]] = []
         if self.layers:
             parse_spec(self.layers)
             alpha = DEFAULT_ALPHA if self.alpha is None else self.alpha
-            out.append((self.layers, *parse_alpha(alpha, allow_extrapolation=self.allow_extrapolation)))
+            out.append((self.layers, parse_item_alpha(alpha, allow_extrapolation=self.allow_extrapolation)))
         elif self.alpha is not None:
             raise MergeSpecError("alpha needs layers=SPEC (or write a LAYERS=ALPHA item in sets)")
         for item in self.sets:
@@ -74,7 +77,7 @@ class MergeSpec:
             if not eq or not layers.strip() or not value.strip():
                 raise MergeSpecError(f"set {item}: expected LAYERS=ALPHA, e.g. attn.0-3=0.5")
             parse_spec(layers.strip())
-            out.append((layers.strip(), *parse_alpha(value, allow_extrapolation=self.allow_extrapolation, what=f"set {item}:")))
+            out.append((layers.strip(), parse_item_alpha(value, allow_extrapolation=self.allow_extrapolation, what=f"set {item}:")))
         if not out:
             raise MergeSpecError("nothing to merge: give layers=SPEC [alpha=X], set SPEC=X, or auto=True")
         return out
@@ -91,24 +94,20 @@ class MergeSpec:
     @property
     def single_alpha(self) -> float | None:
         """The α when every item uses one constant α, else None."""
-        values = {(s, e) for _, s, e in self.entries()}
-        if len(values) == 1:
-            start, end = values.pop()
-            if end is None or end == start:
-                return start
-        return None
+        values = {v for _, alpha in self.entries() for v in alpha.values}
+        return values.pop() if len(values) == 1 else None
 
     def describe(self) -> str:
         """The spec as one line of text, for cards, logs and :meth:`parse`.
 
         Returns:
-            Every item in its ``--set`` form, ``;``-separated: ``"attn.0-3=0.5; mlp.*=0.1:0.9"``.
+            Every item in its ``--set`` form, ``;``-separated: ``"attn.0-3=0.5; mlp.*=0.1:0.9; norm.*=0,0.5,1"``.
 
         Raises:
             MergeSpecError: the spec is invalid (see :meth:`entries`).
             SpecError: a malformed layer spec.
         """
-        return "; ".join(f"{layers}={format_alpha(s, e)}" for layers, s, e in self.entries())
+        return "; ".join(f"{layers}={alpha}" for layers, alpha in self.entries())
 
     def to_dict(self) -> dict:
         """The spec's fields as a plain dict (for recipes and JSON).
@@ -184,6 +183,8 @@ class AutoConfig:
     scan_dir: str | None = setting(None, "Folder of a single-group `hf-llmc scan` (same data, method and base) to rank the groups; default: measure them now.")
     max_barrier: float = setting(DEFAULT_MAX_BARRIER, "Largest barrier (nats, loss - reference line at α) the chosen set may have.")
     auto_layers: str | None = setting(None, f"Candidate groups (layer spec); default: {DEFAULT_CANDIDATES} when measuring, every group of the scan with --scan-dir.")
+    auto_objective: str = setting("max", "With several evaluation sets: the barrier cap holds on every set (max), on the token-weighted mean (mean), or on one named set (SET).")
+    metric: Literal["loss", "bpb"] = setting("loss", "What --auto ranks and caps: loss (nats per token; --max-barrier in nats) or bpb (bits per UTF-8 byte; --max-barrier in bits per byte).")
 
 
 def check_merge_options(spec: MergeSpec, auto: AutoConfig, export: ExportConfig, *, evaluates: bool) -> float | None:
@@ -203,16 +204,20 @@ def check_merge_options(spec: MergeSpec, auto: AutoConfig, export: ExportConfig,
         SpecError: a malformed layer spec.
     """
     export.validate()
+    check_choice(AutoConfig, auto, "metric", MergeSpecError)
     if not auto.auto:
-        if auto.scan_dir or auto.auto_layers:
-            raise MergeSpecError("scan_dir and auto_layers need auto=True")
+        if auto.scan_dir or auto.auto_layers or auto.auto_objective != "max" or auto.metric != "loss":
+            raise MergeSpecError("scan_dir, auto_layers, auto_objective and metric need auto=True")
         spec.validate()
         return None
     if spec.layers or spec.sets:
         raise MergeSpecError("auto=True chooses the groups itself; drop layers / sets")
-    alpha, end = parse_alpha(DEFAULT_ALPHA if spec.alpha is None else spec.alpha, allow_extrapolation=spec.allow_extrapolation)
-    if end is not None:
-        raise MergeSpecError("auto=True merges at one alpha; a gradient START:END is not supported")
+    item = parse_item_alpha(DEFAULT_ALPHA if spec.alpha is None else spec.alpha, allow_extrapolation=spec.allow_extrapolation)
+    if item.constant is None:
+        raise MergeSpecError("auto=True merges at one alpha; a gradient (START:END or a list) is not supported")
+    alpha = item.constant
     if not evaluates:
         raise MergeSpecError("auto=True measures barriers: give evaluation data (data=PATH or dataset=NAME)")
+    if auto.auto_objective not in ("max", "mean") and not SET_NAME.fullmatch(str(auto.auto_objective)):
+        raise MergeSpecError(f"auto_objective={auto.auto_objective!r}: use max, mean or the name of an evaluation set")
     return alpha

@@ -16,6 +16,10 @@ Base = Literal["a", "b", "both"]
 #: One of the two endpoint models (also the base of a path into one of them).
 Which = Literal["a", "b"]
 Method = Literal["lerp", "slerp"]
+#: What barriers are measured in: ``loss`` (nats per token) or ``bpb`` (bits per UTF-8 byte).
+Metric = Literal["loss", "bpb"]
+METRIC_HELP = ("What barriers are ranked, drawn and decided in: loss (nats per token) or bpb (bits per UTF-8 byte, "
+               "comparable across tokenizers).")
 MODES: tuple[str, ...] = get_args(Mode)
 GRANULARITIES: tuple[str, ...] = get_args(Granularity)
 BASES: tuple[str, ...] = get_args(Base)
@@ -138,6 +142,7 @@ class ScanConfig:
     base: Base = setting("a", "Which model the unselected tensors come from: a, b or both.")
     alphas: str = setting("0.5", "Comma-separated α values or a count N of evenly spaced points (0.5 always included).")
     method: Method = setting("lerp", "Interpolation method per tensor.")
+    metric: Metric = setting("loss", METRIC_HELP + " Scans record both; this chooses the heatmaps, tables and --decide.")
     prefix: bool = setting(True, "Reuse the base model's hidden states before a group's first block.", cli=False)
     batch_size: int | None = setting(None, "Blocks per forward (default: automatic).", cli=False)
     sequential: SequentialConfig | None = setting(None, "Sequential estimation: stop each point once its error bar allows (a SequentialConfig; None = every block).", cli=False)
@@ -171,7 +176,7 @@ class ScanConfig:
             ScanError: a bad choice, order, window, batch size, α list or sequential setting
                 (one-line message naming it).
         """
-        for name in ("mode", "granularity", "base", "method"):
+        for name in ("mode", "granularity", "base", "method", "metric"):
             check_choice(ScanConfig, self, name, ScanError)
         if self.mode != "single" and self.granularity != "block":
             raise ScanError(f"granularity={self.granularity!r}: only mode='single' takes a granularity; cumulative and window scans move whole blocks")
@@ -209,6 +214,8 @@ class ScanConfig:
             out["window"] = self.window
         if self.sequential is not None:  # absent otherwise: fixed-budget hashes stay as they were
             out["sequential"] = self.sequential.result_settings()
+            if self.metric != "loss":  # the stopping rule runs in bits per byte
+                out["metric"] = self.metric
         return out
 
 

@@ -39,18 +39,35 @@ class BlockStats:
         indices: ``[n]`` block indices into the token-block tensor.
         loss_sum: ``[n]`` float64 summed next-token cross-entropy per block (nats).
         correct: ``[n]`` int64 top-1 hits per block.
-        tokens_per_block: predicted positions per block (``seq_len - 1``).
+        tokens_per_block: predicted positions per block (``seq_len - 1``); with chat data the mean
+            scored tokens per conversation over the whole token set (the scale of :attr:`block_loss`).
+        block_tokens: ``[n]`` int64 scored tokens per block when they differ (chat data: one block
+            is one conversation); None: ``tokens_per_block`` each.
+        byte_sum: ``[n]`` int64 UTF-8 bytes of the text the predicted tokens of each block cover
+            (None when the blocks have no byte counts).
     """
 
     indices: torch.Tensor  # [n] block indices into the token-block tensor
     loss_sum: torch.Tensor  # [n] float64 summed cross-entropy (nats)
     correct: torch.Tensor  # [n] int64 top-1 hits
-    tokens_per_block: int
+    tokens_per_block: int | float
+    block_tokens: torch.Tensor | None = None  # [n] int64 scored tokens (chat data)
+    byte_sum: torch.Tensor | None = None  # [n] int64 bytes covered by the predicted tokens
 
     @property
     def tokens(self) -> int:
         """Predicted tokens in all blocks."""
+        if self.block_tokens is not None:
+            return int(self.block_tokens.sum())
         return int(self.indices.numel()) * self.tokens_per_block
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """Per-block weights of the ratio estimator, ``block_tokens / tokens_per_block`` (float64).
+
+        None when every block scores the same tokens.
+        """
+        return None if self.block_tokens is None else self.block_tokens.double() / self.tokens_per_block
 
     @property
     def loss(self) -> float:
@@ -63,27 +80,76 @@ class BlockStats:
         return float(self.correct.sum()) / self.tokens
 
     @property
+    def bytes(self) -> int | None:
+        """UTF-8 bytes covered by all predicted tokens (None when unknown)."""
+        return None if self.byte_sum is None else int(self.byte_sum.sum())
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        """Sum of nats / (ln 2 · sum of bytes) over the predicted tokens (None when the bytes are unknown)."""
+        n = self.bytes
+        if not n:
+            return None
+        return float(self.loss_sum.sum()) / (math.log(2) * n)
+
+    def take(self, n: int) -> BlockStats:
+        """The statistics of the first ``n`` blocks.
+
+        Args:
+            n: the block count.
+
+        Returns:
+            The first ``n`` entries of every per-block tensor.
+        """
+        return BlockStats(self.indices[:n], self.loss_sum[:n], self.correct[:n], self.tokens_per_block,
+                          None if self.block_tokens is None else self.block_tokens[:n],
+                          None if self.byte_sum is None else self.byte_sum[:n])
+
+    @staticmethod
+    def cat(parts: Sequence[BlockStats]) -> BlockStats:
+        """Join the statistics of disjoint block lists, in order.
+
+        Args:
+            parts: at least one :class:`BlockStats` of the same blocks' length.
+
+        Returns:
+            One :class:`BlockStats` (byte sums only when every part has them).
+        """
+        nbytes = None if any(p.byte_sum is None for p in parts) else torch.cat([p.byte_sum for p in parts])
+        ntokens = None if any(p.block_tokens is None for p in parts) else torch.cat([p.block_tokens for p in parts])
+        return BlockStats(torch.cat([p.indices for p in parts]), torch.cat([p.loss_sum for p in parts]),
+                          torch.cat([p.correct for p in parts]), parts[0].tokens_per_block, ntokens, nbytes)
+
+    @property
     def perplexity(self) -> float:
         """``exp(loss)`` (inf when the loss is not finite or above 700)."""
         return math.exp(self.loss) if math.isfinite(self.loss) and self.loss < 700 else float("inf")
 
     @property
     def block_loss(self) -> torch.Tensor:
-        """Mean loss of each block (float64)."""
+        """Mean loss of each block (float64).
+
+        With chat data a conversation's summed loss over the mean scored tokens per conversation, so
+        that the mean over all conversations is the token-weighted loss.
+        """
         return self.loss_sum / self.tokens_per_block
 
     @property
     def block_error(self) -> torch.Tensor:
-        """Top-1 error rate of each block (float64)."""
+        """Top-1 error rate of each block (float64), scaled like :attr:`block_loss`."""
         return 1.0 - self.correct.double() / self.tokens_per_block
 
     def to_dict(self) -> dict:
         """The summary numbers as JSON-ready data.
 
         Returns:
-            ``loss``, ``perplexity``, ``accuracy`` and ``tokens``.
+            ``loss``, ``perplexity``, ``accuracy``, ``tokens`` and, when the bytes are known,
+            ``bits_per_byte`` and ``bytes``.
         """
-        return {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+        out = {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+        if self.byte_sum is not None:
+            out.update(bits_per_byte=self.bits_per_byte, bytes=self.bytes)
+        return out
 
 
 class Shard(Protocol):
@@ -139,6 +205,12 @@ class Evaluator:
         cache_device: where cached hidden states are kept (default: the model's device).
         shard: the data-parallel share of this process (None: every block here).
         prefix_store_bytes: memory for hidden states recorded by ``run(record=True)`` (0 = off).
+        scored: ``[N, seq_len]`` bool, the tokens the loss is taken over (chat data); None: every token
+            after the first.
+        lengths: ``[N]`` real tokens per row, right-padded after (chat data); each batch is cut to its
+            longest row and gets an attention mask. None: full rows.
+        byte_counts: ``[N, seq_len]`` UTF-8 bytes each token covers (:attr:`TokenBlocks.bytes`);
+            statistics then carry per-block byte sums (of the scored tokens).
     """
 
     def __init__(
@@ -151,8 +223,22 @@ class Evaluator:
         cache_device: str | torch.device | None = None,
         shard: Shard | None = None,
         prefix_store_bytes: int = 0,
+        scored: torch.Tensor | None = None,
+        lengths: torch.Tensor | None = None,
+        byte_counts: torch.Tensor | None = None,
     ) -> None:
         self.model = model
+        # Chat data: the scored tokens, the real length of each right-padded row, and the tokens
+        # each row scores (their mean over all rows scales block_loss, a constant for every subset).
+        self.scored, self.lengths = scored, lengths
+        self.row_tokens = None if scored is None else scored.sum(dim=1)
+        self.tokens_per_block = (blocks.shape[1] - 1 if scored is None
+                                 else float(self.row_tokens.sum()) / max(1, blocks.shape[0]))
+        # Bytes covered by the predicted (scored) tokens of every block, summed per block.
+        self.block_bytes = None
+        if byte_counts is not None:
+            counted = byte_counts if scored is None else byte_counts * scored.to(byte_counts.dtype)
+            self.block_bytes = counted[:, 1:].sum(dim=1)
         # Hidden states entering every block, recorded per base state during a full forward
         # run with ``record=True`` while they fit in ``prefix_store_bytes`` (0 = off).
         self.prefix_store_bytes = prefix_store_bytes
@@ -239,16 +325,25 @@ class Evaluator:
             handle.remove()
 
     # -- forward ------------------------------------------------------------------------------
-    def _logits(self, ids: torch.Tensor, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+    def _inputs(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model inputs of a batch: its ids (right-padded rows cut to the longest, with an attention mask)."""
+        if self.lengths is None:
+            return {"input_ids": self.blocks[idx].to(self.device)}
+        lengths = self.lengths[idx]
+        width = int(lengths.max())
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+        return {"input_ids": self.blocks[idx, :width].to(self.device), "attention_mask": mask.long().to(self.device)}
+
+    def _logits(self, inputs: dict[str, torch.Tensor], start: int, hidden: torch.Tensor | None) -> torch.Tensor:
         with self._skipping(start, hidden):
             self.forward_calls += 1
-            return self.model(input_ids=ids, use_cache=False).logits
+            return self.model(**inputs, use_cache=False).logits
 
-    def _hidden(self, ids: torch.Tensor, stop: int, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
+    def _hidden(self, inputs: dict[str, torch.Tensor], stop: int, start: int, hidden: torch.Tensor | None) -> torch.Tensor:
         sink: list = []
         with self._skipping(start, hidden), self._capturing(stop, sink):
             try:
-                self.model(input_ids=ids, use_cache=False)
+                self.model(**inputs, use_cache=False)
             except _Stop:
                 pass
         return sink[0]
@@ -303,8 +398,7 @@ class Evaluator:
             return prev.to(self.device)
         if prev_k > k:
             prev_k, prev = 0, None
-        ids = self.blocks[idx].to(self.device)
-        hidden = self._hidden(ids, k, prev_k, prev.to(self.device) if prev is not None else None)
+        hidden = self._hidden(self._inputs(idx), k, prev_k, prev.to(self.device) if prev is not None else None)
         self._cache[key] = (k, hidden.to(self.cache_device or self.device))
         return hidden
 
@@ -341,7 +435,12 @@ class Evaluator:
         while True:
             try:
                 stats = self._run(local, k, record and k == 0 and self.prefix_store_bytes > 0)
-                return stats if self.shard is None else self.shard.gather(stats, indices)
+                stats = stats if self.shard is None else self.shard.gather(stats, indices)
+                if self.row_tokens is not None:
+                    stats.tokens_per_block, stats.block_tokens = self.tokens_per_block, self.row_tokens[stats.indices]
+                if self.block_bytes is not None:
+                    stats.byte_sum = self.block_bytes[stats.indices]
+                return stats
             except torch.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise
@@ -353,22 +452,23 @@ class Evaluator:
     def _run(self, indices: torch.Tensor, k: int, record: bool = False) -> BlockStats:
         loss_sums, corrects = [], []
         for idx in self._batches(indices):
-            ids = self.blocks[idx].to(self.device)
+            inputs = self._inputs(idx)
+            ids = inputs["input_ids"]
             hidden = self._prefix(k, idx) if k > 0 else None
             with self._recording(idx) if record else contextlib.nullcontext():
-                logits = self._logits(ids, k, hidden)
-            ls, cs = token_stats(logits, ids)
+                logits = self._logits(inputs, k, hidden)
+            ls, cs = token_stats(logits, ids, None if self.scored is None else self.scored[idx, : ids.shape[1]])
             loss_sums.append(ls.cpu())
             corrects.append(cs.cpu())
         return BlockStats(
             indices=indices,
             loss_sum=torch.cat(loss_sums) if loss_sums else torch.zeros(0, dtype=torch.float64),
             correct=torch.cat(corrects) if corrects else torch.zeros(0, dtype=torch.long),
-            tokens_per_block=self.blocks.shape[1] - 1,
+            tokens_per_block=self.tokens_per_block,
         )
 
 
-def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_stats(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence summed next-token cross-entropy and top-1 hits of one batch.
 
     Computed one sequence at a time so the float32 temporaries stay one sequence large.
@@ -376,6 +476,7 @@ def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     Args:
         logits: ``[B, T, vocab]`` model outputs.
         ids: ``[B, T]`` the token ids the logits were computed from.
+        scored: ``[B, T]`` bool, the target tokens that count (position 0 is never predicted); None: all.
 
     Returns:
         ``(loss_sum, correct)``: ``[B]`` float64 summed cross-entropy and ``[B]`` int64 hits, on the CPU.
@@ -383,11 +484,15 @@ def token_stats(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     target = ids[:, 1:].to(logits.device)
     loss_sum = torch.empty(ids.shape[0], dtype=torch.float64)
     correct = torch.empty(ids.shape[0], dtype=torch.long)
+    keep = None if scored is None else scored[:, 1:].to(logits.device)
     for row in range(ids.shape[0]):
-        row_logits = logits[row, :-1].float()
-        ce = F.cross_entropy(row_logits, target[row], reduction="none")
+        row_logits, row_target = logits[row, :-1], target[row]
+        if keep is not None:
+            row_logits, row_target = row_logits[keep[row]], row_target[keep[row]]
+        row_logits = row_logits.float()
+        ce = F.cross_entropy(row_logits, row_target, reduction="none")
         loss_sum[row] = ce.double().sum().cpu()
-        correct[row] = (row_logits.argmax(dim=-1) == target[row]).sum().cpu()
+        correct[row] = (row_logits.argmax(dim=-1) == row_target).sum().cpu()
     return loss_sum, correct
 
 
@@ -404,7 +509,8 @@ def evaluator_for(pair: ModelPair, blocks: TokenBlocks, batch_size: int | None =
         The evaluator (no prefix store).
     """
     _, block_list = find_block_list(pair.model)
-    return Evaluator(pair.model, blocks.ids, block_list, batch_size=batch_size, shard=pair.shard)
+    return Evaluator(pair.model, blocks.ids, block_list, batch_size=batch_size, shard=pair.shard,
+                     scored=blocks.scored, lengths=blocks.lengths, byte_counts=blocks.bytes)
 
 
 def check_finite(stats: BlockStats, what: str) -> BlockStats:
@@ -475,3 +581,29 @@ def point(pair: ModelPair, ev: Evaluator, group: Group, alpha: float, *, base: W
     start = group.first_block if prefix and group.first_block else None
     with pair.interp.at([group], alpha, method):
         return ev.run(indices, start_block=start, state=base)
+
+
+def point_on_sets(pair: ModelPair, evs: Sequence[Evaluator], group: Group, alpha: float, *, base: Which = "a",
+                  method: Method = "lerp", prefix: bool = True) -> list[BlockStats]:
+    """One path point set in the live model once and evaluated on several evaluation sets.
+
+    Args:
+        pair: the loaded pair.
+        evs: one evaluator per set (each keeps its own prefix cache).
+        group: the tensors moved along the path.
+        alpha: the point.
+        base: the model the other tensors come from.
+        method: ``"lerp"`` or ``"slerp"`` per tensor.
+        prefix: reuse the base model's hidden states before the group's first block.
+
+    Returns:
+        The statistics of every set, in the order of ``evs``.
+
+    Raises:
+        NonFiniteLossError: a set's loss is NaN or infinite.
+    """
+    pair.interp.set_base(base)
+    start = group.first_block if prefix and group.first_block else None
+    with pair.interp.at([group], alpha, method):
+        return [check_finite(ev.run(None, start_block=start, state=base), f"{group.name} at alpha={alpha:g}")
+                for ev in evs]

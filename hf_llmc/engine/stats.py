@@ -16,7 +16,28 @@ def standard_error(x: torch.Tensor) -> float:
     return float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
 
-def paired_standard_error(x: torch.Tensor, order: torch.Tensor | None = None) -> tuple[float, str, float | None]:
+def ratio_values(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-unit values whose plain mean and standard error are those of the ratio estimator.
+
+    Units of different sizes (conversations with their scored tokens) estimate R = Σx / Σw, where
+    ``x`` holds each unit's value and ``weights`` its size on the same scale. The linearised ratio
+    estimator has the residuals e_i = (x_i − R·w_i) / mean(w); the returned values are R + e_i: their
+    mean is R and their standard error the ratio estimator's. Equal weights return ``x``.
+
+    Args:
+        x: per-unit values (e.g. summed nats over a constant).
+        weights: per-unit sizes on the scale of ``x`` (positive).
+
+    Returns:
+        R + e_i per unit (float64).
+    """
+    x, w = x.double(), weights.double()
+    ratio = x.sum() / w.sum()
+    return ratio + (x - ratio * w) / w.mean()
+
+
+def paired_standard_error(x: torch.Tensor, order: torch.Tensor | None = None,
+                          weights: torch.Tensor | None = None) -> tuple[float, str, float | None]:
     """Standard error of the mean of per-block differences that may correlate between neighbours.
 
     Blocks are consecutive pieces of the token stream, so neighbouring blocks often come from one
@@ -28,11 +49,15 @@ def paired_standard_error(x: torch.Tensor, order: torch.Tensor | None = None) ->
     Args:
         x: per-block values.
         order: the blocks' positions in the stream (default: ``x`` is in stream order).
+        weights: per-block sizes of the ratio estimator (:func:`ratio_values`; chat data: scored tokens
+            per conversation over their mean); None: equal blocks.
 
     Returns:
         ``(standard error, method, lag-1 correlation)``; method ``"iid"`` or ``"batch-means"``;
         the correlation is None for fewer than 16 blocks.
     """
+    if weights is not None:
+        x = ratio_values(x, weights)
     if order is not None:
         x = x[torch.as_tensor(order).argsort()]
     x = x.double()

@@ -89,6 +89,9 @@ class Interpolator:
         self.rounding: dict[float, dict] = {}
         self._rounding_sums: dict[float, list] = {}
         self._warned = False
+        #: Row map of vocabularies that differ by added tokens or padding (hf_llmc.model.vocab):
+        #: its tensors change rows with the state (A's, B's, or the union's at a path point).
+        self.vocab = None
 
     # -- tensors ------------------------------------------------------------------------------
     def stored(self, which: str, name: str) -> torch.Tensor:
@@ -102,12 +105,27 @@ class Interpolator:
                 names.setdefault(self.arch.canonical(p), None)
         return list(names)
 
-    def point_tensor(self, name: str, alpha: float, method: str = "lerp") -> torch.Tensor:
-        """float32 value of tensor ``name`` at α (on the parameter's device)."""
+    def is_vocab(self, name: str) -> bool:
+        """Whether ``name`` is indexed by token id and the vocabularies differ (its rows change)."""
+        return self.vocab is not None and name in self.vocab.params
+
+    def endpoint_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A's and B's tensor ``name`` on the parameter's device; a vocabulary-indexed tensor in the
+        union layout, float32, the rows one side lacks filled by the ``added_rows`` rule."""
         device = self._device(name)
         a = self.stored("a", name).to(device)
         b = self.stored("b", name).to(device)
-        return mix(a, b, alpha, method)
+        if self.is_vocab(name):
+            return self.vocab.endpoints(a, b, self.vocab.params[name])
+        return a, b
+
+    def point_tensor(self, name: str, alpha: float, method: str = "lerp") -> torch.Tensor:
+        """float32 value of tensor ``name`` at α (on the parameter's device)."""
+        a, b = self.endpoint_tensors(name)
+        value = mix(a, b, alpha, method)
+        if self.is_vocab(name):
+            self.vocab.fix_rows(value, a, b, self.vocab.params[name])
+        return value
 
     def _device(self, name: str) -> torch.device:
         param = self.params[name]
@@ -115,7 +133,10 @@ class Interpolator:
 
     @torch.no_grad()
     def _write(self, name: str, value: torch.Tensor) -> None:
-        if self.writer is not None:
+        if self.is_vocab(name):  # its rows change with the state: new storage of the value's shape
+            param = self.params[name]
+            param.data = value.to(param.device, param.dtype, copy=True)
+        elif self.writer is not None:
             self.writer.write(name, value)
         else:
             self.params[name].data.copy_(value)
@@ -129,13 +150,16 @@ class Interpolator:
         """Write checkpoint ``which``'s tensor into the parameter (read in place when possible)."""
         if name in self._held:
             self._release(name)
+        if self.is_vocab(name):
+            self._write(name, self.stored(which, name))
+            return
         if not (self._direct(name) and self.ckpts[which].read_into(name, self.params[name].data, self.arch.aliases)):
             self._write(name, self.stored(which, name).to(self._device(name)))
 
     @torch.no_grad()
     def _set_mix(self, name: str, alpha: float, method: str, hold: bool = True) -> None:
         param = self.params[name]
-        if method == "lerp" and param.dtype == torch.float32 and self._direct(name):
+        if method == "lerp" and param.dtype == torch.float32 and self._direct(name) and not self.is_vocab(name):
             # Same float32 operations as lerp(), in the parameter's own storage:
             # param = A·(1-α) + (B·α), streaming B in small chunks.
             self._load("a", name)
@@ -188,8 +212,7 @@ class Interpolator:
         return list(self._held)
 
     def _measure_rounding(self, name: str, alpha: float, value: torch.Tensor, dtype: torch.dtype) -> None:
-        a = self.stored("a", name).to(value.device).float()
-        b = self.stored("b", name).to(value.device).float()
+        a, b = (t.to(value.device).float() for t in self.endpoint_tensors(name))
         step, rounded = b - a, value.to(dtype).float()
         sums = self._rounding_sums.setdefault(alpha, [0.0, 0.0, 0.0])
         sums[0] += float((rounded - a).double().flatten() @ step.double().flatten())
@@ -225,6 +248,8 @@ class Interpolator:
             if self.varying is None or name in self.varying:
                 self._load(base, name)
         self.base = base
+        if self.vocab is not None and self.model is not None:  # the model's own rows again
+            self.model.config.vocab_size = self.vocab.rows_a if base == "a" else self.vocab.rows_b
 
     # -- points -------------------------------------------------------------------------------
     @torch.no_grad()

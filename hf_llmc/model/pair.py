@@ -32,6 +32,7 @@ from .interpolation import Interpolator
 from .placement import attach as attach_placement, load_kwargs, resolve_device
 from .selection import Group, make_group, resolve
 from .tokenizer import check_same_tokenizer, load_tokenizer
+from .vocab import VocabMap, build_vocab_map, config_vocab_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,7 +75,7 @@ def _shape_fields(config: dict, which: str, prefix: str = "") -> dict[str, tuple
     return out
 
 
-def check_config_fields(config_a: dict | None, config_b: dict | None) -> None:
+def check_config_fields(config_a: dict | None, config_b: dict | None, *, vocabulary: bool = True) -> None:
     """A's and B's ``config.json`` agree field by field on what decides shapes (layers, hidden size,
     heads, vocabulary, intermediate size), each under the family's own attribute names.
 
@@ -84,6 +85,8 @@ def check_config_fields(config_a: dict | None, config_b: dict | None) -> None:
     Args:
         config_a: A's ``config.json`` as a dict (None: not checked).
         config_b: B's.
+        vocabulary: compare the vocabulary sizes too (False: they may differ; the pair then
+            compares the tokenizers and the embedding rows, :mod:`hf_llmc.model.vocab`).
 
     Raises:
         CheckpointError: a negative or non-integer value in either config.
@@ -93,7 +96,7 @@ def check_config_fields(config_a: dict | None, config_b: dict | None) -> None:
     fields_b = _shape_fields(config_b, "B") if config_b is not None else None
     if fields_a is None or fields_b is None or config_a.get("model_type") != config_b.get("model_type"):
         return  # another family: the architecture check names both
-    for label in [k for k in {**fields_a, **fields_b}]:
+    for label in [k for k in {**fields_a, **fields_b} if vocabulary or not k.endswith("vocabulary")]:
         a, b = fields_a.get(label, ("it unset", None)), fields_b.get(label, ("it unset", None))
         if a[1] != b[1]:
             raise PairError(f"config mismatch in the {label}: A has {a[0]} {a[1]}, B has {b[0]} {b[1]}".replace(" None", ""))
@@ -119,6 +122,10 @@ class ModelPair:
         self.endpoint_cache: dict[tuple, object] = {}
         # Data-parallel evaluation across processes (hf_llmc.analyses.distributed.DataShard) or None.
         self.shard = None
+        #: How the rows of A's and B's vocabularies map onto the union (None: identical vocabularies
+        #: and row counts); ``tokenizer`` is then the union tokenizer, ``tokenizer_a`` A's own.
+        self.vocab: VocabMap | None = None
+        self.tokenizer_a = tokenizer
 
     @property
     def source_a(self) -> str:
@@ -167,13 +174,16 @@ class ModelPair:
         load_in_8bit: bool = False,
         load_in_4bit: bool = False,
         keep_modules: list[str] | None = None,
+        added_rows: str = "own",
     ) -> "ModelPair":
         """Load A as the live model and open both checkpoints lazily; verify compatibility.
 
         A or B may be a PEFT LoRA adapter (its base + the adapter; ``base_model`` overrides the
         recorded base). ``device_map`` / ``max_memory`` / ``offload_folder`` place the model
         across devices, CPU and disk; ``load_in_8bit`` / ``load_in_4bit`` quantize every weight
-        outside ``keep_modules`` (see :mod:`hf_llmc.model.placement`)."""
+        outside ``keep_modules`` (see :mod:`hf_llmc.model.placement`). When the vocabularies differ
+        by added tokens or padding rows, ``added_rows`` (``own`` or ``mean-init``) decides the rows
+        only one model has (see :mod:`hf_llmc.model.vocab`)."""
         from transformers import AutoModelForCausalLM
 
         if isinstance(dtype, torch.dtype):
@@ -182,12 +192,13 @@ class ModelPair:
             revision_a, revision_b, dtype, device, device_map, trust_remote_code, allow_pickle,
             base_model=None if base_model is None else str(base_model),
             max_memory=max_memory, offload_folder=None if offload_folder is None else str(offload_folder),
-            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_modules=keep_modules,
+            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, keep_modules=keep_modules, added_rows=added_rows,
         )
         load.validate()
         ckpt_a = open_source(a, revision=revision_a, allow_pickle=allow_pickle, token=token, base_model=base_model)
         ckpt_b = open_source(b, revision=revision_b, allow_pickle=allow_pickle, token=token, base_model=base_model)
-        check_config_fields(read_config(ckpt_a.folder), read_config(ckpt_b.folder))
+        raw_a, raw_b = read_config(ckpt_a.folder), read_config(ckpt_b.folder)
+        check_config_fields(raw_a, raw_b, vocabulary=False)
         cfg_a = load_config(ckpt_a.folder, trust_remote_code)
         cfg_b = load_config(ckpt_b.folder, trust_remote_code)
         check_same_architecture((cfg_a.model_type, cfg_a.architectures), (cfg_b.model_type, cfg_b.architectures))
@@ -210,13 +221,28 @@ class ModelPair:
         arch = discover(model)
         pair = cls(model, load_tokenizer(ckpt_a.folder, trust_remote_code), arch, ckpt_a, ckpt_b, load)
         attach_placement(pair)  # offloaded / quantized weights: a writer, checkpoint shapes
-        pair.check_compatible(load_tokenizer(ckpt_b.folder, trust_remote_code))
+        pair.check_compatible(load_tokenizer(ckpt_b.folder, trust_remote_code),
+                              (config_vocab_size(raw_a), config_vocab_size(raw_b)))
+        if pair.vocab is not None and pair.interp.writer is not None:
+            raise PairError("pairs whose vocabularies differ need the whole model on one device, unquantized "
+                            "(no --device-map, --max-memory, --load-in-8bit/4bit)")
         attach_adapters(pair)  # adapters: the live model holds A's merged values
         return pair
 
-    def check_compatible(self, tokenizer_b) -> None:
-        """Same parameter names and shapes in B (fused parameters: the same stored pieces) and
-        the same vocabulary."""
+    def check_compatible(self, tokenizer_b, vocab_sizes: tuple[int | None, int | None] = (None, None)) -> None:
+        """Same parameter names and shapes in B (fused parameters: the same stored pieces) and the
+        same vocabulary, up to added tokens and padding rows (:mod:`hf_llmc.model.vocab`): then the
+        vocabulary-indexed tensors may differ in their rows, and ``self.vocab`` maps them.
+
+        Args:
+            tokenizer_b: B's tokenizer (None: not compared).
+            vocab_sizes: ``vocab_size`` of A's and B's ``config.json`` (None: unknown).
+
+        Raises:
+            PairError: what differs, in one line.
+        """
+        rows_a, rows_b = vocab_sizes
+        vocab_params = self._vocab_params(rows_a, rows_b)
         mismatches, missing = [], []
         for name in self.arch.parameters:
             key = self.ckpt_b.key_for(name, self.arch.aliases)
@@ -224,7 +250,7 @@ class ModelPair:
                 missing.append(name)
                 continue
             shape_b = self.ckpt_b.shape(key)
-            if shape_b != self.arch.shapes[name]:
+            if shape_b != self.arch.shapes[name] and not (name in vocab_params and shape_b[1:] == tuple(self.arch.shapes[name][1:])):
                 mismatches.append(f"{name} {tuple(self.arch.shapes[name])} vs {shape_b}")
         if mismatches:
             more = f" (+{len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
@@ -240,8 +266,45 @@ class ModelPair:
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
             raise PairError(f"B lacks parameters of A: {', '.join(missing[:3])}{more}")
-        if self.tokenizer is not None and tokenizer_b is not None:
-            check_same_tokenizer(self.tokenizer, tokenizer_b)
+        tokenizer_a = self.tokenizer
+        differ = rows_a != rows_b or (tokenizer_a is not None and tokenizer_b is not None
+                                      and tokenizer_a.get_vocab() != tokenizer_b.get_vocab())
+        if not differ:
+            if tokenizer_a is not None and tokenizer_b is not None:
+                check_same_tokenizer(tokenizer_a, tokenizer_b)
+            return
+        if tokenizer_a is None or tokenizer_b is None:
+            which = "A" if tokenizer_a is None else "B"
+            raise PairError(f"the vocabulary sizes differ (A {rows_a}, B {rows_b}) and model {which} has no tokenizer "
+                            "to tell which tokens the rows belong to")
+        if rows_a is None or rows_b is None or not vocab_params:
+            raise PairError("different tokenizer vocabularies, and the vocabulary-indexed tensors (embedding, head) "
+                            "cannot be found from the configs' vocab_size")
+        self.vocab = build_vocab_map(tokenizer_a, tokenizer_b, rows_a, rows_b, self.load.added_rows)
+        self.vocab.params = vocab_params
+        self.interp.vocab = self.vocab
+        self.tokenizer_a, self.tokenizer = tokenizer_a, self.vocab.tokenizer  # text is tokenized with the union
+
+    def _vocab_params(self, rows_a: int | None, rows_b: int | None) -> dict[str, int]:
+        """The embedding / head tensors indexed by token id (rows = ``vocab_size``): name -> dimension 0.
+
+        Raises:
+            PairError: B's tensor has other rows than B's config says.
+        """
+        if rows_a is None or rows_b is None:
+            return {}
+        out: dict[str, int] = {}
+        for name in dict.fromkeys(self.arch.canonical(n) for n in self.arch.embed + self.arch.head):
+            shape = tuple(self.arch.shapes.get(name, ()))
+            key = self.ckpt_b.key_for(name, self.arch.aliases)
+            if not shape or shape[0] != rows_a or key is None:
+                continue
+            rows = self.ckpt_b.shape(key)[0]
+            if rows != rows_b:
+                raise PairError(f"config mismatch in the vocabulary: A has vocab_size {rows_a}, B has vocab_size {rows_b}, "
+                                f"but B's {name} has {rows} rows")
+            out[name] = 0
+        return out
 
     def groups(self, spec: str | None) -> list[Group]:
         """Resolve a layer spec (None = the whole model as one group named ``full``)."""
@@ -277,7 +340,7 @@ def known_architectures(key: str | None, config: dict, ckpt: LazyCheckpoint) -> 
 
 def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | None = None, revision_b: str | None = None,
               trust_remote_code: bool = False, allow_pickle: bool = False, token: str | bool | None = None,
-              base_model: str | os.PathLike | None = None) -> ModelPair:
+              base_model: str | os.PathLike | None = None, added_rows: str = "own") -> ModelPair:
     """A :class:`ModelPair` without a live model, for streaming a merge or computing distances:
     both checkpoints are opened lazily and checked for compatibility, nothing is loaded.
 
@@ -287,6 +350,8 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
     (:mod:`hf_llmc.model.cache`) or its family is in the table (:mod:`hf_llmc.model.families`),
     nothing of transformers is imported and ``pair.model`` is None; otherwise the model is
     instantiated on the meta device to discover its architecture (``pair.model`` is that meta model).
+    Vocabularies that differ by added tokens or padding rows are mapped onto their union
+    (``added_rows``: see :mod:`hf_llmc.model.vocab`).
 
     Raises:
         CheckpointError: a checkpoint cannot be opened.
@@ -301,17 +366,20 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
             f"B on {display_name(ckpt_b.base.source)}; pass base_model= to use one base for both"
         )
     load = LoadConfig(revision_a=revision_a, revision_b=revision_b, trust_remote_code=trust_remote_code,
-                      allow_pickle=allow_pickle, base_model=None if base_model is None else str(base_model))
-    same_tokenizer = same_tokenizer_files(ckpt_a.folder, ckpt_b.folder)
+                      allow_pickle=allow_pickle, base_model=None if base_model is None else str(base_model),
+                      added_rows=added_rows)
+    load.validate()
     raw_a, raw_b = read_config(ckpt_a.folder), read_config(ckpt_b.folder)
-    check_config_fields(raw_a, raw_b)
+    check_config_fields(raw_a, raw_b, vocabulary=False)
+    sizes = (config_vocab_size(raw_a), config_vocab_size(raw_b))
+    same_tokenizer = same_tokenizer_files(ckpt_a.folder, ckpt_b.folder) and sizes[0] == sizes[1]
     key = architecture_key(raw_a) if raw_a is not None and raw_b is not None and not trust_remote_code else None
     if same_tokenizer and key is not None:
         for arch in known_architectures(key, raw_a, ckpt_a):
             check_same_architecture(*[(c.get("model_type"), c.get("architectures")) for c in (raw_a, raw_b)])
             pair = ModelPair(None, None, arch, ckpt_a, ckpt_b, load)
             try:
-                pair.check_compatible(None)
+                pair.check_compatible(None, sizes)
                 return pair
             except PairError:
                 pass  # the checkpoints disagree with this entry: try the next (discovery reports the error)
@@ -321,6 +389,6 @@ def lazy_pair(a: str | os.PathLike, b: str | os.PathLike, *, revision_a: str | N
     model = meta_model(cfg_a, trust_remote_code=trust_remote_code)
     tokenizer = None if same_tokenizer else load_tokenizer(ckpt_a.folder, trust_remote_code)
     pair = ModelPair(model, tokenizer, discover(model), ckpt_a, ckpt_b, load)
-    pair.check_compatible(None if same_tokenizer else load_tokenizer(ckpt_b.folder, trust_remote_code))
+    pair.check_compatible(None if same_tokenizer else load_tokenizer(ckpt_b.folder, trust_remote_code), sizes)
     store_architecture(key, pair.arch)  # only once the checkpoints agree with it
     return pair

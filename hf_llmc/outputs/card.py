@@ -61,6 +61,8 @@ def eval_results(evaluation: dict) -> list:
     """``model-index`` entries: the merged model's perplexity, accuracy and its groups' barrier."""
     from huggingface_hub import EvalResult
 
+    if evaluation.get("sets"):  # several evaluation sets: the entries of each
+        return [r for part in evaluation["sets"].values() for r in eval_results(part)]
     common = {"task_type": "text-generation", "task_name": "Causal language modeling", **_dataset_fields(evaluation)}
     merged = evaluation["merged"]
     out = [
@@ -90,12 +92,14 @@ def merge_card(
     repo_id: str | None = None,
     hub_id_a: str | None = None,
     hub_id_b: str | None = None,
+    vocabulary: str | None = None,
     search: dict | None = None,
 ) -> str:
     """Render the card of a merge (``plan``/``spec`` from :mod:`hf_llmc.outputs.merge`) as README.md text.
 
     ``base_model`` holds Hub repo ids only: ``hub_id_a`` / ``hub_id_b`` where given, else a model
     given as a Hub id; a local folder without a Hub id is named in the card's body only.
+    ``vocabulary``: how the two vocabularies differ, when they do (a line of the card).
     ``search``: the section of a merge chosen by ``hf-llmc search``
     (:func:`hf_llmc.outputs.search.card_section`).
     """
@@ -145,6 +149,7 @@ def merge_card(
         numel_total=plan.numel_total,
         fraction_changed=plan.fraction_changed,
         revisions=revisions,
+        vocabulary=vocabulary,
         evaluation=evaluation,
         auto=auto.to_dict() if hasattr(auto, "to_dict") else auto,
         search=search,

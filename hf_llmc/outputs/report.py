@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..analyses.multiset import average_rows, dataset_names
 from ..config.errors import ScanError
 from ..config.files import atomic_file, write_json_atomic, write_text_atomic
 from ..engine.io import MANIFEST, RESULTS, read_rows
@@ -218,7 +219,28 @@ def load_run(out_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
 
 def _endpoints(rows: list[dict]) -> dict[str, dict]:
     ends = {r["base"]: r for r in rows if r.get("kind") == "endpoint"}
-    return {w: {k: ends[w][k] for k in ("loss", "perplexity", "accuracy", "tokens")} for w in ends}
+    return {w: {k: ends[w][k] for k in ("loss", "perplexity", "accuracy", "tokens", "bits_per_byte") if k in ends[w]}
+            for w in ends}
+
+
+def metric_of(manifest: dict) -> str:
+    """The barrier unit a run's report uses: ``loss`` (nats) or ``bpb`` (bits per byte).
+
+    Args:
+        manifest: the run's ``scan.json``.
+
+    Returns:
+        The ``metric`` setting (``loss`` when absent).
+    """
+    return (manifest.get("settings") or {}).get("metric") or "loss"
+
+
+def _in_metric(rows: list[dict], metric: str) -> list[dict]:
+    """Rows whose ``barrier`` / ``barrier_se`` are in the metric's unit (bits per byte: ``barrier_bpb``)."""
+    if metric != "bpb":
+        return rows
+    return [{**r, "barrier_nats": r.get("barrier"), "barrier": r.get("barrier_bpb"), "barrier_se": r.get("barrier_bpb_se")}
+            for r in rows]
 
 
 def _group_order(manifest: dict, rows: list[dict]) -> list[str]:
@@ -248,6 +270,11 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
         their standard errors, perplexity ratios, error barriers and the curve; plus ``cumulative``
         curves for a cumulative scan, ``robustness`` statistics and ``sequential`` settings when present.
     """
+    names = dataset_names(rows)
+    if names and all(r.get("dataset") in names for r in rows):
+        return summarize_sets(manifest, rows)
+    metric = metric_of(manifest)
+    rows = _in_metric(rows, metric)
     interp = [r for r in rows if r.get("kind") != "endpoint" and r.get("direction", "interp") == "interp"]
     by_group: dict[str, dict[str, list[dict]]] = {}
     meta: dict[str, dict] = {}
@@ -275,6 +302,8 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
                 "error_barrier_max": max((r["error_barrier"] for r in known), default=None),
                 "curve": [{"alpha": r["alpha"], "loss": r["loss"], "accuracy": r["accuracy"], "barrier": r["barrier"],
                            "barrier_se": r.get("barrier_se"),
+                           **({"bits_per_byte": r["bits_per_byte"]} if "bits_per_byte" in r else {}),
+                           **({"barrier_bpb": r["barrier_bpb"]} if "barrier_bpb" in r and metric == "loss" else {}),
                            **curve_fields(r)} for r in rs],
                 **summary_fields(mid),  # sequential estimation: tokens used, interval, decision
             }
@@ -290,6 +319,8 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
         "endpoints": _endpoints(rows),
         "groups": groups,
     }
+    if metric != "loss":
+        summary["metric"] = metric
     if manifest.get("sequential"):
         summary["sequential"] = manifest["sequential"]
     sequences = manifest.get("plan", {}).get("sequences") or {}
@@ -309,6 +340,35 @@ def summarize(manifest: dict, rows: list[dict]) -> dict:
     if summary["command"] == "robustness":
         summary["robustness"] = robustness_summary(rows)
     return summary
+
+
+def summarize_sets(manifest: dict, rows: list[dict]) -> dict:
+    """The summary of a run on several named evaluation sets.
+
+    Args:
+        manifest: the run's ``scan.json`` (``data.sets`` per set).
+        rows: its result rows, each with ``dataset``.
+
+    Returns:
+        :func:`summarize` of the token-weighted average over sets (``dataset`` = ``mean``) at the top
+        level, plus ``datasets``: per set, then ``mean`` and ``macro``, its ``data``, ``endpoints``,
+        ``groups`` (and ``cumulative`` / ``robustness`` when present); ``dataset_names`` lists the sets.
+    """
+    names = dataset_names(rows)
+    views = {n: [r for r in rows if r.get("dataset") == n] for n in names}
+    views["mean"], views["macro"] = average_rows(rows, "mean"), average_rows(rows, "macro")
+    sets = (manifest.get("data") or {}).get("sets") or {}
+    datasets = {}
+    for name, rs in views.items():
+        part = summarize({**manifest, "data": sets.get(name, {"sets": names})}, [{**r, "dataset": None} for r in rs])
+        datasets[name] = {k: part[k] for k in ("data", "endpoints", "groups", "cumulative", "robustness") if k in part}
+    summary = summarize(manifest, [{**r, "dataset": None} for r in views["mean"]])
+    summary.update(dataset="mean", dataset_names=names, datasets=datasets)
+    return summary
+
+
+#: How the averages over sets are titled in reports.
+AVERAGE_TITLES = {"mean": "token-weighted mean over the sets", "macro": "macro average over the sets"}
 
 
 # -- figures ----------------------------------------------------------------------------------------
@@ -415,9 +475,12 @@ def plot_heatmap(summary: dict, path: Path, block_prefix: str | None = None) -> 
     undecided = mark_undecided(ax, summary, cols)
     unresolved = mark_zero_inside(ax, summary, cols)
     cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    cbar.set_label("barrier: loss − R(α) (nats)", fontsize=9)
+    bpb = summary.get("metric") == "bpb"
+    cbar.set_label("barrier: bits per byte − R(α) (bits/byte)" if bpb else "barrier: loss − R(α) (nats)", fontsize=9)
     models = summary.get("models") or {}
     title = f"Layer-wise barrier: {models.get('a', {}).get('name', 'A')} ↔ {models.get('b', {}).get('name', 'B')}"
+    if summary.get("dataset"):
+        title += f"\n{AVERAGE_TITLES.get(summary['dataset'], 'evaluation set: ' + summary['dataset'])}"
     ax.set_title(title, fontsize=10, pad=12)
     ax.set_xlabel("R(α) = (1−α)·L_A + α·L_B with the full endpoint models; full-model row may saturate the colours"
                   + ("\ndotted frame: its 95 % interval contains 0 (no barrier resolved)" if unresolved else "")
@@ -623,14 +686,24 @@ def _html_table(header: list[str], body: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+def _data_line(data: dict) -> str:
+    chat = data.get("chat")
+    if chat:
+        return (f"{data.get('source')} — chat, {chat.get('conversations')} conversations of at most {chat.get('seq_len')} "
+                f"tokens ({chat.get('truncated')} truncated, {chat.get('dropped')} without scored tokens dropped), "
+                f"loss on {chat.get('loss_on')} tokens ({data.get('tokens')}), fingerprint {data.get('fingerprint')}")
+    return (f"{data.get('source')} — {data.get('num_blocks')} blocks × {data.get('seq_len')} tokens "
+            f"({data.get('tokens')} predicted tokens), fingerprint {data.get('fingerprint')}")
+
+
 def _intro(summary: dict) -> list[tuple[str, str]]:
     models, data, ends = summary.get("models") or {}, summary.get("data") or {}, summary.get("endpoints", {})
     settings = summary.get("settings") or {}
     items = [
         ("Model A", f"{models.get('a', {}).get('name')}" + (f" @ {models['a']['revision']}" if models.get("a", {}).get("revision") else "")),
         ("Model B", f"{models.get('b', {}).get('name')}" + (f" @ {models['b']['revision']}" if models.get("b", {}).get("revision") else "")),
-        ("Data", f"{data.get('source')} — {data.get('num_blocks')} blocks × {data.get('seq_len')} tokens "
-                 f"({data.get('tokens')} predicted tokens), fingerprint {data.get('fingerprint')}"),
+        *([("Data", _data_line(data))] if "sets" not in data else
+          [(f"Data: {name}", _data_line(d)) for name, d in data["sets"].items()]),
         ("Settings", ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)),
         ("Status", f"{summary.get('status')} (settings hash {summary.get('settings_hash')})"),
     ]
@@ -638,7 +711,22 @@ def _intro(summary: dict) -> list[tuple[str, str]]:
         if w in ends:
             e = ends[w]
             items.append((f"L_{w.upper()}", f"{e['loss']:.4f} nats (perplexity {e['perplexity']:.3f}, accuracy {e['accuracy']:.4f})"))
+    for name, part in (summary.get("datasets") or {}).items():
+        ends = part.get("endpoints", {})
+        if "a" in ends and "b" in ends:
+            items.append((f"L_A, L_B: {name}", f"{ends['a']['loss']:.4f}, {ends['b']['loss']:.4f} nats"
+                          + (f" ({ends['a']['bits_per_byte']:.4f}, {ends['b']['bits_per_byte']:.4f} bits/byte)"
+                             if ends["a"].get("bits_per_byte") is not None and ends["b"].get("bits_per_byte") is not None else "")))
     return items
+
+
+def _set_views(summary: dict) -> list[tuple[str, dict]]:
+    """``(title, summary)`` of every evaluation set and average of a multi-set run (none for one set)."""
+    out = []
+    for name, part in (summary.get("datasets") or {}).items():
+        title = AVERAGE_TITLES.get(name, f"evaluation set {name}")
+        out.append((title, {**summary, **part, "dataset": name}))
+    return out
 
 
 def write_markdown(summary: dict, path: Path, figures: dict[str, Path]) -> Path:
@@ -661,7 +749,11 @@ def write_markdown(summary: dict, path: Path, figures: dict[str, Path]) -> Path:
         lines += [f"![{name}]({fig.name})", ""]
     if summary["command"] == "robustness":
         lines += ["## Robustness", "", _md_table(*robustness_table(summary)), ""]
-    lines += ["## Groups", "", _md_table(*group_table(summary)), ""]
+    views = _set_views(summary)
+    if not views:
+        lines += ["## Groups", "", _md_table(*group_table(summary)), ""]
+    for title, view in views:
+        lines += [f"## Groups: {title}", "", _md_table(*group_table(view)), ""]
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
@@ -694,7 +786,12 @@ def write_html(summary: dict, path: Path, figures: dict[str, Path]) -> Path:
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
     if summary["command"] == "robustness":
         parts += ["<h2>Robustness</h2>", _html_table(*robustness_table(summary))]
-    parts += ["<h2>Groups</h2>", _html_table(*group_table(summary)), "</body></html>"]
+    views = _set_views(summary)
+    if not views:
+        parts += ["<h2>Groups</h2>", _html_table(*group_table(summary))]
+    for title, view in views:
+        parts += [f"<h2>Groups: {html.escape(title)}</h2>", _html_table(*group_table(view))]
+    parts.append("</body></html>")
     write_text_atomic(path, "".join(parts))
     return path
 
@@ -727,7 +824,13 @@ def render(out_dir: str | os.PathLike) -> dict[str, Path]:
     else:
         fig = plot_heatmap(summary, out / "heatmap.png", prefix)
         if fig:
-            figures["Barrier heatmap"] = fig
+            figures["Barrier heatmap" + (f" ({AVERAGE_TITLES['mean']})" if summary.get("datasets") else "")] = fig
+        for title, view in _set_views(summary):
+            if view["dataset"] == "mean":
+                continue
+            fig = plot_heatmap(view, out / f"heatmap-{view['dataset']}.png", prefix)
+            if fig:
+                figures[f"Barrier heatmap ({title})"] = fig
         fig = plot_cumulative(summary, out / "cumulative.png")
         if fig:
             figures["Cumulative barrier"] = fig

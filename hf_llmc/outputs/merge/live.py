@@ -17,6 +17,13 @@ def _set_points(pair, plan: MergePlan) -> list[str]:
     for alpha, names in plan.changed().items():
         group = make_group(pair.arch, f"merge@{alpha:g}", "set", names)
         written += pair.interp.set_point([group], alpha, plan.method, hold=False)  # as the saved merge
+    vocab = getattr(pair, "vocab", None)
+    if vocab is not None:  # vocabularies that differ: the merge holds every union row, also where unmoved
+        keep = 0.0 if plan.base == "a" else 1.0
+        for name in vocab.params:
+            if name not in written:
+                pair.interp._write(name, pair.interp.point_tensor(name, keep, plan.method))
+                written.append(name)
     return written
 
 
@@ -44,4 +51,6 @@ def merge_live(pair, spec: MergeSpec | str | dict):
     pair.interp.set_base(spec.base)
     _set_points(pair, plan)
     pair.interp.base = MERGED  # not a checkpoint: set_base("a"/"b") rewrites every tensor
+    if getattr(pair, "vocab", None) is not None:
+        pair.model.config.vocab_size = pair.vocab.rows  # as the saved merge's config.json
     return pair.model

@@ -2,7 +2,9 @@
 architecture, giving the α of every tensor it selects (the rest stays the base's).
 
 A gradient ``START:END`` runs linearly over the decoder blocks an item selects, in block order;
-embeddings take START, the final norm and head END. A later item wins where items overlap.
+embeddings take START, the final norm and head END. A gradient list ``A0,A1,...`` is spread over
+those blocks as mergekit spreads it over a slice (:meth:`~hf_llmc.config.alphas.ItemAlpha.block_values`);
+tensors outside the blocks take A0, as in mergekit. A later item wins where items overlap.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class MergePlan:
     numel_total: int
     numel_changed: int
     groups: list[Group]
+    lerp_ops: str = "plain"
 
     @property
     def fraction_changed(self) -> float:
@@ -54,32 +57,26 @@ class MergePlan:
         return out
 
 
-def _gradient(start: float, end: float | None, blocks: list[int]) -> dict[int, float]:
-    if end is None:
-        return {b: start for b in blocks}
-    n = len(blocks)
-    return {b: start + (end - start) * (i / (n - 1) if n > 1 else 0.0) for i, b in enumerate(blocks)}
-
-
 def plan_merge(arch, spec: MergeSpec) -> MergePlan:
     """Resolve ``spec`` against ``arch``: α per canonical tensor, display rows, changed fraction.
 
     A gradient ``START:END`` runs linearly over the decoder blocks the item selects, in block
-    order (a single block gets START); embeddings take START, the final norm and head END.
+    order (a single block gets START); embeddings take START, the final norm and head END. A
+    gradient list is spread as mergekit does (see the module's docstring).
     """
     per_name: dict[str, float] = {}
     rows: list[PlanRow] = []
     groups: list[Group] = []
-    for layers, start, end in spec.entries():
+    for layers, item in spec.entries():
         resolved = resolve(layers, arch)
         blocks = sorted({b for g in resolved for b in g.blocks})
-        by_block = _gradient(start, end, blocks)
+        by_block = dict(zip(blocks, item.block_values(len(blocks))))
         for group in resolved:
             values = []
             for p in group.parameters:
                 canon = arch.canonical(p)
                 b = arch.block_of(canon)
-                alpha = start if (b is None or end is None) else (end if b >= arch.num_blocks else by_block[b])
+                alpha = item.before_blocks if b is None else (item.after_blocks if b >= arch.num_blocks else by_block[b])
                 per_name.pop(canon, None)  # a later item wins, and takes its place in the order below
                 per_name[canon] = alpha
                 values.append(alpha)
@@ -90,4 +87,4 @@ def plan_merge(arch, spec: MergeSpec) -> MergePlan:
     keep = 0.0 if spec.base == "a" else 1.0
     total = sum(arch.numel.values())
     changed = sum(arch.numel[n] for n, a in alphas.items() if a != keep)
-    return MergePlan(alphas, rows, spec.base, spec.method, total, changed, groups)
+    return MergePlan(alphas, rows, spec.base, spec.method, total, changed, groups, spec.lerp_ops)

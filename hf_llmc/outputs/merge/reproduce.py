@@ -8,12 +8,25 @@ import shlex
 from dataclasses import fields
 from pathlib import Path
 
-from ...config.alphas import format_alpha, format_number
+from ...config.alphas import format_number
 from ...config.data import DEFAULT_MAX_TOKENS, DataConfig
 from ...config.merge import DEFAULT_ALPHA, DEFAULT_MAX_SHARD_SIZE, ExportConfig, MergeSpec, PushConfig
 from ...config.security import public_name
 from ...config.version import __version__
 from ...engine.provenance import environment, model_device_dtype
+
+
+def _public_entries(value, local: bool = True) -> list[str]:
+    """``data`` / ``dataset`` entries safe to publish: ``NAME=PATH`` keeps its name, a local path only
+    its last component."""
+    from ...config.data import split_set_name
+
+    out = []
+    for entry in ([] if value is None else [value] if isinstance(value, str) else list(value)):
+        name, rest = split_set_name(str(entry))
+        rest = public_name(rest) if local else rest
+        out.append(rest if name is None else f"{name}={rest}")
+    return out
 
 
 def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportConfig, *, load=None, data=None,
@@ -28,6 +41,10 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
             argv += ["--auto-layers", auto.auto_layers]
         if auto.scan_dir:
             argv += ["--scan-dir", Path(auto.scan_dir).name]
+        if getattr(auto, "objective", None) and auto.objective != "max":
+            argv += ["--auto-objective", auto.objective]
+        if getattr(auto, "metric", "loss") != "loss":
+            argv += ["--metric", auto.metric]
     else:
         if spec.layers:
             argv += ["--layers", spec.layers]
@@ -39,6 +56,8 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
         argv += ["--method", spec.method]
     if spec.base != "a":
         argv += ["--base", spec.base]
+    if spec.lerp_ops != "plain":
+        argv += ["--lerp-ops", spec.lerp_ops]
     if spec.allow_extrapolation:
         argv.append("--allow-extrapolation")
     if load is not None:
@@ -51,17 +70,25 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
             argv.append("--trust-remote-code")
         if getattr(load, "allow_pickle", False):
             argv.append("--allow-pickle")
+        if getattr(load, "added_rows", "own") != "own":
+            argv += ["--added-rows", load.added_rows]
     if data is not None:
-        if data.data:
-            argv += ["--eval-data", public_name(data.data)]
-        if data.dataset:
-            argv += ["--eval-dataset", data.dataset]
+        for entry in _public_entries(data.data):
+            argv += ["--eval-data", entry]
+        for entry in _public_entries(data.dataset, local=False):
+            argv += ["--eval-dataset", entry]
         if data.seq_len:
             argv += ["--seq-len", str(data.seq_len)]
         if data.max_tokens != DEFAULT_MAX_TOKENS:
             argv += ["--max-tokens", str(data.max_tokens)]
         if data.text_column != "text":
             argv += ["--text-column", data.text_column]
+        if getattr(data, "chat", False):
+            argv.append("--chat")
+            if data.messages_column != "messages":
+                argv += ["--messages-column", data.messages_column]
+        if getattr(data, "loss_on", None):
+            argv += ["--loss-on", data.loss_on]
     if export.dtype:
         argv += ["--dtype", export.dtype]
     for name in ("hub_id_a", "hub_id_b"):
@@ -85,8 +112,10 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
 
     ``trust_remote_code`` / ``allow_pickle`` are recorded in ``load`` as what the recipe needs; a
     recipe cannot switch them on, so the description names the flags to pass to ``hf-llmc run``."""
-    step: dict = {"sets": [f"{layers}={format_alpha(s, e)}" for layers, s, e in spec.entries()],
+    step: dict = {"sets": [f"{layers}={alpha}" for layers, alpha in spec.entries()],
                   "method": spec.method, "base": spec.base}
+    if spec.lerp_ops != "plain":
+        step["lerp_ops"] = spec.lerp_ops
     if spec.allow_extrapolation:
         step["allow_extrapolation"] = True
     step["out"] = Path(export.out or "merged").name
@@ -109,6 +138,8 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
     if load is not None:
         loading = {k: getattr(load, k) for k in ("dtype", "trust_remote_code", "allow_pickle", "base_model")
                    if getattr(load, k, None)}
+        if getattr(load, "added_rows", "own") != "own":
+            loading["added_rows"] = load.added_rows
         if "base_model" in loading:
             loading["base_model"] = public_name(loading["base_model"])
         if loading:
@@ -116,7 +147,8 @@ def reproduction_recipe(source_a: str, source_b: str, revision_a: str | None, re
     if data is not None:
         d = {f.name: getattr(data, f.name) for f in fields(DataConfig) if getattr(data, f.name) != f.default}
         if "data" in d:
-            d["data"] = public_name(d["data"])
+            entries = _public_entries(d["data"])
+            d["data"] = entries if isinstance(d["data"], list) else entries[0]
         recipe["data"] = d
         step["eval"] = True
     recipe["steps"] = [{"merge": step}]

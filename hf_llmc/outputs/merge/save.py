@@ -30,7 +30,7 @@ from ...config.scan import Method, Which
 from ...config.security import redact
 from ...engine.data import DataSource
 from ...engine.io import atomic_output_dir, check_output_dir, output_path
-from ...model.checkpoint.folders import COPY_PATTERNS
+from ...model.checkpoint.folders import COPY_PATTERNS, TOKENIZER_PATTERNS
 from ..card import merge_card
 from ..hub import push_folder
 from .evaluate import evaluate_merge
@@ -89,6 +89,41 @@ def copy_base_files(folder: Path, dest: Path, dtype: str | None = None) -> list[
             config[k] = dtype
         (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return copied
+
+
+def write_union_vocabulary(pair: ModelPair, dest: Path) -> list[str]:
+    """Write the union vocabulary of a pair whose vocabularies differ (:mod:`hf_llmc.model.vocab`).
+
+    The superset tokenizer (or the built union) replaces the base's tokenizer files, and
+    ``vocab_size`` in ``config.json`` becomes the union matrices' rows.
+
+    Args:
+        pair: the pair (``pair.vocab`` set).
+        dest: the folder being written (the base's files already copied).
+
+    Returns:
+        The names of the tokenizer files written, sorted.
+    """
+    vocab = pair.vocab
+    for item in sorted(Path(dest).iterdir()):
+        if item.is_file() and any(fnmatch.fnmatch(item.name, p) for p in TOKENIZER_PATTERNS + ("chat_template.*",)):
+            item.unlink()
+    side = {"a": pair.ckpt_a, "b": pair.ckpt_b}.get(vocab.source)
+    if side is not None:  # one side's tokenizer is the superset: its files, unchanged
+        names = []
+        for item in sorted(Path(side.folder).iterdir()):
+            if item.is_file() and any(fnmatch.fnmatch(item.name, p) for p in TOKENIZER_PATTERNS + ("chat_template.*",)):
+                shutil.copyfile(item, dest / item.name)
+                names.append(item.name)
+    else:
+        names = [Path(f).name for f in vocab.tokenizer.save_pretrained(dest)]
+    config_file = dest / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        target = config["text_config"] if "vocab_size" not in config and isinstance(config.get("text_config"), dict) else config
+        target["vocab_size"] = vocab.rows
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return sorted(set(names))
 
 
 @dataclass
@@ -212,6 +247,9 @@ def save_merged(
         files = write_tensors(pair, plan, tmp, max_shard_size=max_shard_size,
                               dtype=OUT_DTYPES[dtype] if dtype else None, progress=progress)
         files += copy_base_files(base_ckpt.folder, tmp, dtype)
+        if getattr(pair, "vocab", None) is not None:
+            written = write_union_vocabulary(pair, tmp)
+            files = [f for f in files if (tmp / f).exists() and f not in written] + written
         import yaml
 
         config_text = redact(
@@ -233,6 +271,7 @@ def save_merged(
                 evaluation=evaluation, auto=auto, license_folder=pair.ckpt_a.folder,
                 model_name=output_path(out_dir).name, repo_id=push.push_to_hub if push else None,
                 hub_id_a=hub_id_a, hub_id_b=hub_id_b, search=search,
+                vocabulary=pair.vocab.summary().removeprefix("vocabulary: ") if getattr(pair, "vocab", None) else None,
             )
             write_text_atomic(tmp / CARD_FILE, text)
             files.append(CARD_FILE)

@@ -85,7 +85,12 @@ def plan_tensors(pair, plan: MergePlan, dtype: torch.dtype | None = None) -> lis
             param, alpha = key, piece_alpha[key]
         stored = base.dtype(key)
         out = dtype if dtype is not None and stored.is_floating_point else stored
-        jobs.append(TensorJob(key, param, alpha, tuple(base.shape(key)), out))
+        shape = tuple(base.shape(key))
+        vocab = getattr(pair, "vocab", None)
+        if vocab is not None and param in vocab.params:  # the union vocabulary: every row
+            dim = vocab.params[param]
+            shape = shape[:dim] + (vocab.rows,) + shape[dim + 1:]
+        jobs.append(TensorJob(key, param, alpha, shape, out))
     return jobs
 
 
@@ -96,6 +101,18 @@ def _lerp_owned(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     a32.mul_(1.0 - alpha)
     b32.mul_(alpha)
     return a32.add_(b32)
+
+
+def lerp_mergekit(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1-α)·A + α·B with mergekit's float32 operations (its linear merge with weights 1-α and α):
+    ``zeros.addcmul_(A, w_A).addcmul_(B, w_B)`` with the weights rounded to float32 once, which
+    may fuse the second product into the sum (then it differs from :func:`interpolation.lerp` by
+    the float32 rounding of that product)."""
+    w = torch.tensor([1.0 - alpha, alpha], dtype=torch.float32)
+    a32, b32 = a.float(), b.float()
+    out = torch.zeros_like(a32)
+    out.addcmul_(a32, w[0])
+    return out.addcmul_(b32, w[1])
 
 
 def _stored_bytes(ckpt, key: str) -> ByteRange | None:
@@ -113,6 +130,9 @@ def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor | ByteRange:
     base = plan.base
     ckpts = {"a": pair.ckpt_a, "b": pair.ckpt_b}
     keep = 0.0 if plan.base == "a" else 1.0
+    vocab = getattr(pair, "vocab", None)
+    if vocab is not None and job.param in vocab.params:
+        return _vocab_tensor(pair, job, plan, keep)
     if job.param is None or job.alpha is None or job.alpha == keep:
         if ckpts[base].dtype(job.key) == job.dtype:
             stored = _stored_bytes(ckpts[base], job.key)
@@ -123,7 +143,10 @@ def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor | ByteRange:
         a = ckpts["a"].get(job.param, aliases)
         b = ckpts["b"].get(job.param, aliases)
         owned = not (pair.ckpt_a.pickled or pair.ckpt_b.pickled)  # pickled reads are shared memory maps
-        value = _lerp_owned(a, b, job.alpha) if plan.method == "lerp" and owned else mix(a, b, job.alpha, plan.method)
+        if plan.method == "lerp" and plan.lerp_ops == "mergekit":
+            value = lerp_mergekit(a, b, job.alpha)
+        else:
+            value = _lerp_owned(a, b, job.alpha) if plan.method == "lerp" and owned else mix(a, b, job.alpha, plan.method)
         del a, b
         value = value.to(job.dtype)
         if value.is_floating_point() and not math.isfinite(float(value.sum(dtype=torch.float64))):
@@ -134,6 +157,36 @@ def _tensor(pair, job: TensorJob, plan: MergePlan) -> torch.Tensor | ByteRange:
     if tuple(value.shape) != job.shape:
         raise RuntimeError(f"{job.key}: shape {tuple(value.shape)} differs from the base's {job.shape}")
     return value.to(job.dtype)
+
+
+def _vocab_tensor(pair, job: TensorJob, plan: MergePlan, keep: float) -> torch.Tensor:
+    """A vocabulary-indexed tensor in the union layout (:mod:`hf_llmc.model.vocab`): at the base's
+    end when unselected, else at its α; one-side rows follow the pair's ``added_rows`` rule."""
+    vocab, dim = pair.vocab, pair.vocab.params[job.param]
+    a = pair.ckpt_a.get(job.param, pair.arch.aliases)
+    b = pair.ckpt_b.get(job.param, pair.arch.aliases)
+    au, bu = vocab.endpoints(a, b, dim)
+    del a, b
+    alpha = keep if job.alpha is None else job.alpha
+    if alpha == keep:
+        value = au if keep == 0.0 else bu
+    elif plan.method == "lerp":  # in place on the owned union tensors (interpolation.lerp bitwise)
+        own = vocab.added_rows == "own"
+        only = vocab.only_a | vocab.only_b
+        kept = au.movedim(dim, 0)[only].clone() if own else None  # own: one-side rows are the same in au and bu
+        value = _lerp_owned(au, bu, alpha)
+        del bu
+        if own:
+            value.movedim(dim, 0)[only] = kept
+    else:
+        value = vocab.fix_rows(mix(au, bu, alpha, plan.method), au, bu, dim)
+    value = value.to(job.dtype)
+    if not math.isfinite(float(value.sum(dtype=torch.float64))):
+        raise NonFiniteTensorError(f"{job.key}: non-finite values (NaN/inf) at alpha={alpha:g}; A or B holds NaN/inf weights"
+                                   + (" or the output dtype overflows" if job.dtype != torch.float32 else ""))
+    if tuple(value.shape) != job.shape:
+        raise RuntimeError(f"{job.key}: shape {tuple(value.shape)} differs from the union's {job.shape}")
+    return value
 
 
 @dataclass(frozen=True)
