@@ -17,10 +17,12 @@ from .parser import from_args
 
 def _from_mergekit(args: argparse.Namespace, spec: MergeSpec, auto: AutoConfig, export: ExportConfig):
     """The checked mergekit config; fills in A, B, their revisions and the output dtype."""
-    if args.model_a or args.model_b:
-        raise UsageError("--from-mergekit takes the models from the config; drop A B")
-    if spec.layers or spec.sets or spec.alpha is not None or auto.auto or spec.method != "lerp" or spec.base != "a":
-        raise UsageError("--from-mergekit: the config says what to merge; drop --layers, --alpha, --set, --method, --base and --auto")
+    if args.model_a or args.model_b or args.revision_a or args.revision_b:
+        raise UsageError("--from-mergekit takes the models (and revisions: model@revision) from the config; drop A B and --revision-a/b")
+    if (spec.layers or spec.sets or spec.alpha is not None or auto.auto or spec.method != "lerp" or spec.base != "a"
+            or spec.lerp_ops != "plain"):
+        raise UsageError("--from-mergekit: the config says what to merge; drop --layers, --alpha, --set, --method, --base, "
+                         "--lerp-ops and --auto")
     cfg = load_mergekit(args.from_mergekit)
     (args.model_a, args.revision_a), (args.model_b, args.revision_b) = (split_reference(m) for m in cfg.models)
     if export.dtype and cfg.output_dtype and export.dtype != cfg.output_dtype:
