@@ -626,3 +626,80 @@ def synthetic_conversations(n: int, seed: int, *, long_every: int = 0) -> list[l
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         out.append(messages)
     return out
+
+
+#: The turn markers a chat fine-tune adds to its vocabulary (:func:`build_chat_pair`).
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|assistant|>"]
+
+#: B's chat template in :func:`build_chat_pair`: its added tokens mark the turns.
+CHAT_TEMPLATE_IM = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ChatPair:
+    """Paths of a chat pair built by :func:`build_chat_pair`: ``a`` and ``b`` are
+    ``save_pretrained`` folders, ``conversations`` a JSONL file with a ``messages`` column."""
+
+    a: Path
+    b: Path
+    conversations: Path
+
+
+def build_chat_pair(pair: DemoPair, out_dir: str | Path, *, conversations: int = 96, steps: int = 30,
+                    seq_len: int = 64, batch_size: int = 8, lr: float = 1e-3, seed: int = 0) -> ChatPair:
+    """Two chat fine-tunes of a built pair whose vocabularies differ by added tokens.
+
+    A is ``pair.a`` with a pad token added (one new embedding row) and :data:`CHAT_TEMPLATE`
+    (plain-text turn markers). B is ``pair.b`` with the three :data:`CHAT_TOKENS` added, its
+    embedding padded to a multiple of 8, :data:`CHAT_TEMPLATE_IM`, and ``steps`` training steps on
+    conversations rendered with that template (so its new rows are trained). Held-out
+    conversations go to ``conversations.jsonl``.
+
+    Args:
+        pair: the pair to start from (:func:`build_pair`).
+        out_dir: where ``a``, ``b`` and ``conversations.jsonl`` go.
+        conversations: held-out conversations written for evaluation.
+        steps, seq_len, batch_size, lr, seed: B's chat training.
+
+    Returns:
+        The paths.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok = AutoTokenizer.from_pretrained(pair.a)
+        model = AutoModelForCausalLM.from_pretrained(pair.a)
+        tok.add_special_tokens({"pad_token": "<pad>"})
+        tok.chat_template = CHAT_TEMPLATE
+        model.resize_token_embeddings(len(tok))
+        model.save_pretrained(out / "a")
+        tok.save_pretrained(out / "a")
+
+        tok = AutoTokenizer.from_pretrained(pair.b)
+        model = AutoModelForCausalLM.from_pretrained(pair.b)
+        tok.add_tokens(CHAT_TOKENS, special_tokens=True)
+        tok.chat_template = CHAT_TEMPLATE_IM
+        model.resize_token_embeddings(len(tok), pad_to_multiple_of=8)
+        train = synthetic_conversations(4 * batch_size * max(1, steps // 8), seed + 1)
+        ids: list[int] = []
+        for conv in train:
+            ids.extend(tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
+        n = len(ids) // seq_len
+        blocks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+        _train(model, blocks, steps=steps, batch_size=batch_size, lr=lr, seed=seed + 1)
+        model.save_pretrained(out / "b")
+        tok.save_pretrained(out / "b")
+
+    path = out / "conversations.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for conv in synthetic_conversations(conversations, seed + 2):
+            f.write(json.dumps({"messages": conv}) + "\n")
+    return ChatPair(a=out / "a", b=out / "b", conversations=path)

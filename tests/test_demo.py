@@ -235,7 +235,7 @@ def test_run_demo_writes_scan_report_merge_and_card(tmp_path):
 @pytest.mark.slow
 def test_default_demo_resolves_every_group(tmp_path):
     """``hf-llmc demo`` as shipped: every group's barrier has a standard error of at most 0.02
-    nats, so the heatmap tells a costly layer from a free one (about 40 s on 2 cores)."""
+    nats, so the heatmap tells a costly layer from a free one (about 95 s on 2 cores)."""
     from hf_llmc.cli.demo import run_demo
 
     parts = run_demo(tmp_path / "demo", progress=False)
@@ -245,3 +245,8 @@ def test_default_demo_resolves_every_group(tmp_path):
     # some groups are clearly costly
     assert max(v["barrier_mid"] for g in summary["groups"] for v in g["bases"].values()) > 0.1
     assert (parts["scan"] / "heatmap.png").is_file()
+    # the chat step: a pair whose vocabularies differ by added tokens, barrier on chat data
+    chat = json.loads(parts["chat"].read_text())
+    assert chat["vocabulary"]["added_a"] == ["<pad>"] and len(chat["vocabulary"]["added_b"]) == 3
+    assert chat["vocabulary"]["rows_b"] % 8 == 0 and chat["chat"]["conversations"] == 96
+    assert chat["chat"]["loss_on"] == "assistant" and math.isfinite(chat["barrier_mid"])

@@ -1,6 +1,9 @@
 """``hf-llmc demo``: build a small pair (two fine-tunes of one tiny GPT-2, trained here in
 seconds, :func:`hf_llmc.testing.build_pair`), scan every sublayer for both bases with its report,
-choose the mergeable groups from that scan, and write the merged model with its card."""
+choose the mergeable groups from that scan, and write the merged model with its card. A second
+step turns the pair into two chat fine-tunes whose vocabularies differ (A adds a pad token, B
+three chat tokens and padding rows, :func:`hf_llmc.testing.build_chat_pair`) and measures the
+full-model barrier on held-out conversations, assistant tokens only."""
 
 from __future__ import annotations
 
@@ -36,7 +39,10 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
-#: What the demo folder takes on disk, at most (three small models, a scan and its report).
+#: The chat step: conversations evaluated, rows of at most this many tokens.
+DEMO_CHAT: dict[str, Any] = {"conversations": 96, "seq_len": 128}
+
+#: What the demo folder takes on disk, at most (five small models, a scan and its report).
 DEMO_SIZE = 64 * 1000 * 1000
 
 
@@ -53,15 +59,19 @@ def run_demo(out_dir: str | Path, *, overwrite: bool = False, progress: bool = T
              **pair_overrides: Any) -> dict[str, Path]:
     """``hf-llmc demo``: build the demo pair, scan every sublayer for both bases (with its
     report), choose the mergeable groups automatically from that scan, and write the merged
-    model with its card. Everything goes to ``out_dir`` (built beside it, renamed at the end);
+    model with its card; then build the chat pair and write its barrier on chat data
+    (``chat/barrier.json``). Everything goes to ``out_dir`` (built beside it, renamed at the end);
     returns the paths of the parts."""
     out = check_output_dir(out_dir, overwrite, size=DEMO_SIZE)
     from ..analyses.autoselect import auto_select
+    from ..analyses.barrier import barrier
     from ..analyses.scan import run_scan
+    from ..config.files import write_json_atomic
     from ..engine.data import blocks_for
     from ..model.pair import ModelPair
     from ..outputs.merge.save import save_merged
     from ..outputs.report import render
+    from ..testing import build_chat_pair
 
     with atomic_output_dir(out, overwrite=overwrite, size=DEMO_SIZE, kind="demo") as work:
         demo = build_demo_pair(work / "pair", **pair_overrides)
@@ -72,8 +82,16 @@ def run_demo(out_dir: str | Path, *, overwrite: bool = False, progress: bool = T
         render(work / "scan")
         choice = auto_select(pair, data, AutoConfig(auto=True, scan_dir=str(work / "scan")), alpha=0.5)
         save_merged(pair, choice.spec(), work / "merged", data=data, auto=choice, progress=progress)
+        del pair
+        chat = build_chat_pair(demo, work / "chat", conversations=DEMO_CHAT["conversations"])
+        chat_pair = ModelPair.from_pretrained(chat.a, chat.b, device="cpu")
+        chat_data = DataConfig(data=str(chat.conversations), chat=True, seq_len=DEMO_CHAT["seq_len"])
+        chat_blocks = blocks_for(chat_pair, chat_data)
+        result = barrier(chat_pair, chat_blocks)
+        write_json_atomic(work / "chat" / "barrier.json", {
+            "vocabulary": chat_pair.vocab.describe(), "chat": chat_blocks.chat, **result.to_dict()})
     return {"pair": out / "pair", "scan": out / "scan", "report": out / "scan" / "report.html",
-            "merged": out / "merged", "card": out / "merged" / "README.md"}
+            "merged": out / "merged", "card": out / "merged" / "README.md", "chat": out / "chat" / "barrier.json"}
 
 
 def run(args) -> int:
@@ -85,6 +103,11 @@ def run(args) -> int:
     check_output_dir(args.out, args.overwrite, size=DEMO_SIZE)  # before torch is imported
     parts = run_demo(args.out, overwrite=args.overwrite)
     print_scan_summary(json.loads((parts["scan"] / "summary.json").read_text()))
+    chat = json.loads(parts["chat"].read_text())
+    vocab = chat["vocabulary"]
+    console.print(f"chat pair: {vocab['shared_tokens']} shared tokens, A adds {vocab['added_a']}, B adds {vocab['added_b']} "
+                  f"(rows A {vocab['rows_a']}, B {vocab['rows_b']}); full-model barrier on {chat['chat']['conversations']} "
+                  f"conversations, assistant tokens only: {chat['barrier_mid']:+.4f} ± {chat['barrier_mid_se']:.4f} nats")
     for name, path in parts.items():
         console.print(f"{name}: {path}")
     return 0
