@@ -19,7 +19,7 @@ from hf_llmc.analyses.search import dominates, judge, pareto_front, pick_point, 
 from hf_llmc.cli import main
 from hf_llmc.config.errors import ScanSettingsError, SearchError
 from hf_llmc.config.search import SearchConfig, parse_named_sets
-from hf_llmc.outputs.search import search_and_merge
+from hf_llmc.outputs.search import search_and_merge, search_command
 from hf_llmc.testing import synthetic_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -273,3 +273,11 @@ def test_prefix_reuse_gives_the_numbers_of_full_forwards(setup, tmp_path):
         assert p["accepted"] == r["accepted"]
         for name, v in p["sets"].items():
             assert v["estimate"] == pytest.approx(r["sets"][name]["estimate"], rel=1e-6, abs=1e-9)
+
+
+def test_search_command_keeps_every_data_option():
+    """The reproduce command carries the data settings that differ from their defaults, chat ones too."""
+    data = DataConfig(seq_len=64, chat=True, messages_column="turns", loss_on="all", no_bos=True)
+    cmd = search_command("/x/a", "/x/b", {"p": "/d/p.jsonl", "q": "/d/q.jsonl"}, SearchConfig(), data, "/o/run")
+    assert cmd == ("hf-llmc search a b --data p=p.jsonl --data q=q.jsonl --seq-len 64 --no-bos --chat "
+                   "--messages-column turns --loss-on all --out run")

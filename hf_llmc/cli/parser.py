@@ -12,7 +12,7 @@ import dataclasses
 import typing
 
 from ..config.data import DataConfig
-from ..config.fields import choices, without_none
+from ..config.fields import choices, flag_of, without_none
 from ..config.load import LoadConfig
 from ..config.merge import AutoConfig, ExportConfig, MergeSpec, PushConfig
 from ..config.mergekit import MergekitOptions
@@ -30,7 +30,7 @@ def add_fields(parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, ...]
     for f in dataclasses.fields(cls):
         if f.name in exclude or f.metadata.get("cli") is False:
             continue
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        flag = flag_of(f)
         help_text = f.metadata.get("help", "")
         tp = without_none(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None

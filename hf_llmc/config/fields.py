@@ -96,3 +96,40 @@ def check_choice(cls: type, obj: Any, name: str, error: type[Exception]) -> None
     value = getattr(obj, name)
     if allowed is not None and value is not None and value not in allowed:
         raise error(f"{name}={value!r}: use one of {', '.join(map(str, allowed))}")
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line option of a settings field.
+
+    Args:
+        f: a field of a settings dataclass.
+
+    Returns:
+        Its ``flag``, else ``--`` + the field name with dashes.
+    """
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def option_argv(cfg: Any, *, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The command-line options that reproduce ``cfg``, one per field that differs from its default.
+
+    The inverse of how the command line builds settings from their fields.
+
+    Args:
+        cfg: a settings dataclass instance.
+        exclude: fields to leave out (e.g. ones the caller writes itself).
+
+    Returns:
+        ``[flag]`` for a true boolean, ``[flag, str(value)]`` otherwise, in field order; fields kept off
+        the command line are skipped.
+    """
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        if f.name in exclude or f.metadata.get("cli") is False:
+            continue
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value == default:
+            continue
+        argv += [flag_of(f)] if value is True else [flag_of(f), str(value)]
+    return argv

@@ -8,12 +8,13 @@ import html
 import math
 import os
 import shlex
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..analyses.search import parse_key, run_search
-from ..config.data import DEFAULT_MAX_TOKENS, DataConfig
+from ..config.data import DataConfig
+from ..config.fields import option_argv
 from ..config.files import write_text_atomic
 from ..config.merge import MergeSpec
 from ..config.search import SearchConfig
@@ -312,24 +313,11 @@ def search_command(source_a: str, source_b: str, sets: dict[str, str], cfg: Sear
     argv = ["hf-llmc", "search", public_name(source_a), public_name(source_b)]
     for name, path in sets.items():
         argv += ["--data", f"{name}={public_name(str(path))}"]
-    default = SearchConfig()
-    for f in fields(SearchConfig):
-        value = getattr(cfg, f.name)
-        if f.metadata.get("cli") is False or value == getattr(default, f.name):
-            continue
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        argv += [flag] if value is True else [flag, str(value)]
+    argv += option_argv(cfg)
     if not cfg.prefix:
         argv.append("--no-prefix")
     if data is not None:
-        if data.seq_len:
-            argv += ["--seq-len", str(data.seq_len)]
-        if data.max_tokens != DEFAULT_MAX_TOKENS:
-            argv += ["--max-tokens", str(data.max_tokens)]
-        if data.text_column != "text":
-            argv += ["--text-column", data.text_column]
-        if data.no_bos:
-            argv.append("--no-bos")
+        argv += option_argv(data, exclude=("data", "dataset"))
     argv += ["--out", Path(out).name]
     return shlex.join(argv)
 

@@ -9,7 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from ...config.alphas import format_number
-from ...config.data import DEFAULT_MAX_TOKENS, DataConfig
+from ...config.data import DataConfig
+from ...config.fields import option_argv
 from ...config.merge import DEFAULT_ALPHA, DEFAULT_MAX_SHARD_SIZE, ExportConfig, MergeSpec, PushConfig
 from ...config.security import public_name
 from ...config.version import __version__
@@ -77,18 +78,7 @@ def merge_command(source_a: str, source_b: str, spec: MergeSpec, export: ExportC
             argv += ["--eval-data", entry]
         for entry in _public_entries(data.dataset, local=False):
             argv += ["--eval-dataset", entry]
-        if data.seq_len:
-            argv += ["--seq-len", str(data.seq_len)]
-        if data.max_tokens != DEFAULT_MAX_TOKENS:
-            argv += ["--max-tokens", str(data.max_tokens)]
-        if data.text_column != "text":
-            argv += ["--text-column", data.text_column]
-        if getattr(data, "chat", False):
-            argv.append("--chat")
-            if data.messages_column != "messages":
-                argv += ["--messages-column", data.messages_column]
-        if getattr(data, "loss_on", None):
-            argv += ["--loss-on", data.loss_on]
+        argv += option_argv(data, exclude=("data", "dataset"))
     if export.dtype:
         argv += ["--dtype", export.dtype]
     for name in ("hub_id_a", "hub_id_b"):
