@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -164,6 +165,32 @@ def test_build_is_deterministic(tmp_path):
     assert any(not torch.equal(w1[k], w3[k]) for k in w1)
 
 
+def test_finetunes_in_two_threads_equal_one_after_the_other():
+    """build_pair trains A and B at once, one thread each: the weights equal a sequential run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hf_llmc.testing import _train, init_model
+
+    base = init_model(tiny_config("gpt2", num_layers=2, hidden_size=32, vocab_size=300), seed=0)
+    data = torch.randint(300, (64, 32), generator=torch.Generator().manual_seed(0))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sequential = [copy.deepcopy(base) for _ in range(2)]
+        for seed, model in enumerate(sequential):
+            _train(model, data, steps=6, batch_size=4, lr=3e-3, seed=seed)
+        threaded = [copy.deepcopy(base) for _ in range(2)]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for run in [pool.submit(_train, model, data, steps=6, batch_size=4, lr=3e-3, seed=seed)
+                        for seed, model in enumerate(threaded)]:
+                run.result()
+    finally:
+        torch.set_num_threads(previous)
+    for one, other in zip(sequential, threaded):
+        assert all(torch.equal(x, y) for x, y in zip(one.state_dict().values(), other.state_dict().values()))
+    assert not torch.equal(sequential[0].lm_head.weight, base.lm_head.weight)
+
+
 def test_finetunes_differ(gpt2_pair):
     a = load_file(gpt2_pair.a / "model.safetensors")
     b = load_file(gpt2_pair.b / "model.safetensors")
@@ -235,7 +262,7 @@ def test_run_demo_writes_scan_report_merge_and_card(tmp_path):
 @pytest.mark.slow
 def test_default_demo_resolves_every_group(tmp_path):
     """``hf-llmc demo`` as shipped: every group's barrier has a standard error of at most 0.02
-    nats, so the heatmap tells a costly layer from a free one (80–95 s on 2 cores)."""
+    nats, so the heatmap tells a costly layer from a free one (45–50 s on 2 cores)."""
     from hf_llmc.cli.demo import run_demo
 
     parts = run_demo(tmp_path / "demo", progress=False)
