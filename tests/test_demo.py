@@ -262,7 +262,7 @@ def test_run_demo_writes_scan_report_merge_and_card(tmp_path):
 @pytest.mark.slow
 def test_default_demo_resolves_every_group(tmp_path):
     """``hf-llmc demo`` as shipped: every group's barrier has a standard error of at most 0.02
-    nats, so the heatmap tells a costly layer from a free one (45–50 s on 2 cores)."""
+    nats, so the heatmap tells a costly layer from a free one (35–50 s on 2 cores)."""
     from hf_llmc.cli.demo import run_demo
 
     parts = run_demo(tmp_path / "demo", progress=False)
