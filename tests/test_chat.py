@@ -141,6 +141,15 @@ def test_bad_chat_inputs_are_one_line_errors(chat, tmp_path, capsys):
     code = main(["barrier", str(chat["plain_a"]), str(chat["b"]), "--data", str(chat["data"]), "--chat"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--chat: model A's tokenizer has no chat template" in err[0]
+    # bits per byte need byte counts, which chat data do not have: every command says so before evaluating
+    common = [str(chat["a"]), str(chat["b"]), "--data", str(chat["data"]), "--chat", "--metric", "bpb"]
+    for argv in (["barrier"], ["barrier", "--decide", "0"], ["scan", "--out", str(tmp_path / "scan")],
+                 ["merge", "--auto", "--out", str(tmp_path / "merged")]):
+        code = main(argv[:1] + common + argv[1:])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (argv, err)
+        assert "--metric bpb: the evaluation data has no byte counts (chat data" in err[0], err
+    assert not (tmp_path / "scan").exists() and not (tmp_path / "merged").exists()
 
 
 # -- numbers ---------------------------------------------------------------------------------------

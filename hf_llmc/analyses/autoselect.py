@@ -212,8 +212,9 @@ def auto_select(pair: ModelPair, data: SetsSource, cfg: AutoConfig, *, alpha: fl
         raise AutoSelectError(f"auto_objective={objective!r}: not an evaluation set ({', '.join(names)}); use max, mean or a set's name")
     scales = [1.0] * len(sets)
     if cfg.metric == "bpb":
-        if any(b.bpb_scale is None for b in sets):
-            raise AutoSelectError("metric='bpb': the evaluation data has no byte counts (token ids, or a tokenizer without offsets)")
+        missing = [b.bpb_missing for b in sets if b.bpb_missing]
+        if missing:
+            raise AutoSelectError(missing[0])
         scales = [b.bpb_scale for b in sets]
     evs = [evaluator_for(pair, b, batch_size) for b in sets]
     order = ("b", "a") if base == "a" else ("a", "b")

@@ -258,7 +258,8 @@ def barrier(
 
     Raises:
         UsageError: a bad method, base, α list (:class:`~hf_llmc.config.errors.AlphaError`) or
-            layer spec (:class:`~hf_llmc.config.errors.SpecError`).
+            layer spec (:class:`~hf_llmc.config.errors.SpecError`), or ``metric="bpb"`` on data without
+            byte counts (token ids, chat data).
         DataError: the data cannot be read or cut into blocks.
         PairError: text was given but the pair has no tokenizer.
         NonFiniteLossError: an evaluation gave NaN or inf.
@@ -269,16 +270,13 @@ def barrier(
         raise UsageError(f"base={base!r}: use a or b")
     alphas = parse_alphas(alphas, allow_extrapolation=allow_extrapolation)
     blocks = blocks_for(pair, data)
+    if metric == "bpb" and blocks.bpb_missing:
+        raise UsageError(blocks.bpb_missing)
     ev = evaluator_for(pair, blocks, batch_size)
     group = pair.full_group() if layers is None else union(pair.groups(layers), pair.arch, layers)
     if sequential is not None:
-        scale = 1.0
-        if metric == "bpb":
-            if blocks.bpb_scale is None:
-                raise UsageError("metric='bpb': the evaluation data has no byte counts (token ids, or a tokenizer without offsets)")
-            scale = blocks.bpb_scale
         result = sequential_barrier(pair, ev, group, alphas, sequential, base=base, method=method, prefix=prefix,
-                                    layers=layers, scale=scale)
+                                    layers=layers, scale=blocks.bpb_scale if metric == "bpb" else 1.0)
     else:
         # Endpoints first, ending on the base so the path points need no extra switch.
         order = ("b", "a") if base == "a" else ("a", "b")

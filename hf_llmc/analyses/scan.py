@@ -530,6 +530,9 @@ class ScanRunner:
         points: the points (default: :func:`plan_points` of the plan).
         prefix_store_bytes: memory for recorded base hidden states (default: :func:`prefix_store_budget`);
             used only with ``cfg.prefix``.
+
+    Raises:
+        ScanError: bad settings, or ``cfg.metric="bpb"`` on blocks without byte counts (token ids, chat data).
     """
 
     command = "scan"
@@ -538,6 +541,8 @@ class ScanRunner:
                  progress: bool = True, evaluate: Evaluate | None = None, plan: ScanPlan | None = None,
                  points: list[ScanPoint] | None = None, prefix_store_bytes: int | None = None) -> None:
         cfg.validate()
+        if cfg.metric == "bpb" and blocks.bpb_missing:
+            raise ScanError(blocks.bpb_missing)
         self.pair = pair
         self.blocks = blocks
         self.cfg = cfg
@@ -901,11 +906,7 @@ class SequentialScanRunner(ScanRunner):
         super().__init__(pair, blocks, cfg, out_dir, **kwargs)
         if cfg.sequential is None:
             raise ScanError("SequentialScanRunner needs ScanConfig.sequential")
-        self.scale = 1.0
-        if cfg.metric == "bpb":
-            if blocks.bpb_scale is None:
-                raise ScanError("metric='bpb': the evaluation data has no byte counts (token ids, or a tokenizer without offsets)")
-            self.scale = blocks.bpb_scale
+        self.scale = blocks.bpb_scale if cfg.metric == "bpb" else 1.0  # checked by ScanRunner
         self.seq = SequentialEstimator(pair, self.ev, blocks.num_blocks, cfg.sequential, record=cfg.prefix,
                                        scale=self.scale)
         self._outcomes: dict[tuple, Outcome] = {}

@@ -101,6 +101,16 @@ class TokenBlocks:
         return self.num_blocks * (self.seq_len - 1) / (math.log(2) * nbytes) if nbytes else None
 
     @property
+    def bpb_missing(self) -> str | None:
+        """Why ``metric='bpb'`` cannot be used on these blocks (a one-line error), or None when it can."""
+        if self.bpb_scale is not None:
+            return None
+        why = ("chat data: bits per byte are not computed over assistant tokens" if self.chat is not None
+               else "token ids, or a tokenizer without offsets")
+        named = f" {self.name!r}" if self.name else ""
+        return f"metric='bpb': the evaluation data{named} has no byte counts ({why}); use metric='loss'"
+
+    @property
     def row_tokens(self) -> torch.Tensor | None:
         """``[N]`` scored tokens per row when rows differ (chat data), else None (``seq_len - 1`` each)."""
         return None if self.scored is None else self.scored.sum(dim=1)
