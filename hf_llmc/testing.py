@@ -506,9 +506,10 @@ def build_pair(
        ``out_dir/"eval.txt"``; training settings and losses to ``out_dir/"demo.json"``.
 
     Training runs in float32 on CPU with ``num_threads`` torch threads (restored
-    afterwards; ``None`` keeps the caller's setting). One thread is the default because
-    these models are too small to gain from intra-op parallelism, it is robust on a
-    busy machine, and it makes the saved weights independent of the core count: the
+    afterwards; ``None`` keeps the caller's setting); the two fine-tunes run at once, each on
+    its own Python thread with that many torch threads. One thread is the default because
+    these models are too small to gain from intra-op parallelism (two fine-tunes on two
+    cores are), and it makes the saved weights independent of the core count: the
     output is then byte-for-byte deterministic given the arguments.
     """
     out = Path(out_dir)
