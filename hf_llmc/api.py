@@ -150,13 +150,14 @@ class ModelPair(_pair.ModelPair):
         """
         return merge_live(self, spec)
 
-    def search(self, sets: dict[str, DataSource], cfg: SearchConfig | None = None, out_dir: str = "hf-llmc-search", *,
+    def search(self, sets: dict[str, DataSource] | DataConfig, cfg: SearchConfig | None = None, out_dir: str = "hf-llmc-search", *,
                data: DataConfig | None = None, batch_size: int | None = None, resume: bool = False,
                overwrite: bool = False, write_merge: bool = True) -> SearchOutcome:
         """Search per-group α for two evaluation sets and write the picked merge (see :func:`hf_llmc.search_merge`).
 
         Args:
-            sets: exactly two named sets, ``{name: path, DataConfig or TokenBlocks}``.
+            sets: exactly two named sets, ``{name: path, DataConfig or TokenBlocks}``, or data settings
+                naming them (``DataConfig(data=["code=code.txt", "prose=prose.txt"])``).
             cfg: the search settings (default: :class:`~hf_llmc.config.search.SearchConfig`'s defaults).
             out_dir: the search folder (``search.jsonl``, ``search.json``, report, ``merged/``).
             data: shared data settings for sets given as paths (``seq_len``, ``max_tokens``, ...).

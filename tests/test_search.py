@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,8 +75,15 @@ def test_moves_are_judged_from_both_comparisons():
 
 def test_settings_are_checked_without_a_model():
     assert list(parse_named_sets(["code=a.txt", "prose=b.txt"])) == ["code", "prose"]
-    for items, message in ((["code=a.txt"], "exactly 2"), (["code=a.txt", "code=b.txt"], "given twice"),
-                           (["code", "prose=b.txt"], "NAME=PATH"), (["balanced=a", "x=b"], "--pick keyword")):
+    # the grammar of every command's --data / --dataset: a Hub dataset set, shared settings
+    sets = parse_named_sets(DataConfig(data=["code=a.txt"], dataset=["prose=org/prose:validation"], seq_len=32))
+    assert sets["code"].data == "a.txt" and sets["prose"].dataset == "org/prose:validation"
+    assert sets["prose"].data is None and sets["code"].seq_len == sets["prose"].seq_len == 32
+    assert parse_named_sets({"x": "p.txt", "y": "q.txt"})["y"].data == "q.txt"
+    for items, message in ((["code=a.txt"], "exactly 2 named sets .* got 1"), (["a.txt"], "got one unnamed set"),
+                           ([], "got 0"), (["code=a.txt", "code=b.txt"], "given twice"),
+                           (["code", "prose=b.txt"], "need names"), (["balanced=a", "x=b"], "pick keyword"),
+                           (["a=x", "b=y", "c=z"], "got 3")):
         with pytest.raises(SearchError, match=message):
             parse_named_sets(items)
     for kwargs, message in (({"pick": "weights=1"}, "two non-negative"), ({"pick": "z"}, "set name"),
@@ -227,8 +235,11 @@ def test_full_budget_search_evaluates_every_search_block(setup, tmp_path):
 
 def test_command_line(setup, tmp_path, capsys):
     s = setup["sets"]
+    folder = tmp_path / "reports-dataset"  # a dataset folder, as --dataset takes a Hub dataset
+    folder.mkdir()
+    (folder / "validation.txt").write_text(Path(s["reports"]).read_text())
     argv = ["search", str(setup["demo"].a), str(setup["demo"].b), "--data", f"recipes={s['recipes']}",
-            "--data", f"reports={s['reports']}", "--seq-len", str(SEQ), "--max-tokens", str(SEQ * BLOCKS),
+            "--dataset", f"reports={folder}", "--seq-len", str(SEQ), "--max-tokens", str(SEQ * BLOCKS),
             "--directions", "0.5", "--max-sweeps", "1", "--sequential-rule", "fast", "--min-blocks", "8",
             "--pick", "weights=0.3,0.7", "--out", str(tmp_path / "cli")]
     assert main(argv) == 0
@@ -237,12 +248,24 @@ def test_command_line(setup, tmp_path, capsys):
     m = json.loads((tmp_path / "cli" / "search.json").read_text())
     assert m["result"]["pick"] == "weights=0.3,0.7"
     assert (tmp_path / "cli" / "merged" / "model.safetensors").is_file()
+    card = (tmp_path / "cli" / "merged" / "README.md").read_text()
+    assert "--data recipes=recipes.txt --dataset reports=reports-dataset" in card and str(tmp_path) not in card
     assert main(argv) == 2  # the folder is taken: --resume or --overwrite
     err = capsys.readouterr().err
     assert "exists and is not empty" in err and "--overwrite" in err and "--resume" in err
     assert main(argv[:-2] + ["--pick", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "--pick nope" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert math.isfinite(m["result"]["chosen"]["worst_increase"])
+
+
+def test_sets_named_in_data_settings_give_the_same_search(setup, tmp_path):
+    """search_and_merge(pair, DataConfig naming the two sets) is the search of the {name: path} mapping."""
+    s, data = setup["sets"], setup["data"]
+    named = DataConfig(data=[f"recipes={s['recipes']}", f"reports={s['reports']}"], seq_len=data.seq_len,
+                       max_tokens=data.max_tokens)
+    outcome = search_and_merge(setup["pair"], named, SearchConfig(**QUICK), tmp_path / "named", write_merge=False)
+    assert outcome.manifest["result"] == setup["outcome"].manifest["result"]
+    assert outcome.command.startswith("hf-llmc search a b --data recipes=recipes.txt --data reports=reports.txt")
 
 
 def test_recipe_search_step_is_checked(setup, tmp_path, capsys):
@@ -281,3 +304,6 @@ def test_search_command_keeps_every_data_option():
     cmd = search_command("/x/a", "/x/b", {"p": "/d/p.jsonl", "q": "/d/q.jsonl"}, SearchConfig(), data, "/o/run")
     assert cmd == ("hf-llmc search a b --data p=p.jsonl --data q=q.jsonl --seq-len 64 --no-bos --chat "
                    "--messages-column turns --loss-on all --out run")
+    cmd = search_command("a", "b", {"p": DataConfig(data="/d/p.jsonl"), "q": DataConfig(dataset="org/q:test")},
+                         SearchConfig(), None, "run")
+    assert cmd == "hf-llmc search a b --data p=p.jsonl --dataset q=org/q:test --out run"

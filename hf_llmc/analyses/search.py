@@ -39,7 +39,7 @@ from ..config.data import DataConfig
 from ..config.errors import ScanSettingsError, SearchError
 from ..config.files import write_json_atomic
 from ..config.scan import SequentialConfig
-from ..config.search import SearchConfig
+from ..config.search import SearchConfig, parse_named_sets
 from ..config.security import display_name
 from ..engine.data import DataSource, TokenBlocks, blocks_for
 from ..engine.evaluation import check_finite, evaluator_for
@@ -879,14 +879,16 @@ def judge(results: list[dict], weights: list[float]) -> tuple[str, bool]:
     return "trade-off", high < 0
 
 
-def run_search(pair: ModelPair, sets: dict[str, DataSource], cfg: SearchConfig, out_dir: str | os.PathLike, *,
+def run_search(pair: ModelPair, sets: dict[str, DataSource] | DataConfig, cfg: SearchConfig, out_dir: str | os.PathLike, *,
                data: DataConfig | None = None, batch_size: int | None = None, resume: bool = False,
                overwrite: bool = False, sources: Sources = (), progress: bool = False) -> dict:
     """Search per-group α values for two evaluation sets; write ``search.jsonl`` and ``search.json``.
 
     Args:
         pair: the loaded pair.
-        sets: exactly two named sets ``{name: path, DataConfig or TokenBlocks}``.
+        sets: exactly two named sets ``{name: path, DataConfig or TokenBlocks}``, or
+            data settings naming them (``DataConfig(data=["code=code.txt", "prose=prose.txt"])``; they are
+            then also the shared settings).
         cfg: the search settings.
         out_dir: the output folder (resumable).
         data: shared data settings for sets given as paths (``seq_len``, ``max_tokens``, ...).
@@ -906,6 +908,8 @@ def run_search(pair: ModelPair, sets: dict[str, DataSource], cfg: SearchConfig, 
         ScanSettingsError: ``resume`` on a folder of another search.
         NonFiniteLossError: a candidate's loss is NaN or infinite.
     """
+    if isinstance(sets, DataConfig):
+        data, sets = sets, parse_named_sets(sets)
     names = list(sets)
     if len(names) != 2:
         raise SearchError(f"sets: give exactly 2 named evaluation sets, got {len(names)}")

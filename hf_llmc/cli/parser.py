@@ -173,10 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "search", "search", "Search per-group α for two evaluation sets: Pareto front, paired intervals, the picked merge with its card.")
     add_pair_args(p)
-    g = p.add_argument_group("evaluation sets")
-    g.add_argument("--data", dest="sets", action="append", metavar="NAME=PATH", help="A named evaluation set (local text file); give exactly two, e.g. --data code=code.txt --data prose=prose.txt.")
-    add_fields(g, DataConfig, exclude=("data", "dataset"))
-    g.add_argument("--batch-size", type=int, default=None, metavar="N", help="Blocks per forward (default: automatic, halving on out-of-memory).")
+    add_data_args(p)  # exactly two named sets
     add_fields(p, SearchConfig, group="search")
     add_run_dir_args(p, "hf-llmc-search", "search.jsonl, search.json, report.html, front.png, alpha_heatmap.png, merged/")
     p.add_argument("--no-merge", action="store_true", help="Do not write the picked merge (merged/).")

@@ -829,7 +829,7 @@ def _run_search(recipe: Recipe, step: Step, pair, target: Path, overwrite: bool,
     from ..outputs.search import search_and_merge
 
     opts = step.get(SearchStepOptions)
-    sets = parse_named_sets(opts.sets)
+    sets = parse_named_sets(dataclasses.replace(recipe.data or DataConfig(), data=opts.sets, dataset=None))
     outcome = search_and_merge(pair, sets, step.get(SearchConfig), target, data=recipe.data,
                                batch_size=recipe.settings.batch_size, resume=opts.resume, overwrite=overwrite,
                                sources=_sources(recipe), write_merge=opts.merge)

@@ -16,14 +16,14 @@ from .parser import from_args
 
 def run(args: argparse.Namespace) -> int:
     # Every option is checked before torch is imported or a model is loaded.
-    sets = parse_named_sets(args.sets)
+    data = from_args(DataConfig, args)
+    sets = parse_named_sets(data)
+    data.validate()
     cfg = from_args(SearchConfig, args, prefix=not args.no_prefix)
     cfg.validate(list(sets))
-    data = from_args(DataConfig, args, data="unused", dataset=None)
-    data.validate()
-    for name, path in sets.items():
-        if not Path(path).expanduser().is_file():
-            raise DataError(f"data {name}={path}: no such file")
+    for name, one in sets.items():
+        if one.data is not None and not Path(one.data).expanduser().is_file():
+            raise DataError(f"data {name}={one.data}: no such file")
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, sources=cli_sources(args))
 
     from rich.table import Table
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from .common import console, load_pair
 
     pair = load_pair(args)
-    outcome = search_and_merge(pair, {n: str(Path(p).expanduser()) for n, p in sets.items()}, cfg, args.out, data=data,
+    outcome = search_and_merge(pair, sets, cfg, args.out, data=data,
                                batch_size=args.batch_size, resume=args.resume, overwrite=args.overwrite,
                                sources=cli_sources(args), write_merge=not args.no_merge, progress=True)
     m = outcome.manifest

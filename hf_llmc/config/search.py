@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
 from .alphas import parse_alphas
-from .errors import AlphaError, SearchError
+from .data import DataConfig
+from .errors import AlphaError, DataError, SearchError
 from .fields import check_choice, setting
 from .scan import Rule
 
@@ -148,36 +149,32 @@ class SearchConfig:
         return asdict(self)
 
 
-def parse_named_sets(items: list[str] | dict[str, str] | None) -> dict[str, str]:
-    """Named evaluation sets from ``NAME=PATH`` items (``--data a=code.txt --data b=prose.txt``).
+def parse_named_sets(sets: DataConfig | list[str] | dict[str, str] | None) -> dict[str, DataConfig]:
+    """The two named evaluation sets of a search, in the grammar of ``--data`` / ``--dataset``.
+
+    The names are parsed by :meth:`DataConfig.named`, as for every command's evaluation sets.
 
     Args:
-        items: ``NAME=PATH`` strings, or a ``{name: path}`` mapping.
+        sets: data settings naming the sets (``--data code=code.txt --dataset prose=NAME``), or
+            ``NAME=PATH`` items, or a ``{name: path}`` mapping (local files, default settings).
 
     Returns:
-        ``{name: path}`` in the order given.
+        ``{name: settings of that set}`` in the order given.
 
     Raises:
-        SearchError: an item without ``=``, an empty or repeated name, or not exactly two sets.
+        SearchError: not exactly two named sets, a bad or repeated name, or a name that is a ``pick`` keyword.
     """
-    if isinstance(items, dict):
-        pairs = [(str(k), str(v)) for k, v in items.items()]
-    else:
-        pairs = []
-        for item in items or []:
-            name, eq, path = str(item).partition("=")
-            if not eq or not name.strip() or not path.strip():
-                raise SearchError(f"data {item!r}: expected NAME=PATH, e.g. code=code.txt")
-            pairs.append((name.strip(), path.strip()))
-    out: dict[str, str] = {}
-    for name, path in pairs:
-        if not name.replace("_", "").replace("-", "").isalnum():
-            raise SearchError(f"data {name}={path}: a set name is letters, digits, - and _")
-        if name in out:
-            raise SearchError(f"data {name}=...: the set {name!r} is given twice")
-        if name in ("balanced",) or name.startswith("weights"):
-            raise SearchError(f"data {name}=...: {name!r} is a --pick keyword; name the set otherwise")
-        out[name] = path
-    if len(out) != NUM_SETS:
-        raise SearchError(f"data: give exactly {NUM_SETS} named sets (NAME=PATH), got {len(out)}")
-    return out
+    if not isinstance(sets, DataConfig):
+        items = [f"{k}={v}" for k, v in sets.items()] if isinstance(sets, dict) else list(sets or [])
+        sets = DataConfig(data=items or None)
+    try:
+        named = sets.named() if sets.data or sets.dataset else []
+    except DataError as e:
+        raise SearchError(str(e)) from None
+    if len(named) != NUM_SETS or named[0][0] is None:
+        got = "one unnamed set" if named and named[0][0] is None else len(named)
+        raise SearchError(f"data: give exactly {NUM_SETS} named sets (--data NAME=PATH or --dataset NAME=HUB_NAME), got {got}")
+    for name, _ in named:
+        if name == "balanced" or name.startswith("weights"):
+            raise SearchError(f"data {name}=...: {name!r} is a pick keyword; name the set otherwise")
+    return dict(named)

@@ -17,7 +17,7 @@ from ..config.data import DataConfig
 from ..config.fields import option_argv
 from ..config.files import write_text_atomic
 from ..config.merge import MergeSpec
-from ..config.search import SearchConfig
+from ..config.search import SearchConfig, parse_named_sets
 from ..config.security import public_name
 from ..engine.data import DataSource
 from ..engine.io import Sources, is_hf_llmc_folder, output_path
@@ -295,14 +295,14 @@ def write_report(out_dir: str | os.PathLike, manifest: dict) -> dict[str, Path]:
 
 
 # -- the command ----------------------------------------------------------------------------------------
-def search_command(source_a: str, source_b: str, sets: dict[str, str], cfg: SearchConfig, data: DataConfig | None,
-                   out: str | os.PathLike) -> str:
+def search_command(source_a: str, source_b: str, sets: dict[str, str | DataConfig], cfg: SearchConfig,
+                   data: DataConfig | None, out: str | os.PathLike) -> str:
     """The ``hf-llmc search`` command that reproduces a search (local paths by their name only).
 
     Args:
         source_a: model A.
         source_b: model B.
-        sets: ``{name: path}`` of the two sets.
+        sets: ``{name: path or settings}`` of the two sets (a Hub dataset becomes ``--dataset``).
         cfg: the settings.
         data: the shared data settings.
         out: the output folder.
@@ -311,8 +311,12 @@ def search_command(source_a: str, source_b: str, sets: dict[str, str], cfg: Sear
         The command line.
     """
     argv = ["hf-llmc", "search", public_name(source_a), public_name(source_b)]
-    for name, path in sets.items():
-        argv += ["--data", f"{name}={public_name(str(path))}"]
+    for name, source in sets.items():
+        if isinstance(source, DataConfig):
+            flag, value = ("--dataset", source.dataset) if source.dataset else ("--data", source.data)
+        else:
+            flag, value = "--data", source
+        argv += [flag, f"{name}={public_name(str(value))}"]
     argv += option_argv(cfg)
     if not cfg.prefix:
         argv.append("--no-prefix")
@@ -341,7 +345,7 @@ class SearchOutcome:
     command: str
 
 
-def search_and_merge(pair: ModelPair, sets: dict[str, DataSource], cfg: SearchConfig, out_dir: str | os.PathLike, *,
+def search_and_merge(pair: ModelPair, sets: dict[str, DataSource] | DataConfig, cfg: SearchConfig, out_dir: str | os.PathLike, *,
                      data: DataConfig | None = None, batch_size: int | None = None, resume: bool = False,
                      overwrite: bool = False, sources: Sources = (), write_merge: bool = True, dtype: str | None = None,
                      progress: bool = False) -> SearchOutcome:
@@ -349,7 +353,9 @@ def search_and_merge(pair: ModelPair, sets: dict[str, DataSource], cfg: SearchCo
 
     Args:
         pair: the loaded pair.
-        sets: exactly two named evaluation sets (``{name: path, DataConfig or TokenBlocks}``).
+        sets: exactly two named evaluation sets (``{name: path, DataConfig or TokenBlocks}``), or
+            data settings naming them (``DataConfig(data=["code=code.txt", "prose=prose.txt"])``; they are
+            then also the shared settings).
         cfg: the search settings.
         out_dir: the search folder (``search.jsonl``, ``search.json``, report, ``merged/``).
         data: shared data settings for sets given as paths.
@@ -370,11 +376,12 @@ def search_and_merge(pair: ModelPair, sets: dict[str, DataSource], cfg: SearchCo
         ScanSettingsError: ``resume`` on a folder of another search.
         NonFiniteLossError: a candidate's loss is NaN or infinite.
     """
+    if isinstance(sets, DataConfig):
+        data, sets = sets, parse_named_sets(sets)
     manifest = run_search(pair, sets, cfg, out_dir, data=data, batch_size=batch_size, resume=resume,
                           overwrite=overwrite, sources=sources, progress=progress)
     out = output_path(out_dir)
-    shown_sets = {n: (s.data or s.dataset if isinstance(s, DataConfig) else str(getattr(s, "source", s)))
-                  for n, s in sets.items()}
+    shown_sets = {n: s if isinstance(s, DataConfig) else str(getattr(s, "source", s)) for n, s in sets.items()}
     command = search_command(pair.source_a, pair.source_b, shown_sets, cfg, data, out)
     report = write_report(out, manifest)
     merged = None
