@@ -663,15 +663,15 @@ def build_chat_pair(pair: DemoPair, out_dir: str | Path, *, conversations: int =
 
     A is ``pair.a`` with a pad token added (one new embedding row) and :data:`CHAT_TEMPLATE`
     (plain-text turn markers). B is ``pair.b`` with the three :data:`CHAT_TOKENS` added, its
-    embedding padded to a multiple of 8, :data:`CHAT_TEMPLATE_IM`, and ``steps`` training steps on
-    conversations rendered with that template (so its new rows are trained). Held-out
+    embedding padded to a multiple of 8, and :data:`CHAT_TEMPLATE_IM`. Each trains ``steps`` steps
+    on its own conversations rendered with its own template (so B's new rows are trained). Held-out
     conversations go to ``conversations.jsonl``.
 
     Args:
         pair: the pair to start from (:func:`build_pair`).
         out_dir: where ``a``, ``b`` and ``conversations.jsonl`` go.
         conversations: held-out conversations written for evaluation.
-        steps, seq_len, batch_size, lr, seed: B's chat training.
+        steps, seq_len, batch_size, lr, seed: the chat training of each side.
 
     Returns:
         The paths.
@@ -680,30 +680,26 @@ def build_chat_pair(pair: DemoPair, out_dir: str | Path, *, conversations: int =
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sides = {  # source, template, added tokens, embedding rows padded to a multiple of, seed offset
+        "a": (pair.a, CHAT_TEMPLATE, lambda tok: tok.add_special_tokens({"pad_token": "<pad>"}), None, 3),
+        "b": (pair.b, CHAT_TEMPLATE_IM, lambda tok: tok.add_tokens(CHAT_TOKENS, special_tokens=True), 8, 1),
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tok = AutoTokenizer.from_pretrained(pair.a)
-        model = AutoModelForCausalLM.from_pretrained(pair.a)
-        tok.add_special_tokens({"pad_token": "<pad>"})
-        tok.chat_template = CHAT_TEMPLATE
-        model.resize_token_embeddings(len(tok))
-        model.save_pretrained(out / "a")
-        tok.save_pretrained(out / "a")
-
-        tok = AutoTokenizer.from_pretrained(pair.b)
-        model = AutoModelForCausalLM.from_pretrained(pair.b)
-        tok.add_tokens(CHAT_TOKENS, special_tokens=True)
-        tok.chat_template = CHAT_TEMPLATE_IM
-        model.resize_token_embeddings(len(tok), pad_to_multiple_of=8)
-        train = synthetic_conversations(4 * batch_size * max(1, steps // 8), seed + 1)
-        ids: list[int] = []
-        for conv in train:
-            ids.extend(tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
-        n = len(ids) // seq_len
-        blocks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
-        _train(model, blocks, steps=steps, batch_size=batch_size, lr=lr, seed=seed + 1)
-        model.save_pretrained(out / "b")
-        tok.save_pretrained(out / "b")
+        for name, (source, template, add_tokens, multiple, offset) in sides.items():
+            tok = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source)
+            add_tokens(tok)
+            tok.chat_template = template
+            model.resize_token_embeddings(len(tok), pad_to_multiple_of=multiple)
+            ids: list[int] = []
+            for conv in synthetic_conversations(4 * batch_size * max(1, steps // 8), seed + offset):
+                ids.extend(tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
+            n = len(ids) // seq_len
+            blocks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+            _train(model, blocks, steps=steps, batch_size=batch_size, lr=lr, seed=seed + offset)
+            model.save_pretrained(out / name)
+            tok.save_pretrained(out / name)
 
     path = out / "conversations.jsonl"
     with path.open("w", encoding="utf-8") as f:
