@@ -4,26 +4,19 @@ Pareto front, and the picked merge with its card."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..config.data import DataConfig
-from ..config.errors import DataError
 from ..config.search import SearchConfig, parse_named_sets
 from ..engine.io import check_run_dir, output_path
-from .common import cli_sources
+from .common import cli_sources, data_config
 from .parser import from_args
 
 
 def run(args: argparse.Namespace) -> int:
     # Every option is checked before torch is imported or a model is loaded.
-    data = from_args(DataConfig, args)
+    data = data_config(args)  # checked, local files found
     sets = parse_named_sets(data)
-    data.validate()
     cfg = from_args(SearchConfig, args, prefix=not args.no_prefix)
     cfg.validate(list(sets))
-    for name, one in sets.items():
-        if one.data is not None and not Path(one.data).expanduser().is_file():
-            raise DataError(f"data {name}={one.data}: no such file")
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, sources=cli_sources(args))
 
     from rich.table import Table
