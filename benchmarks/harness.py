@@ -760,6 +760,26 @@ def render_search(r: dict) -> str:
     return "\n".join(out)
 
 
+# -- demo ------------------------------------------------------------------------------------------------
+def render_demo(r: dict) -> str:
+    cond = next(iter(r["conditions"].values()))
+    s = cond["methods"]["hf-llmc demo"]["summary"]
+    target = r["params"]["target_s"]
+    out = [f"## {r['title']} (`benchmarks/demo_time.py`)", "",
+           "`python -m hf_llmc demo --out DIR --overwrite` as a fresh process (interpreter start and imports "
+           "included; the output folder removed before each run): the pair built and trained, the sublayer scan "
+           "into both bases with its report, the automatic merge with its card, the chat pair and its barrier.",
+           "", _runs_line(cond), "", provenance(r), "",
+           _table(["", "wall (s)", "CPU (s)", "largest barrier SE (nats)", "largest barrier (nats)", "chat barrier (nats)"],
+                  [["hf-llmc demo", stat(s["wall_s"], 1, True), stat(s["cpu_s"], 1), stat(s["max_se"], 4),
+                    stat(s["max_barrier"], 3), stat(s["chat_barrier"], 3)]]),
+           "",
+           f"{_targets(r)}≤ {target:g} s: {fmt(s['wall_s']['median'], 1)} s, {_verdict(s['wall_s']['median'], target, 'max')} "
+           f"(slowest run {fmt(s['wall_s']['max'], 1)} s); every group's standard error ≤ 0.02 nats: "
+           f"{'met' if s['max_se']['max'] <= 0.02 else '**missed**'}.", ""]
+    return "\n".join(out)
+
+
 # -- GPU ---------------------------------------------------------------------------------------------
 def render_gpu(r: dict | None) -> str:
     out = ["## GPU check (`benchmarks/gpu_check.sh`)", ""]
@@ -782,8 +802,8 @@ def render_gpu(r: dict | None) -> str:
 
 
 RENDERERS = {"merge_speed": render_merge, "scan_speed": render_scan, "barrier_memory": render_barrier_memory,
-             "sequential_speed": render_sequential, "search": render_search}
-ORDER = ["merge_speed", "scan_speed", "barrier_memory", "sequential_speed", "search"]
+             "sequential_speed": render_sequential, "search": render_search, "demo_time": render_demo}
+ORDER = ["merge_speed", "scan_speed", "barrier_memory", "sequential_speed", "search", "demo_time"]
 
 
 def render(results_dir: Path = RESULTS_DIR) -> str:
